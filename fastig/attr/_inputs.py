@@ -1,0 +1,72 @@
+"""Checking and formatting of the inputs every attribution method takes (Captum's conventions, clear errors)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def format_inputs(inputs: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """(inputs as a tuple of tensors, whether the caller gave a tuple)."""
+    is_tuple = isinstance(inputs, tuple)
+    tensors = inputs if is_tuple else (inputs,)
+    if not tensors:
+        raise ValueError("inputs is an empty tuple")
+    for i, x in enumerate(tensors):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"inputs[{i}] must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError(f"inputs[{i}] is a scalar; inputs need a leading batch dimension")
+        if x.is_floating_point() and not torch.isfinite(x).all():
+            raise ValueError(f"inputs[{i}] contains NaN or infinite values")
+    n = tensors[0].shape[0]
+    for i, x in enumerate(tensors[1:], 1):
+        if x.shape[0] != n:
+            raise ValueError(f"all inputs need the same batch size: inputs[0] has {n}, inputs[{i}] has {x.shape[0]}")
+    return tuple(tensors), is_tuple
+
+
+def format_baselines(baselines: Any, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Baselines as tensors of each input's dtype and device, either [N, ...] or broadcastable [1, ...].
+
+    Accepts None (zeros), a number, a tensor, or a tuple of those, one per input (Captum's rules).
+    """
+    if baselines is None:
+        baselines = (0,) * len(inputs)
+    elif not isinstance(baselines, tuple):
+        baselines = (baselines,)
+    if len(baselines) != len(inputs):
+        raise ValueError(f"got {len(baselines)} baselines for {len(inputs)} inputs")
+    out = []
+    for i, (b, x) in enumerate(zip(baselines, inputs)):
+        if isinstance(b, (int, float)) and not isinstance(b, bool):
+            b = torch.full((1,) + tuple(x.shape[1:]), b, dtype=x.dtype, device=x.device)
+        elif isinstance(b, torch.Tensor):
+            if b.dim() == 0:
+                b = b.reshape((1,) * x.dim())
+            if not (b.shape == x.shape or (b.dim() == x.dim() and b.shape[0] == 1)):
+                raise ValueError(
+                    f"baselines[{i}] has shape {tuple(b.shape)}; it must equal the input's shape {tuple(x.shape)} "
+                    "or have batch size 1 and broadcast to it"
+                )
+            try:
+                torch.broadcast_shapes(b.shape, x.shape)
+            except RuntimeError:
+                raise ValueError(f"baselines[{i}] of shape {tuple(b.shape)} does not broadcast to {tuple(x.shape)}")
+            if b.is_floating_point() and not torch.isfinite(b).all():
+                raise ValueError(f"baselines[{i}] contains NaN or infinite values")
+            b = b.to(device=x.device, dtype=x.dtype)
+        else:
+            raise TypeError(f"baselines[{i}] must be a tensor or a number, got {type(b).__name__}")
+        out.append(b)
+    return tuple(out)
+
+
+def format_output(values: tuple[torch.Tensor, ...], is_tuple: bool) -> Any:
+    return values if is_tuple else values[0]
+
+
+def row_sums(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Per-example sum over every element of every tensor (Captum's ``_sum_rows`` summed across inputs)."""
+    return torch.stack([v.reshape(v.shape[0], -1).sum(1) for v in values]).sum(0)

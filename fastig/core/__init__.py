@@ -1,0 +1,1 @@
+"""The engine, independent of any attribution method: quadrature rules, paths, batched evaluation."""

@@ -1,0 +1,117 @@
+"""Targets and additional forward arguments, in Captum's conventions, sliced per engine batch.
+
+A batch holds ``k`` path steps of a contiguous range of examples, step-major. Captum repeats targets and tensor
+arguments once per step (``torch.cat([arg] * n_steps)``); here the same happens per batch, for the batch's
+examples only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class Target:
+    """A validated Captum target for ``n`` examples: None, one index for all, or one index per example."""
+
+    def __init__(self, target: Any, n: int):
+        self.n = n
+        self.common: tuple | None = None  # the same index (as a tuple) for every example
+        self.per_example: torch.Tensor | None = None  # [n] class indices into a 2-D output
+        self.tuples: list[tuple] | None = None  # per-example index tuples
+        if target is None:
+            return
+        if isinstance(target, torch.Tensor):
+            if target.numel() == 1 and not target.is_floating_point():
+                target = int(target.item())
+            elif target.dim() == 1 and target.numel() == n and not target.is_floating_point():
+                self.per_example = target.long()
+                return
+            else:
+                raise ValueError(
+                    f"target tensor must hold one integer or one integer per example ({n}), "
+                    f"got shape {tuple(target.shape)} and dtype {target.dtype}"
+                )
+        if isinstance(target, bool):
+            raise TypeError("target must be an int, a tuple, a list or an integer tensor, not a bool")
+        if isinstance(target, int):
+            self.common = (target,)
+        elif isinstance(target, tuple):
+            if not all(isinstance(t, int) for t in target):
+                raise TypeError(f"a tuple target must hold integers, got {target!r}")
+            self.common = target
+        elif isinstance(target, list):
+            if len(target) != n:
+                raise ValueError(f"target list has {len(target)} entries but there are {n} examples")
+            if all(isinstance(t, int) and not isinstance(t, bool) for t in target):
+                self.per_example = torch.tensor(target, dtype=torch.long)
+            elif all(isinstance(t, tuple) for t in target):
+                self.tuples = list(target)
+            else:
+                raise TypeError("a target list must hold only ints or only tuples")
+        else:
+            raise TypeError(f"target must be None, an int, a tuple, a list or a tensor, not {type(target).__name__}")
+
+    def for_batch(self, examples: slice, repeats: int) -> "Target":
+        """The target of a batch holding ``repeats`` steps of ``examples`` (step-major)."""
+        part = Target(None, 0)
+        part.common = self.common
+        if self.per_example is not None:
+            part.per_example = self.per_example[examples].repeat(repeats)
+            part.n = part.per_example.numel()
+        elif self.tuples is not None:
+            part.tuples = self.tuples[examples] * repeats
+            part.n = len(part.tuples)
+        return part
+
+    def select(self, output: torch.Tensor) -> torch.Tensor:
+        """The scalar per row of ``output`` that is explained, as a 1-D tensor."""
+        if not isinstance(output, torch.Tensor):
+            raise TypeError(f"the model must return a tensor, got {type(output).__name__}")
+        if self.common is not None:
+            if len(self.common) > output.dim() - 1:
+                raise ValueError(
+                    f"target {self.common} has more indices than the model output's non-batch dimensions "
+                    f"(output shape {tuple(output.shape)})"
+                )
+            for index, size in zip(self.common, output.shape[1:]):
+                if not -size <= index < size:
+                    raise ValueError(f"target {index} is out of range for model output of shape {tuple(output.shape)}")
+            selected = output[(slice(None), *self.common)]
+        elif self.per_example is not None:
+            if output.dim() != 2:
+                raise ValueError(f"per-example targets need a 2-D model output, got shape {tuple(output.shape)}")
+            index = self.per_example.to(output.device)
+            if index.numel() and (index.min() < 0 or index.max() >= output.shape[1]):
+                raise ValueError(f"target out of range for model output with {output.shape[1]} classes")
+            selected = output.gather(1, index.reshape(-1, 1))
+        elif self.tuples is not None:
+            selected = torch.stack([output[(i, *t)] for i, t in enumerate(self.tuples)])
+        else:
+            selected = output
+        if selected.dim() > 1 and selected[0].numel() != 1:
+            raise ValueError(
+                f"the model output has shape {tuple(output.shape)}: give a target to choose the scalar to explain"
+            )
+        return selected.reshape(selected.shape[0])
+
+
+def format_additional_args(additional_forward_args: Any) -> tuple:
+    if additional_forward_args is None:
+        return ()
+    if isinstance(additional_forward_args, tuple):
+        return additional_forward_args
+    return (additional_forward_args,)
+
+
+def args_for_batch(args: tuple, n: int, examples: slice, repeats: int) -> tuple:
+    """Captum's repeat expansion of tensor arguments; per-example tensors (first dim ``n``) are sliced first."""
+    out = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor) and arg.dim() > 0:
+            if arg.shape[0] == n:
+                arg = arg[examples]
+            arg = arg.repeat((repeats,) + (1,) * (arg.dim() - 1)) if repeats > 1 else arg
+        out.append(arg)
+    return tuple(out)

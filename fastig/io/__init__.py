@@ -1,0 +1,1 @@
+"""Images, datasets, the HDF5 store and heatmap rendering."""
