@@ -1,0 +1,79 @@
+"""The registry of attribution methods behind ``fastig.attribute`` and ``fastig attribute --method NAME``.
+
+Each method is registered once with the class that computes it and the keyword arguments of its ``attribute()``
+that the CLI exposes. CLI flags come from the shared option catalogue ``OPTIONS``, so two methods with the same
+knob (``--steps``) share one flag, and a flag given to a method that has no such knob is a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from fastig.errors import UnknownNameError
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str  # the CLI flag, e.g. "--steps"
+    kwarg: str  # the attribute() keyword it sets, e.g. "n_steps"
+    type: Any  # int, float, bool (a switch), str, or a tuple of allowed strings
+    help: str
+
+
+OPTIONS: dict[str, Option] = {
+    o.kwarg: o
+    for o in [
+        Option("--steps", "n_steps", int, "number of path steps (or samples) of the method"),
+        Option("--rule", "method", ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+                                    "gausslegendre"), "quadrature rule of straight-line IG"),
+        Option("--batch-size", "internal_batch_size", int, "model inputs per forward/backward pass (default: auto)"),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str
+    build: Callable[[Any], Any]  # model -> object with .attribute(inputs, target=..., **options)
+    options: tuple[str, ...] = ()  # attribute() keywords from OPTIONS that this method accepts
+    fixed: dict = field(default_factory=dict)  # keywords always passed (e.g. IDGI on)
+    path_method: bool = False  # has a convergence delta (sum of attributions vs f(input) - f(baseline))
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    unknown = [o for o in method.options if o not in OPTIONS]
+    if unknown:
+        raise ValueError(f"method {method.name} uses options missing from fastig.methods.OPTIONS: {unknown}")
+    METHODS[method.name] = method
+    return method
+
+
+def get(name: str) -> Method:
+    _load_all()
+    if name not in METHODS:
+        raise UnknownNameError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def names() -> list[str]:
+    _load_all()
+    return sorted(METHODS)
+
+
+def _load_all() -> None:
+    import fastig.attr  # noqa: F401  (registers the methods)
+
+
+def _ig(model):
+    from fastig.attr import IntegratedGradients
+
+    return IntegratedGradients(model)
+
+
+register(Method("ig", "Integrated Gradients (straight line, Captum-compatible)", _ig,
+                ("n_steps", "method", "internal_batch_size"), path_method=True))
