@@ -40,6 +40,7 @@ class Method:
     options: tuple[str, ...] = ()  # attribute() keywords from OPTIONS that this method accepts
     fixed: dict = field(default_factory=dict)  # keywords always passed (e.g. IDGI on)
     path_method: bool = False  # has a convergence delta (sum of attributions vs f(input) - f(baseline))
+    demo: dict = field(default_factory=dict)  # options `fastig demo` uses on the 227x227 center-pixel model
 
 
 METHODS: dict[str, Method] = {}
