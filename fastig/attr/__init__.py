@@ -1,5 +1,10 @@
 """Attribution methods. Captum-named classes are drop-ins with Captum's signatures, defaults and numbers."""
 
 from fastig.attr.integrated_gradients import IntegratedGradients
+from fastig.attr.gradients import GradientShap, InputXGradient, Saliency
+from fastig.attr.noise_tunnel import NoiseTunnel
+from fastig.attr.guided import Deconvolution, GuidedBackprop, GuidedNonLinearityIG
+from fastig.attr.second_order import SecondOrderGradients
 
-__all__ = ["IntegratedGradients"]
+__all__ = ["IntegratedGradients", "Saliency", "InputXGradient", "GradientShap", "NoiseTunnel", "GuidedBackprop", "Deconvolution",
+           "GuidedNonLinearityIG", "SecondOrderGradients"]
