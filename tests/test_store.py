@@ -215,6 +215,7 @@ def test_bad_rows(tmp_path, args, error, message):
 def test_empty_write_is_a_no_op(tmp_path):
     with make(tmp_path) as store:
         store.write_rows(5, [], np.zeros(0, int), np.zeros((0, 6, 5)))
+        store.write_rows(5, [], [], np.zeros((0, 6, 5)))
         assert len(store) == 0
 
 

@@ -186,7 +186,7 @@ class Store:
             raise ValueError(f"start_index must be a non-negative integer, got {start_index!r}")
         ids = [str(i) for i in ids]
         targets = _to_numpy(targets)
-        if targets.dtype.kind not in "iub":
+        if targets.size and targets.dtype.kind not in "iub":  # (an empty list comes out as float)
             raise TypeError(f"targets must be integers, got dtype {targets.dtype}")
         data = _to_numpy(attributions)
         n = len(ids)
