@@ -28,6 +28,13 @@ OPTIONS: dict[str, Option] = {
         Option("--rule", "method", ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
                                     "gausslegendre"), "quadrature rule of straight-line IG"),
         Option("--batch-size", "internal_batch_size", int, "model inputs per forward/backward pass (default: auto)"),
+        Option("--abs/--no-abs", "abs", bool, "saliency: absolute value of the gradient (default: on, as Captum)"),
+        Option("--nt-type", "nt_type", ("smoothgrad", "smoothgrad_sq", "vargrad"), "noise tunnel: how samples combine"),
+        Option("--nt-samples", "nt_samples", int, "noise tunnel: noisy copies per example"),
+        Option("--nt-batch-size", "nt_samples_batch_size", int, "noise tunnel: noisy copies held at once"),
+        Option("--stdevs", "stdevs", float, "standard deviation of the Gaussian input noise (absolute, input units)"),
+        Option("--n-samples", "n_samples", int, "gradient SHAP: random samples per example"),
+        Option("--layer", "layer", str, "second-order: dotted submodule name (default: last spatial layer)"),
     ]
 }
 
