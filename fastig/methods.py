@@ -85,3 +85,49 @@ def _ig(model):
 
 register(Method("ig", "Integrated Gradients (straight line, Captum-compatible)", _ig,
                 ("n_steps", "method", "internal_batch_size"), path_method=True))
+
+
+def _gradient_family(name):
+    """Builder for the gradient-family methods (fastig.attr.gradients, guided, noise_tunnel, second_order)."""
+
+    def build(model):
+        from fastig import attr
+
+        if name == "smoothgrad":
+            return attr.NoiseTunnel(attr.Saliency(model))
+        classes = {"saliency": attr.Saliency, "input_x_gradient": attr.InputXGradient,
+                   "guided_backprop": attr.GuidedBackprop, "deconvnet": attr.Deconvolution,
+                   "gradient_shap": attr.GradientShap, "second_order": attr.SecondOrderGradients,
+                   "gnl_ig": attr.GuidedNonLinearityIG}
+        return classes[name](model)
+
+    return build
+
+
+def _gradient_shap_baselines(inputs):
+    from fastig.attr.gradients import default_baseline_distribution
+
+    return default_baseline_distribution(inputs)
+
+
+register(Method("saliency", "Saliency: gradient of the output (absolute by default, Captum-compatible)",
+                _gradient_family("saliency"), ("abs", "internal_batch_size")))
+register(Method("input_x_gradient", "Input x gradient (Captum-compatible)", _gradient_family("input_x_gradient"),
+                ("internal_batch_size",)))
+register(Method("smoothgrad", "SmoothGrad: NoiseTunnel over Saliency (Captum-compatible; --nt-type for SG-SQ, VarGrad)",
+                _gradient_family("smoothgrad"),
+                ("nt_type", "nt_samples", "nt_samples_batch_size", "stdevs", "abs", "internal_batch_size"),
+                demo={"nt_samples": 8, "stdevs": 0.02}))
+register(Method("guided_backprop", "Guided backpropagation (Captum-compatible; also functional ReLUs)",
+                _gradient_family("guided_backprop"), ("internal_batch_size",)))
+register(Method("deconvnet", "Deconvnet (Captum's Deconvolution; also functional ReLUs)",
+                _gradient_family("deconvnet"), ("internal_batch_size",)))
+register(Method("gradient_shap", "GradientSHAP (Captum-compatible); baselines: zeros and a fixed uniform-noise image",
+                _gradient_family("gradient_shap"), ("n_samples", "stdevs", "internal_batch_size"),
+                fixed={"baselines": _gradient_shap_baselines}, demo={"n_samples": 8}))
+register(Method("second_order", "2ndG second-order attribution at a layer (Wang & Vasconcelos 2019), upsampled",
+                _gradient_family("second_order"), ("layer", "internal_batch_size"),
+                fixed={"upsample_to_input": True}))
+register(Method("gnl_ig", "Guided non-linearity IG (Kwon et al. 2020): IG with guided ReLU/max-pool gradients",
+                _gradient_family("gnl_ig"), ("n_steps", "method", "internal_batch_size"), path_method=True,
+                demo={"n_steps": 32}))

@@ -222,3 +222,17 @@ class GradientShap:
                 raise TypeError(f"baselines[{i}] must be a tensor or a number, got {type(b).__name__}")
             out.append(b)
         return tuple(out)
+
+
+def default_baseline_distribution(inputs: Any) -> tuple[torch.Tensor, ...]:
+    """The baselines ``fastig attribute --method gradient_shap`` uses: two reference rows per input, all zeros and
+    uniform noise over the inputs' value range (from a fixed seed, so runs repeat and the global RNG is untouched)."""
+    xs, _ = format_inputs(inputs)
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for x in xs:
+        low, high = x.min().item(), x.max().item()
+        noise = torch.rand((1,) + tuple(x.shape[1:]), generator=generator, dtype=torch.float64)
+        noise = (low + (high - low) * noise).to(device=x.device, dtype=x.dtype)
+        out.append(torch.cat([torch.zeros_like(noise), noise]))
+    return tuple(out)
