@@ -1,0 +1,401 @@
+"""The DALL-E dVAE: architecture, and loading OpenAI-style whole-module pickles without dall_e or running code.
+
+A miniature stand-in of OpenAI's ``dall_e`` package (tests/dall_e_standin, same classes and attributes, small
+widths) is pickled whole with torch.save, like OpenAI's encoder.pkl / decoder.pkl, and loaded through fastig.
+"""
+
+import contextlib
+import importlib
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+from fastig.errors import CheckpointError
+from fastig.models import dvae
+
+STANDIN_DIR = str(Path(__file__).parent / "dall_e_standin")
+SMALL_ENC = dict(n_hid=8, n_blk_per_group=2, input_channels=3, vocab_size=32)
+SMALL_DEC = dict(n_init=8, n_hid=8, n_blk_per_group=2, output_channels=3, vocab_size=32)
+CONTAINERS = {"zip": True, "legacy": False}  # torch.save's _use_new_zipfile_serialization
+
+
+def _forget_dall_e():
+    for name in [m for m in sys.modules if m == "dall_e" or m.startswith("dall_e.")]:
+        del sys.modules[name]
+
+
+@contextlib.contextmanager
+def standin():
+    """The stand-in dall_e package, importable only inside the block."""
+    sys.path.insert(0, STANDIN_DIR)
+    try:
+        yield importlib.import_module("dall_e")
+    finally:
+        sys.path.remove(STANDIN_DIR)
+        _forget_dall_e()
+
+
+def _save(obj, path, container="zip"):
+    torch.save(obj, path, _use_new_zipfile_serialization=CONTAINERS[container])
+    return path
+
+
+def _small_standins(dall_e, n_blk=2):
+    torch.manual_seed(1)
+    enc = dall_e.Encoder(**{**SMALL_ENC, "n_blk_per_group": n_blk})
+    dec = dall_e.Decoder(**{**SMALL_DEC, "n_blk_per_group": n_blk})
+    for p in [*enc.parameters(), *dec.parameters()]:
+        if p.dim() == 1:  # OpenAI's biases start at zero; make them count in the comparisons
+            nn.init.normal_(p, std=0.2)
+    return enc, dec
+
+
+IMAGE_SHAPES = [(2, 3, 16, 16), (1, 3, 8, 24), (3, 3, 32, 16)]
+CODE_SHAPES = [(2, 32, 2, 2), (1, 32, 1, 3), (3, 32, 4, 2)]
+
+
+@pytest.fixture(scope="module")
+def openai_files(tmp_path_factory):
+    """Stand-in pickles (zip and legacy, 1 and 2 blocks per group), with the stand-in's own outputs."""
+    root = tmp_path_factory.mktemp("dvae")
+    files = {}
+    with standin() as dall_e:
+        for n_blk in (1, 2):
+            enc, dec = _small_standins(dall_e, n_blk)
+            gen = torch.Generator().manual_seed(2)
+            images = [torch.rand(s, generator=gen) for s in IMAGE_SHAPES]
+            codes = [torch.softmax(3 * torch.randn(s, generator=gen), 1) for s in CODE_SHAPES]
+            with torch.no_grad():
+                expected = dict(
+                    enc_state={k: v.clone() for k, v in enc.state_dict().items()},
+                    dec_state={k: v.clone() for k, v in dec.state_dict().items()},
+                    images=images, codes=codes,
+                    logits=[enc(dall_e.map_pixels(x)) for x in images],
+                    stats=[dec(c) for c in codes],
+                )
+            for container in CONTAINERS:
+                files[container, n_blk] = dict(
+                    expected,
+                    encoder=_save(enc, root / f"encoder_{container}_{n_blk}.pkl", container),
+                    decoder=_save(dec, root / f"decoder_{container}_{n_blk}.pkl", container),
+                )
+    assert "dall_e" not in sys.modules
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# architecture
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_full_size_parameter_counts():
+    with torch.device("meta"):
+        encoder, decoder = dvae.Encoder(), dvae.Decoder()
+    assert sum(p.numel() for p in encoder.parameters()) == 53_786_240
+    assert sum(p.numel() for p in decoder.parameters()) == 43_829_766
+
+
+def test_full_size_shapes_and_post_gain():
+    with torch.device("meta"):
+        encoder, decoder = dvae.Encoder(), dvae.Decoder()
+        logits = encoder(torch.empty(1, 3, 256, 256))
+        stats = decoder(torch.empty(1, 8192, 32, 32))
+    assert logits.shape == (1, 8192, 32, 32)
+    assert stats.shape == (1, 6, 256, 256)
+    assert encoder.blocks.group_3.block_2.post_gain == decoder.blocks.group_1.block_1.post_gain == 1 / 64
+    assert encoder.blocks.input.w.shape == (256, 3, 7, 7)
+    assert decoder.blocks.input.w.shape == (128, 8192, 1, 1)
+
+
+def test_state_dict_keys_match_openai_layout():
+    with standin() as dall_e:
+        reference_enc, reference_dec = _small_standins(dall_e)
+    assert list(dvae.Encoder(**SMALL_ENC).state_dict()) == list(reference_enc.state_dict())
+    assert list(dvae.Decoder(**SMALL_DEC).state_dict()) == list(reference_dec.state_dict())
+
+
+def test_decoder_embedding_split_and_linearity():
+    decoder = dvae.Decoder(**SMALL_DEC).double()
+    p = torch.softmax(torch.randn(2, 32, 3, 2, dtype=torch.float64), 1)
+    q = torch.softmax(torch.randn(2, 32, 3, 2, dtype=torch.float64), 1)
+    assert torch.equal(decoder.from_embedding(decoder.embed(p)), decoder(p))
+    for t in (0.0, 0.3, 1.0):  # the embedding is affine, so convex mixtures of codes mix embeddings
+        mixed = decoder.embed(t * p + (1 - t) * q)
+        torch.testing.assert_close(mixed, t * decoder.embed(p) + (1 - t) * decoder.embed(q), rtol=1e-12, atol=1e-12)
+    assert decoder.embed(p).shape == (2, 8, 3, 2)
+    image = decoder.reconstruct(p)
+    assert image.shape == (2, 3, 24, 16) and image.min() >= 0 and image.max() <= 1
+
+
+def test_computes_in_the_input_dtype():
+    encoder = dvae.Encoder(**SMALL_ENC)
+    x = dvae.map_pixels(torch.rand(2, 3, 16, 16))
+    out32, out64 = encoder(x), encoder(x.double())
+    assert out32.dtype == torch.float32 and out64.dtype == torch.float64
+    reference = encoder.double()(x.double())  # weights and input both float64
+    assert torch.equal(out64, reference)
+    torch.testing.assert_close(out32.double(), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad,error", [
+    (torch.rand(3, 16, 16), ValueError),
+    (torch.rand(1, 4, 16, 16), ValueError),
+    (torch.rand(1, 3, 12, 16), ValueError),
+    (torch.zeros(1, 3, 16, 16, dtype=torch.int64), TypeError),
+])
+def test_encoder_input_validation(bad, error):
+    with pytest.raises(error):
+        dvae.Encoder(**SMALL_ENC)(bad)
+
+
+def test_decoder_input_validation():
+    decoder = dvae.Decoder(**SMALL_DEC)
+    with pytest.raises(ValueError, match="32"):
+        decoder(torch.rand(1, 31, 2, 2))
+    with pytest.raises(ValueError, match="embedding"):
+        decoder.from_embedding(torch.rand(1, 9, 2, 2))
+    with pytest.raises(ValueError):
+        dvae.Encoder(n_hid=6)  # blocks need widths divisible by 4
+    with pytest.raises(ValueError):
+        dvae.Decoder(vocab_size=0)
+
+
+def test_pixel_maps():
+    x = torch.rand(2, 3, 5, 7, dtype=torch.float64)
+    mapped = dvae.map_pixels(x)
+    assert mapped.min() >= 0.1 and mapped.max() <= 0.9
+    torch.testing.assert_close(dvae.unmap_pixels(mapped), x, rtol=0, atol=1e-12)
+    assert torch.equal(dvae.unmap_pixels(torch.tensor([0.0, 0.5, 1.0])), torch.tensor([0.0, 0.5, 1.0]))
+    with pytest.raises(TypeError):
+        dvae.map_pixels(torch.zeros(3, dtype=torch.uint8))
+
+
+def test_codes():
+    logits = torch.randn(2, 32, 3, 4)
+    hard = dvae.hard_codes(logits)
+    assert torch.equal(hard.argmax(1), logits.argmax(1)) and torch.equal(hard.sum(1), torch.ones(2, 3, 4))
+    soft = dvae.soft_codes(logits, temperature=0.5)
+    torch.testing.assert_close(soft.sum(1), torch.ones(2, 3, 4))
+    assert torch.equal(soft.argmax(1), logits.argmax(1))
+    with pytest.raises(ValueError):
+        dvae.soft_codes(logits, temperature=0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading OpenAI-style pickles
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("container", list(CONTAINERS))
+@pytest.mark.parametrize("n_blk", [1, 2])
+def test_loads_openai_pickles_identically(openai_files, container, n_blk):
+    files = openai_files[container, n_blk]
+    encoder, decoder = dvae.load_encoder(files["encoder"]), dvae.load_decoder(files["decoder"])
+    assert "dall_e" not in sys.modules
+    assert isinstance(encoder, dvae.Encoder) and isinstance(decoder, dvae.Decoder)
+    assert encoder.n_blk_per_group == decoder.n_blk_per_group == n_blk
+    for model, expected in ((encoder, files["enc_state"]), (decoder, files["dec_state"])):
+        state = model.state_dict()
+        assert list(state) == list(expected)
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+        assert not model.training and not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        for x, logits in zip(files["images"], files["logits"]):
+            assert torch.equal(encoder(dvae.map_pixels(x)), logits)
+        for codes, stats in zip(files["codes"], files["stats"]):
+            assert torch.equal(decoder(codes), stats)
+            torch.testing.assert_close(decoder.reconstruct(codes),
+                                       dvae.unmap_pixels(torch.sigmoid(stats[:, :3])), rtol=0, atol=0)
+
+
+def test_loading_never_imports_dall_e(openai_files):
+    sys.path.insert(0, STANDIN_DIR)  # importable, yet the loader must not import it
+    try:
+        dvae.load_encoder(openai_files["zip", 2]["encoder"])
+        assert "dall_e" not in sys.modules
+    finally:
+        sys.path.remove(STANDIN_DIR)
+        _forget_dall_e()
+
+
+def test_wrong_kind_is_refused(openai_files):
+    files = openai_files["zip", 2]
+    with pytest.raises(CheckpointError, match="dall_e.encoder.Encoder"):
+        dvae.load_decoder(files["encoder"])
+    with pytest.raises(CheckpointError, match="dall_e.decoder.Decoder"):
+        dvae.load_encoder(files["decoder"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# refusing everything else
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _ShellPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _EvalPayload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return eval, (f"__import__('pathlib').Path({str(self.marker)!r}).touch()",)
+
+
+@pytest.mark.parametrize("container", list(CONTAINERS))
+@pytest.mark.parametrize("payload,name", [(_ShellPayload, "system"), (_EvalPayload, "builtins.eval")])
+def test_foreign_globals_are_refused_and_never_run(tmp_path, container, payload, name):
+    marker = tmp_path / "ran"
+    with standin() as dall_e:
+        encoder, _ = _small_standins(dall_e, n_blk=1)
+        encoder.blocks.group_2.block_1.res_path.conv_3.payload = payload(marker)  # deep inside the tree
+        path = _save(encoder, tmp_path / "encoder.pkl", container)
+        with pytest.raises(CheckpointError, match=name) as refused:
+            dvae.load_encoder(path)
+        assert str(path) in str(refused.value) and "refused" in str(refused.value)
+        assert not marker.exists()
+        # control: an ordinary unpickling of the same file does run the payload
+        torch.load(path, weights_only=False)
+        assert marker.exists()
+
+
+def test_bare_malicious_pickle_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    path = tmp_path / "encoder.pkl"
+    path.write_bytes(pickle.dumps(_ShellPayload(marker), protocol=2))
+    with pytest.raises(CheckpointError, match="system"):
+        dvae.load_encoder(path)
+    assert not marker.exists()
+
+
+def test_unknown_dall_e_class_is_refused(tmp_path):
+    path = tmp_path / "decoder.pkl"
+    path.write_bytes(b"\x80\x02cdall_e.decoder\nEvil\nq\x00)\x81q\x01}q\x02b.")  # dall_e.decoder.Evil()
+    with pytest.raises(CheckpointError, match="dall_e.decoder.Evil"):
+        dvae.load_decoder(path)
+
+
+def test_other_torch_modules_are_refused(tmp_path):
+    path = _save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "encoder.pkl")
+    with pytest.raises(CheckpointError, match="torch.nn.modules.linear.Linear"):
+        dvae.load_encoder(path)
+
+
+def _set_pool(encoder):
+    encoder.blocks.group_2.pool.kernel_size = 3
+
+
+def _set_post_gain(encoder):
+    encoder.blocks.group_1.block_1.post_gain = 1.0
+
+
+def _set_kw(encoder):
+    encoder.blocks.group_3.block_1.res_path.conv_4.kw = 3
+
+
+def _inplace_relu(encoder):
+    encoder.blocks.output.relu.inplace = True
+
+
+def _drop_block(encoder):
+    del encoder.blocks.group_4.block_1
+
+
+def _swap_identity(encoder):
+    encoder.blocks.group_1.block_1.id_path = nn.Sequential()
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (_set_pool, "kernel_size"), (_set_post_gain, "post_gain"), (_set_kw, "kw"), (_inplace_relu, "inplace"),
+    (_drop_block, "submodules"), (_swap_identity, "Identity"),
+])
+def test_structure_must_match_fastig(tmp_path, mutate, message):
+    with standin() as dall_e:
+        encoder, _ = _small_standins(dall_e, n_blk=1)
+        mutate(encoder)
+        path = _save(encoder, tmp_path / "encoder.pkl")
+    with pytest.raises(CheckpointError, match=message):
+        dvae.load_encoder(path)
+
+
+def test_missing_and_corrupt_files(tmp_path, openai_files):
+    missing = tmp_path / "nope.pkl"
+    with pytest.raises(CheckpointError, match="nope.pkl"):
+        dvae.load_encoder(missing)
+    for container in CONTAINERS:
+        data = Path(openai_files[container, 1]["encoder"]).read_bytes()
+        for name, content in [("half", data[: len(data) // 2]), ("tail", data[:-100]), ("empty", b""),
+                              ("noise", os.urandom(4096))]:
+            bad = tmp_path / f"{container}_{name}.pkl"
+            bad.write_bytes(content)
+            with pytest.raises(CheckpointError, match=bad.name):
+                dvae.load_encoder(bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# conversion to plain state_dict files
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_convert_writes_plain_state_dicts(tmp_path, openai_files):
+    files = openai_files["legacy", 2]
+    enc_path, dec_path = dvae.convert(files["encoder"], files["decoder"], tmp_path / "checkpoints")
+    assert enc_path.name == dvae.ENCODER_FILE == "dvae_encoder.pt"
+    assert dec_path.name == dvae.DECODER_FILE == "dvae_decoder.pt"
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == sorted([dvae.ENCODER_FILE, dvae.DECODER_FILE])
+    for path, expected, model_class, config in ((enc_path, files["enc_state"], dvae.Encoder, SMALL_ENC),
+                                               (dec_path, files["dec_state"], dvae.Decoder, SMALL_DEC)):
+        state = torch.load(path, weights_only=True)
+        assert type(state) is dict and list(state) == list(expected)
+        assert all(torch.equal(state[k], expected[k]) for k in expected)
+        model_class(**config).load_state_dict(state)  # plain: fits a freshly built module
+    encoder, decoder = dvae.load_encoder(enc_path), dvae.load_decoder(dec_path)
+    with torch.no_grad():
+        assert torch.equal(encoder(dvae.map_pixels(files["images"][1])), files["logits"][1])
+        assert torch.equal(decoder(files["codes"][2]), files["stats"][2])
+
+
+def test_bad_state_dicts_are_refused(tmp_path):
+    state = dvae.Encoder(**SMALL_ENC).state_dict()
+    wrong_shape = dict(state, **{"blocks.group_2.block_1.res_path.conv_2.w": torch.zeros(4, 4, 1, 1)})
+    missing = {k: v for k, v in state.items() if k != "blocks.group_3.block_2.res_path.conv_1.b"}
+    extra = dict(state, **{"blocks.extra": torch.zeros(1)})
+    integer = dict(state, **{"blocks.input.b": torch.zeros(8, dtype=torch.int64)})
+    for name, bad, message in [("shape", wrong_shape, "conv_2.w"), ("missing", missing, "conv_1.b"),
+                               ("extra", extra, "blocks.extra"), ("int", integer, "dtype"),
+                               ("list", [1, 2], "list"), ("decoder", dvae.Decoder(**SMALL_DEC).state_dict(), "")]:
+        path = _save(bad, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=message):
+            dvae.load_encoder(path)
+
+
+def test_half_precision_state_dict_loads_as_float32(tmp_path):
+    reference = dvae.Decoder(**SMALL_DEC)
+    path = _save({k: v.half() for k, v in reference.state_dict().items()}, tmp_path / "half.pt")
+    decoder = dvae.load_decoder(path)
+    assert all(p.dtype == torch.float32 for p in decoder.parameters())
+    assert torch.equal(decoder.blocks.input.w, reference.blocks.input.w.half().float())
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu():
+    encoder, decoder = dvae.Encoder(**SMALL_ENC), dvae.Decoder(**SMALL_DEC)
+    x = dvae.map_pixels(torch.rand(2, 3, 16, 16))
+    codes = torch.softmax(torch.randn(2, 32, 2, 2), 1)
+    with torch.no_grad():
+        torch.testing.assert_close(encoder.cuda()(x.cuda()).cpu(), encoder.cpu()(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(decoder.cuda()(codes.cuda()).cpu(), decoder.cpu()(codes), rtol=1e-4, atol=1e-4)
+        half = encoder.cuda()(x.cuda().half())
+        assert half.dtype == torch.float16
+        torch.testing.assert_close(half.float().cpu(), encoder.cpu()(x), rtol=2e-2, atol=2e-2)
