@@ -11,4 +11,14 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(fastig, m) {}
+// The schemas. Semantics, shapes and dtypes are documented on the pure-torch references in fastig/_ops.py.
+TORCH_LIBRARY(fastig, m) {
+  m.def("path_points(Tensor input, Tensor baseline, Tensor alphas) -> Tensor");
+  m.def("accumulate(Tensor grads, Tensor weights) -> Tensor");
+  m.def("squared_norms(Tensor grads) -> Tensor");
+  m.def("accumulate_idgi(Tensor grads, Tensor outputs, Tensor sq_norms) -> Tensor");
+  m.def("perturb(Tensor image, Tensor substrate, Tensor rank, Tensor counts) -> Tensor");
+  m.def(
+      "guided_step(Tensor x, Tensor input, Tensor baseline, Tensor grad, float fraction, float alpha_min, "
+      "float alpha_max, Tensor l1_target) -> Tensor");
+}
