@@ -1,10 +1,12 @@
 """Attribution methods. Captum-named classes are drop-ins with Captum's signatures, defaults and numbers."""
 
 from fastig.attr.integrated_gradients import IntegratedGradients
+from fastig.attr.guided_ig import GuidedIntegratedGradients
+from fastig.attr.blur_ig import BlurIntegratedGradients
 from fastig.attr.gradients import GradientShap, InputXGradient, Saliency
 from fastig.attr.noise_tunnel import NoiseTunnel
 from fastig.attr.guided import Deconvolution, GuidedBackprop, GuidedNonLinearityIG
 from fastig.attr.second_order import SecondOrderGradients
 
-__all__ = ["IntegratedGradients", "Saliency", "InputXGradient", "GradientShap", "NoiseTunnel", "GuidedBackprop", "Deconvolution",
+__all__ = ["IntegratedGradients", "GuidedIntegratedGradients", "BlurIntegratedGradients", "Saliency", "InputXGradient", "GradientShap", "NoiseTunnel", "GuidedBackprop", "Deconvolution",
            "GuidedNonLinearityIG", "SecondOrderGradients"]

@@ -6,14 +6,15 @@ from typing import Any, Callable
 
 import torch
 
-from fastig.attr._inputs import format_baselines, format_inputs, format_output, row_sums
+from fastig.attr._inputs import format_baselines, format_inputs, format_output
+from fastig.attr._path_common import PathAttribution, check_flag, explained_function
 from fastig.core import quadrature
-from fastig.core.engine import Engine, integrate
+from fastig.core.engine import Engine, integrate, integrate_idgi
 from fastig.core.paths import StraightLine
 from fastig.core.targets import Target, format_additional_args
 
 
-class IntegratedGradients:
+class IntegratedGradients(PathAttribution):
     """Integrated Gradients along the straight line from ``baselines`` to ``inputs``.
 
     Same constructor, ``attribute()`` signature, defaults and numbers as Captum's class. What differs is how the
@@ -24,20 +25,31 @@ class IntegratedGradients:
     ``internal_batch_size`` counts path points per model call, as in Captum; None lets the engine choose (on the
     CPU a small batch, since a pass costs the same per image at any size; on CUDA as large as fits, backing off
     on out-of-memory errors). Unlike Captum it may be smaller than the number of examples.
+
+    Extra keyword-only options (not in Captum):
+
+    - ``output="logit"`` explains the target entry of the model's output; ``"probability"`` explains its softmax
+      probability (softmax over dimension 1), for the attributions and the convergence delta alike.
+    - ``idgi=True``: IDGI (Yang, Wang, Bilgic, CVPR 2023) on the same straight line. Per segment
+      [x_i, x_{i+1}] the attribution gains ``g_i * g_i * (f(x_{i+1}) - f(x_i)) / ||g_i||^2`` with g_i the
+      gradient at x_i (norm over all input tensors jointly), so the attributions sum to f(input) - f(baseline)
+      exactly, up to float rounding and to segments whose gradient is zero: those are skipped (no NaN) and the
+      convergence delta shows what they cost. The points are the rule's alphas with 0 and 1 added when missing:
+      ``method="riemann_left"`` gives the official IDGI code's points exactly (alphas 0, 1/n, ..., (n-1)/n with
+      gradients, and f at 1), ``riemann_trapezoid`` the n points linspace(0, 1, n), and the other rules their
+      alphas (Gauss-Legendre nodes for the default rule) between 0 and 1. The last point, alpha = 1, needs no
+      gradient and gets a forward pass only. IDGI attributions are not multiplied by ``inputs - baselines``
+      (they already sum to the output difference), so ``multiply_by_inputs=False`` has no IDGI form and is
+      refused.
     """
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
+        super().__init__(forward_func)
         self._multiply_by_inputs = multiply_by_inputs
 
     @property
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs
-
-    def has_convergence_delta(self) -> bool:
-        return True
 
     def attribute(
         self,
@@ -51,55 +63,35 @@ class IntegratedGradients:
         return_convergence_delta: bool = False,
         *,
         idgi: bool = False,
+        output: str = "logit",
     ) -> Any:
-        if idgi:
-            raise NotImplementedError("idgi=True is not available yet: IDGI arrives with the path-method family")
+        check_flag("idgi", idgi)
+        if idgi and not self._multiply_by_inputs:
+            raise ValueError(
+                "idgi=True needs multiply_by_inputs=True: IDGI attributions already sum to f(input) - f(baseline) "
+                "and have no 'global' form without the input difference"
+            )
         xs, is_tuple = format_inputs(inputs)
         bs = format_baselines(baselines, xs)
         rule = quadrature.rule(method, n_steps)
         tgt = Target(target, xs[0].shape[0])
         args = format_additional_args(additional_forward_args)
-        engine = Engine(self.forward_func, internal_batch_size)
+        engine = Engine(explained_function(self.forward_func, output), internal_batch_size)
 
-        totals, outputs = integrate(engine, StraightLine(xs, bs, rule.alphas), rule.weights, tgt, args)
-        attributions = tuple(
-            (total * (x - b) if self._multiply_by_inputs else total).to(x.dtype)
-            for total, x, b in zip(totals, xs, bs)
-        )
+        if idgi:
+            alphas = sorted({0.0, *rule.alphas, 1.0})
+            totals, outputs = integrate_idgi(engine, StraightLine(xs, bs, alphas), tgt, args)
+            attributions = tuple(total.to(x.dtype) for total, x in zip(totals, xs))
+            start, end = outputs[0], outputs[-1]
+        else:
+            totals, outputs = integrate(engine, StraightLine(xs, bs, rule.alphas), rule.weights, tgt, args)
+            attributions = tuple(
+                (total * (x - b) if self._multiply_by_inputs else total).to(x.dtype)
+                for total, x, b in zip(totals, xs, bs)
+            )
+            start = outputs[0] if rule.includes_start else None
+            end = outputs[-1] if rule.includes_end else None
         result = format_output(attributions, is_tuple)
         if not return_convergence_delta:
             return result
-        start = outputs[0] if rule.includes_start else None
-        end = outputs[-1] if rule.includes_end else None
         return result, self._delta(engine, attributions, xs, bs, tgt, args, start, end)
-
-    def compute_convergence_delta(
-        self,
-        attributions: Any,
-        start_point: Any,
-        end_point: Any,
-        target: Any = None,
-        additional_forward_args: Any = None,
-    ) -> torch.Tensor:
-        """sum(attributions) - (f(end_point) - f(start_point)) per example, as Captum defines it."""
-        ends, _ = format_inputs(end_point)
-        starts = format_baselines(start_point, ends)
-        attrs, _ = format_inputs(attributions)
-        for a, e in zip(attrs, ends):
-            if a.shape[0] != e.shape[0]:
-                raise ValueError(f"attributions have {a.shape[0]} examples but end_point has {e.shape[0]}")
-        engine = Engine(self.forward_func)
-        return self._delta(
-            engine, attrs, ends, starts, Target(target, ends[0].shape[0]), format_additional_args(additional_forward_args)
-        )
-
-    @staticmethod
-    def _delta(engine, attributions, inputs, baselines, target, args, f_start=None, f_end=None) -> torch.Tensor:
-        """Completeness gap; endpoint outputs already computed along the path are reused."""
-        if f_start is None:
-            f_start = engine.outputs(tuple(b.expand_as(x) for b, x in zip(baselines, inputs)), target, args)
-        if f_end is None:
-            f_end = engine.outputs(inputs, target, args)
-        with torch.no_grad():
-            attr_sum = row_sums(attributions)
-            return attr_sum - (f_end - f_start).to(attr_sum.dtype)

@@ -23,6 +23,14 @@ CPU_BATCH_BYTES = 8 << 20
 
 
 class Path(Protocol):
+    """What the engine needs of a path: its number of points and the points of a range of steps and examples.
+
+    A path whose points depend on the gradients already seen (Guided IG) also sets ``sequential = True`` and has
+    ``advance(batch)``: the engine then evaluates one step per batch and calls ``advance`` right after each
+    batch, before it asks for the next points; ``advance`` returns how far the path moved at that step
+    (``x_{k+1} - x_k``, [1, m, ...] per input), which the engine stores in ``Batch.moves``.
+    """
+
     n_steps: int
 
     def points(self, steps: slice, examples: slice) -> tuple[torch.Tensor, ...]: ...
@@ -30,12 +38,16 @@ class Path(Protocol):
 
 @dataclass
 class Batch:
-    """One evaluated batch: ``outputs`` [k, m] (detached target scalars) and ``grads`` ([k, m, ...] per input)."""
+    """One evaluated batch: ``outputs`` [k, m] (detached target scalars) and ``grads`` ([k, m, ...] per input).
+
+    ``moves`` is set for sequential paths only: the path's displacement at each of the batch's steps.
+    """
 
     steps: slice
     examples: slice
     outputs: torch.Tensor
     grads: tuple[torch.Tensor, ...]
+    moves: tuple[torch.Tensor, ...] | None = None
 
 
 class Engine:
@@ -81,12 +93,14 @@ class Engine:
 
     # -- whole paths ----------------------------------------------------------------------------------------
 
-    def batches(self, path: Path, target: Target, args: tuple) -> Iterator[Batch]:
-        """Evaluate every point of ``path``: examples in chunks, and within a chunk steps in chunks, in order."""
-        n, n_steps = target.n, path.n_steps
+    def batches(self, path: Path, target: Target, args: tuple, n_steps: int | None = None) -> Iterator[Batch]:
+        """Evaluate the first ``n_steps`` points of ``path`` (default: all): examples in chunks, and within a chunk
+        steps in chunks, in order (one step per batch on a sequential path)."""
+        n = target.n
+        n_steps = path.n_steps if n_steps is None else n_steps
         size = self._points_per_batch(path.points(slice(0, 1), slice(0, 1)), n * n_steps)
         examples_per_batch = min(n, size)
-        steps_per_batch = max(1, size // examples_per_batch)
+        steps_per_batch = 1 if getattr(path, "sequential", False) else max(1, size // examples_per_batch)
         for e0 in range(0, n, examples_per_batch):
             examples = slice(e0, min(e0 + examples_per_batch, n))
             for s0 in range(0, n_steps, steps_per_batch):
@@ -115,7 +129,10 @@ class Engine:
             yield from self._evaluate(path, target, args, steps, examples)
             return
         del points
-        yield Batch(steps, examples, outputs.reshape(k, m), tuple(g.reshape((k, m) + tuple(g.shape[1:])) for g in grads))
+        batch = Batch(steps, examples, outputs.reshape(k, m), tuple(g.reshape((k, m) + tuple(g.shape[1:])) for g in grads))
+        if getattr(path, "sequential", False):
+            batch.moves = path.advance(batch)
+        yield batch
 
     def _points_per_batch(self, sample: tuple[torch.Tensor, ...], total: int) -> int:
         if self.batch_size is not None:
@@ -137,15 +154,92 @@ def integrate(
     outputs: torch.Tensor | None = None
     for batch in engine.batches(path, target, args):
         if totals is None:
-            totals = [
-                torch.zeros((target.n,) + tuple(g.shape[2:]), dtype=_ops.accumulation_dtype(g.dtype), device=g.device)
-                for g in batch.grads
-            ]
-            outputs = torch.empty(
-                (path.n_steps, target.n), dtype=_ops.accumulation_dtype(batch.outputs.dtype), device=batch.outputs.device
-            )
+            totals, outputs = _new_totals(batch, target.n, path.n_steps)
         step_weights = weights[batch.steps].to(batch.grads[0].device)
         for total, grad in zip(totals, batch.grads):
             total[batch.examples] += _ops.accumulate(grad, step_weights)
         outputs[batch.steps, batch.examples] = batch.outputs.to(outputs.dtype)
     return tuple(totals), outputs
+
+
+def integrate_moves(
+    engine: Engine, path: Path, target: Target, args: tuple, n_steps: int
+) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Path integral ``sum_k moves_k * grad f(path_k)`` (elementwise) over the first ``n_steps`` points, per
+    example and input, and f at those points [n_steps, n].
+
+    ``moves_k`` is the path's displacement from point k to point k+1: ``Batch.moves`` on a sequential path,
+    ``path.moves(steps, examples)`` ([k, m, ...] per input) otherwise. Used by the paths whose direction is not
+    one vector per example (blur, guided); the path's last point is only where the moves lead.
+    """
+    totals: list[torch.Tensor] | None = None
+    outputs: torch.Tensor | None = None
+    for batch in engine.batches(path, target, args, n_steps=n_steps):
+        moves = batch.moves if batch.moves is not None else path.moves(batch.steps, batch.examples)
+        if totals is None:
+            totals, outputs = _new_totals(batch, target.n, n_steps)
+        for total, move, grad in zip(totals, moves, batch.grads):
+            acc = total.dtype
+            total[batch.examples] += (move.to(acc) * grad.to(acc)).sum(0)
+        outputs[batch.steps, batch.examples] = batch.outputs.to(outputs.dtype)
+    return tuple(totals), outputs
+
+
+def integrate_idgi(engine: Engine, path: Path, target: Target, args: tuple) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """IDGI (Yang et al. 2023) along the path's points x_0 .. x_N (``N = path.n_steps - 1``).
+
+    Per segment: ``g_i * g_i * (f(x_{i+1}) - f(x_i)) / ||g_i||^2`` with ``g_i`` the gradient at the segment's left
+    point and the norm running jointly over all input tensors; segments whose gradient is zero add nothing. So
+    gradients are needed at x_0 .. x_{N-1} only and the last point is evaluated forward-only. Each batch's last
+    step waits for its right output, which the next batch (or the final forward pass) brings: no point is
+    evaluated twice. Returns the attributions (summing to f(x_N) - f(x_0) up to the skipped segments) and f at
+    every point [N + 1, n].
+    """
+    if path.n_steps < 2:
+        raise ValueError(f"IDGI needs a path of at least 2 points, got {path.n_steps}")
+    n, last = target.n, path.n_steps - 1
+    totals: list[torch.Tensor] | None = None
+    outputs: torch.Tensor | None = None
+    held_grads: list[torch.Tensor] = []  # per input: [n, ...] gradient of each example's step awaiting its right output
+    held_norms: torch.Tensor | None = None  # [n] joint squared norm of those gradients
+    for batch in engine.batches(path, target, args, n_steps=last):
+        e, s0, s1 = batch.examples, batch.steps.start, batch.steps.stop
+        if totals is None:
+            totals, outputs = _new_totals(batch, n, path.n_steps)
+            held_grads = [torch.empty((n,) + tuple(g.shape[2:]), dtype=g.dtype, device=g.device) for g in batch.grads]
+            held_norms = torch.empty(n, dtype=outputs.dtype, device=outputs.device)
+        outputs[s0:s1, e] = batch.outputs.to(outputs.dtype)
+        norms = _joint_squared_norms(batch.grads)
+        if s0 > 0:  # the step held over from these examples' previous batch now has its right output
+            _add_idgi(totals, e, [h[e].unsqueeze(0) for h in held_grads], outputs[s0 - 1 : s0 + 1, e], held_norms[e].unsqueeze(0))
+        if s1 - s0 > 1:
+            _add_idgi(totals, e, [g[:-1] for g in batch.grads], outputs[s0:s1, e], norms[:-1])
+        for held, g in zip(held_grads, batch.grads):
+            held[e] = g[-1]
+        held_norms[e] = norms[-1]
+    every = slice(0, n)
+    outputs[last] = engine.outputs(path.points(slice(last, last + 1), every), target, args).to(outputs.dtype)
+    _add_idgi(totals, every, [h.unsqueeze(0) for h in held_grads], outputs[last - 1 :], held_norms.unsqueeze(0))
+    return tuple(totals), outputs
+
+
+def _new_totals(batch: Batch, n: int, n_points: int) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Zeroed accumulators (fp32, fp64 for fp64 gradients) for every input, and room for f at every point."""
+    totals = [
+        torch.zeros((n,) + tuple(g.shape[2:]), dtype=_ops.accumulation_dtype(g.dtype), device=g.device) for g in batch.grads
+    ]
+    outputs = torch.empty((n_points, n), dtype=_ops.accumulation_dtype(batch.outputs.dtype), device=batch.outputs.device)
+    return totals, outputs
+
+
+def _joint_squared_norms(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """||g||^2 over all features of all input tensors, per step and example: [k, m]."""
+    norms = _ops.squared_norms_reference(grads[0])
+    for g in grads[1:]:
+        norms = norms + _ops.squared_norms_reference(g)
+    return norms
+
+
+def _add_idgi(totals, examples: slice, grads, outputs: torch.Tensor, norms: torch.Tensor) -> None:
+    for total, g in zip(totals, grads):
+        total[examples] += _ops.accumulate_idgi_reference(g, outputs, norms)

@@ -1,0 +1,100 @@
+"""What every path method shares: the explained output (logit or probability), option checks, convergence delta."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from fastig.attr._inputs import format_baselines, format_inputs, row_sums
+from fastig.core.engine import Engine
+from fastig.core.targets import Target, format_additional_args
+
+OUTPUTS = ("logit", "probability")
+
+
+def explained_function(forward_func: Callable, output: str) -> Callable:
+    """The function whose target entry is explained: the model itself (``"logit"``) or its softmax over
+    dimension 1 (``"probability"``)."""
+    if output not in OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
+    if output == "logit":
+        return forward_func
+
+    def probability(*args):
+        out = forward_func(*args)
+        if not isinstance(out, torch.Tensor) or out.dim() < 2:
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"output='probability' needs a model output of shape [batch, classes, ...], got {shape}")
+        return torch.softmax(out, dim=1)
+
+    return probability
+
+
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def check_steps(n_steps: Any, minimum: int = 1) -> int:
+    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < minimum:
+        raise ValueError(f"n_steps must be an integer >= {minimum}, got {n_steps!r}")
+    return n_steps
+
+
+def check_number(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> float:
+    """A real number in [low, high] (or (low, high] with ``low_open``; no upper bound when ``high`` is None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    too_low = value <= low if low_open else value < low
+    if too_low or (high is not None and value > high) or value != value:
+        bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
+        raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
+    return value
+
+
+class PathAttribution:
+    """Base of the path methods: the model, and the completeness gap they all report."""
+
+    def __init__(self, forward_func: Callable) -> None:
+        if not callable(forward_func):
+            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
+        self.forward_func = forward_func
+
+    def has_convergence_delta(self) -> bool:
+        return True
+
+    def compute_convergence_delta(
+        self,
+        attributions: Any,
+        start_point: Any,
+        end_point: Any,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        *,
+        output: str = "logit",
+    ) -> torch.Tensor:
+        """sum(attributions) - (f(end_point) - f(start_point)) per example, as Captum defines it."""
+        ends, _ = format_inputs(end_point)
+        starts = format_baselines(start_point, ends)
+        attrs, _ = format_inputs(attributions)
+        for a, e in zip(attrs, ends):
+            if a.shape[0] != e.shape[0]:
+                raise ValueError(f"attributions have {a.shape[0]} examples but end_point has {e.shape[0]}")
+        engine = Engine(explained_function(self.forward_func, output))
+        return self._delta(
+            engine, attrs, ends, starts, Target(target, ends[0].shape[0]), format_additional_args(additional_forward_args)
+        )
+
+    @staticmethod
+    def _delta(engine, attributions, inputs, baselines, target, args, f_start=None, f_end=None) -> torch.Tensor:
+        """Completeness gap; endpoint outputs already computed along the path are reused."""
+        if f_start is None:
+            f_start = engine.outputs(tuple(b.expand_as(x) for b, x in zip(baselines, inputs)), target, args)
+        if f_end is None:
+            f_end = engine.outputs(inputs, target, args)
+        with torch.no_grad():
+            attr_sum = row_sums(attributions)
+            return attr_sum - (f_end - f_start).to(attr_sum.dtype)

@@ -1,0 +1,90 @@
+"""Blur Integrated Gradients (Xu et al., CVPR 2020), PAIR saliency's algorithm, batched over steps and examples."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from fastig.attr._inputs import format_inputs, format_output
+from fastig.attr._path_common import PathAttribution, check_flag, check_number, check_steps, explained_function
+from fastig.core.engine import Engine, integrate_idgi, integrate_moves
+from fastig.core.paths import BlurPath, gaussian_blur
+from fastig.core.targets import Target, format_additional_args
+
+
+def blur_sigmas(max_sigma: float, n_steps: int, sqrt: bool) -> list[float]:
+    """PAIR's blur levels sigma_0 = 0, ..., sigma_n: ``i * max_sigma / n``, or its square root with ``sqrt=True``
+    (so the last level is then ``sqrt(max_sigma)``, as in PAIR)."""
+    levels = [float(i) * max_sigma / float(n_steps) for i in range(n_steps + 1)]
+    return [math.sqrt(s) for s in levels] if sqrt else levels
+
+
+class BlurIntegratedGradients(PathAttribution):
+    """Blur IG: integrated gradients along the path from the input to the input blurred with ``max_sigma``.
+
+    The numbers are those of PAIR saliency's ``BlurIG.GetMask`` (``saliency.core.blur_ig``) with its defaults
+    ``max_sigma=50``, ``n_steps=100`` (PAIR's ``steps``), ``grad_step=0.01``, ``sqrt=False``: every channel is
+    blurred over its last two dimensions (H, W) with a Gaussian of zero padding cut at 4 sigma (scipy.ndimage's
+    ``gaussian_filter(mode="constant")``); the gradient is taken at sigma_0 .. sigma_{n-1}; the path derivative
+    is the forward difference ``(blur(x, sigma_k + grad_step) - blur(x, sigma_k)) / grad_step``; and the sum is
+    negated, so attributions explain f(input) - f(most blurred input) (that blurred input is the baseline of the
+    convergence delta). Inputs need shape [N, ..., H, W] (images NCHW); there is no ``baselines`` argument to
+    give.
+
+    Deliberate difference from PAIR: with ``sqrt=True`` and ``batch_size > 1``, PAIR weights every step of a
+    batch with the spacing ``sigma_{k+1} - sigma_k`` of the batch's last step; here each step has its own
+    spacing (PAIR with ``batch_size=1``). With ``sqrt=False`` the spacings are all equal and the two agree.
+
+    ``idgi=True`` applies IDGI to the blur path followed in the same direction: gradients at sigma_0 ..
+    sigma_{n-1} (the points Blur IG evaluates), f also at sigma_n, and per segment
+    ``-g_k * g_k * (f(x_{k+1}) - f(x_k)) / ||g_k||^2``, signed like Blur IG so that attributions sum to
+    f(input) - f(blurred). ``output="probability"`` explains the softmax probability.
+    """
+
+    def __init__(self, forward_func: Callable) -> None:
+        super().__init__(forward_func)
+
+    def attribute(
+        self,
+        inputs: Any,
+        baselines: Any = None,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        n_steps: int = 100,
+        internal_batch_size: int | None = None,
+        return_convergence_delta: bool = False,
+        *,
+        max_sigma: float = 50.0,
+        grad_step: float = 0.01,
+        sqrt: bool = False,
+        idgi: bool = False,
+        output: str = "logit",
+    ) -> Any:
+        if baselines is not None:
+            raise ValueError("Blur IG's baseline is the input blurred with max_sigma: baselines must be None")
+        check_steps(n_steps)
+        max_sigma = check_number("max_sigma", max_sigma, 0.0, low_open=True)
+        grad_step = check_number("grad_step", grad_step, 0.0, low_open=True)
+        check_flag("sqrt", sqrt)
+        check_flag("idgi", idgi)
+        xs, is_tuple = format_inputs(inputs)
+        tgt = Target(target, xs[0].shape[0])
+        args = format_additional_args(additional_forward_args)
+        engine = Engine(explained_function(self.forward_func, output), internal_batch_size)
+        sigmas = blur_sigmas(max_sigma, n_steps, sqrt)
+        path = BlurPath(xs, sigmas, grad_step)
+
+        if idgi:
+            totals, outputs = integrate_idgi(engine, path, tgt, args)
+            totals = tuple(-t for t in totals)  # IDGI's sum runs input -> blurred; Blur IG explains the reverse
+            f_blurred = outputs[-1]
+        else:
+            totals, outputs = integrate_moves(engine, path, tgt, args, n_steps=n_steps)
+            f_blurred = None
+        attributions = tuple(total.to(x.dtype) for total, x in zip(totals, xs))
+        result = format_output(attributions, is_tuple)
+        if not return_convergence_delta:
+            return result
+        blurred = tuple(gaussian_blur(x, sigmas[-1]) for x in xs)
+        return result, self._delta(engine, attributions, xs, blurred, tgt, args, f_blurred, outputs[0])
+
