@@ -35,6 +35,13 @@ OPTIONS: dict[str, Option] = {
         Option("--stdevs", "stdevs", float, "standard deviation of the Gaussian input noise (absolute, input units)"),
         Option("--n-samples", "n_samples", int, "gradient SHAP: random samples per example"),
         Option("--layer", "layer", str, "second-order: dotted submodule name (default: last spatial layer)"),
+        Option("--idgi", "idgi", bool, "path methods: IDGI accumulation (Yang et al. 2023) instead of the Riemann sum"),
+        Option("--output", "output", ("logit", "probability"), "path methods: explain the target logit or its softmax"),
+        Option("--fraction", "fraction", float, "guided IG: fraction of features moved per step (default 0.25)"),
+        Option("--max-dist", "max_dist", float, "guided IG: max deviation from the straight line, in alpha (default 0.02)"),
+        Option("--max-sigma", "max_sigma", float, "blur IG: blur of the baseline, Gaussian sigma in pixels (default 50)"),
+        Option("--grad-step", "grad_step", float, "blur IG: sigma step of the path derivative (default 0.01)"),
+        Option("--sqrt", "sqrt", bool, "blur IG: square-root spacing of the blur levels (PAIR's sqrt=True)"),
     ]
 }
 
@@ -84,7 +91,25 @@ def _ig(model):
 
 
 register(Method("ig", "Integrated Gradients (straight line, Captum-compatible)", _ig,
-                ("n_steps", "method", "internal_batch_size"), path_method=True))
+                ("n_steps", "method", "internal_batch_size", "idgi", "output"), path_method=True))
+
+
+def _path_method(name):
+    def build(model):
+        from fastig import attr
+
+        return {"guided_ig": attr.GuidedIntegratedGradients, "blur_ig": attr.BlurIntegratedGradients}[name](model)
+
+    return build
+
+
+register(Method("guided_ig", "Guided IG (Kapishnikov et al. 2021), PAIR saliency's algorithm, batched",
+                _path_method("guided_ig"), ("n_steps", "fraction", "max_dist", "internal_batch_size", "idgi", "output"),
+                path_method=True, demo={"n_steps": 32}))
+register(Method("blur_ig", "Blur IG (Xu et al. 2020), PAIR saliency's algorithm",
+                _path_method("blur_ig"),
+                ("n_steps", "max_sigma", "grad_step", "sqrt", "internal_batch_size", "idgi", "output"),
+                path_method=True, demo={"n_steps": 32}))
 
 
 def _gradient_family(name):
