@@ -35,6 +35,11 @@ OPTIONS: dict[str, Option] = {
         Option("--stdevs", "stdevs", float, "standard deviation of the Gaussian input noise (absolute, input units)"),
         Option("--n-samples", "n_samples", int, "gradient SHAP: random samples per example"),
         Option("--layer", "layer", str, "second-order: dotted submodule name (default: last spatial layer)"),
+        Option("--window", "window", int, "occlusion / pda: side of the square window, in pixels"),
+        Option("--stride", "stride", int, "occlusion / pda: step between windows, in pixels"),
+        Option("--segments", "n_segments", int, "perturbation methods: number of superpixels used as features"),
+        Option("--per-eval", "perturbations_per_eval", int, "perturbation methods: copies per model call (default: auto)"),
+        Option("--iterations", "n_iter", int, "meaningful perturbation: optimizer iterations"),
         Option("--idgi", "idgi", bool, "path methods: IDGI accumulation (Yang et al. 2023) instead of the Riemann sum"),
         Option("--output", "output", ("logit", "probability"), "path methods: explain the target logit or its softmax"),
         Option("--fraction", "fraction", float, "guided IG: fraction of features moved per step (default 0.25)"),
@@ -156,3 +161,44 @@ register(Method("second_order", "2ndG second-order attribution at a layer (Wang 
 register(Method("gnl_ig", "Guided non-linearity IG (Kwon et al. 2020): IG with guided ReLU/max-pool gradients",
                 _gradient_family("gnl_ig"), ("n_steps", "method", "internal_batch_size"), path_method=True,
                 demo={"n_steps": 32}))
+
+
+def _perturbation(name):
+    """Builders of the perturbation methods, with the CLI's defaults (fastig.attr.perturbation.WithDefaults)."""
+
+    def build(model):
+        from fastig.attr import (FeatureAblation, KernelShap, Lime, MeaningfulPerturbation, Occlusion,
+                                 PredictionDifferenceAnalysis, ShapleyValueSampling)
+        from fastig.attr.perturbation import WithDefaults
+
+        window = {"window": "sliding_window_shapes", "stride": "strides"}
+        return {
+            "occlusion": lambda: WithDefaults(Occlusion(model), window, square_window=True, window=16, stride=8),
+            "feature_ablation": lambda: WithDefaults(FeatureAblation(model), n_segments=64),
+            "shapley": lambda: WithDefaults(ShapleyValueSampling(model), n_segments=32, n_samples=25),
+            "lime": lambda: WithDefaults(Lime(model), n_segments=64, n_samples=200),
+            "kernel_shap": lambda: WithDefaults(KernelShap(model), n_segments=64, n_samples=200),
+            "meaningful_perturbation": lambda: WithDefaults(MeaningfulPerturbation(model)),
+            "pda": lambda: WithDefaults(PredictionDifferenceAnalysis(model), {"window": "window_size"}, stride=4),
+        }[name]()
+
+    return build
+
+
+_PER_EVAL = ("perturbations_per_eval",)
+register(Method("occlusion", "Occlusion with a square window over all channels (Captum-compatible; default 16, stride 8)",
+                _perturbation("occlusion"), ("window", "stride") + _PER_EVAL, demo={"window": 32, "stride": 16}))
+register(Method("feature_ablation", "Feature ablation of superpixels (Captum-compatible; default 64 segments)",
+                _perturbation("feature_ablation"), ("n_segments",) + _PER_EVAL, demo={"n_segments": 16}))
+register(Method("shapley", "Shapley value sampling over superpixels (Captum-compatible; 32 segments, 25 samples)",
+                _perturbation("shapley"), ("n_samples", "n_segments") + _PER_EVAL, demo={"n_segments": 8, "n_samples": 2}))
+register(Method("lime", "LIME over superpixels (Captum-compatible, numpy Lasso; 64 segments, 200 samples)",
+                _perturbation("lime"), ("n_samples", "n_segments") + _PER_EVAL, demo={"n_segments": 16, "n_samples": 32}))
+register(Method("kernel_shap", "Kernel SHAP over superpixels (Captum-compatible, numpy WLS; 64 segments, 200 samples)",
+                _perturbation("kernel_shap"), ("n_samples", "n_segments") + _PER_EVAL,
+                demo={"n_segments": 16, "n_samples": 32}))
+register(Method("meaningful_perturbation", "Meaningful perturbation (Fong & Vedaldi 2017): optimized blur mask",
+                _perturbation("meaningful_perturbation"), ("n_iter",), demo={"n_iter": 10}))
+register(Method("pda", "Prediction difference analysis (Zintgraf et al. 2017), marginal sampling; CLI stride 4",
+                _perturbation("pda"), ("window", "stride", "n_samples") + _PER_EVAL,
+                demo={"window": 32, "stride": 32, "n_samples": 2}))

@@ -8,5 +8,12 @@ from fastig.attr.noise_tunnel import NoiseTunnel
 from fastig.attr.guided import Deconvolution, GuidedBackprop, GuidedNonLinearityIG
 from fastig.attr.second_order import SecondOrderGradients
 
+from fastig.attr.perturbation import FeatureAblation, Occlusion, ShapleyValueSampling
+from fastig.attr.surrogate import KernelShap, Lime
+from fastig.attr.meaningful_perturbation import MeaningfulPerturbation
+from fastig.attr.prediction_difference import PredictionDifferenceAnalysis
+
 __all__ = ["IntegratedGradients", "GuidedIntegratedGradients", "BlurIntegratedGradients", "Saliency", "InputXGradient", "GradientShap", "NoiseTunnel", "GuidedBackprop", "Deconvolution",
-           "GuidedNonLinearityIG", "SecondOrderGradients"]
+           "GuidedNonLinearityIG", "SecondOrderGradients",
+           "Occlusion", "FeatureAblation", "ShapleyValueSampling", "Lime", "KernelShap", "MeaningfulPerturbation",
+           "PredictionDifferenceAnalysis"]

@@ -454,19 +454,30 @@ class ShapleyValueSampling:
 
 
 class WithDefaults:
-    """A method object whose ``attribute()`` fills in default keyword arguments (the CLI's defaults).
+    """A method object for the CLI: fills in default options and translates the CLI's generic ones.
 
-    ``square_window=True`` turns int ``sliding_window_shapes`` / ``strides`` into Occlusion's per-dimension tuples
-    for image batches: the window spans all channels and is square over the last two dimensions.
+    ``rename`` maps CLI keywords to the method's (``window`` -> ``sliding_window_shapes``). ``square_window``
+    turns int ``sliding_window_shapes`` / ``strides`` into Occlusion's tuples for image batches (the window spans
+    all channels and is square over the last two dimensions). ``n_segments`` becomes a superpixel
+    ``feature_mask`` (see :func:`fastig.attr.surrogate.superpixels`) when no mask is given.
     """
 
-    def __init__(self, method: Any, square_window: bool = False, **defaults: Any) -> None:
+    def __init__(self, method: Any, rename: dict | None = None, square_window: bool = False, **defaults: Any) -> None:
         self.method = method
+        self.rename = rename or {}
         self.square_window = square_window
         self.defaults = defaults
 
     def attribute(self, inputs: Any, target: Any = None, **options: Any) -> Any:
         merged = {**self.defaults, **{k: v for k, v in options.items() if v is not None}}
+        merged = {self.rename.get(k, k): v for k, v in merged.items()}
+        segments = merged.pop("n_segments", None)
+        if segments is not None and merged.get("feature_mask") is None:
+            from fastig.attr.surrogate import superpixels
+
+            if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+                raise ValueError("n_segments needs a single image batch [N, C, H, W] as inputs")
+            merged["feature_mask"] = superpixels(inputs, segments)
         if self.square_window and isinstance(inputs, torch.Tensor):
             lead = tuple(inputs.shape[1:-2])
             for key in ("sliding_window_shapes", "strides"):
