@@ -234,12 +234,12 @@ def _new_totals(batch: Batch, n: int, n_points: int) -> tuple[list[torch.Tensor]
 
 def _joint_squared_norms(grads: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """||g||^2 over all features of all input tensors, per step and example: [k, m]."""
-    norms = _ops.squared_norms_reference(grads[0])
+    norms = _ops.squared_norms(grads[0])
     for g in grads[1:]:
-        norms = norms + _ops.squared_norms_reference(g)
+        norms = norms + _ops.squared_norms(g)
     return norms
 
 
 def _add_idgi(totals, examples: slice, grads, outputs: torch.Tensor, norms: torch.Tensor) -> None:
     for total, g in zip(totals, grads):
-        total[examples] += _ops.accumulate_idgi_reference(g, outputs, norms)
+        total[examples] += _ops.accumulate_idgi(g, outputs, norms)

@@ -149,8 +149,8 @@ class GuidedPath:
         grad = torch.cat([g[0].reshape(m, -1) for g in batch.grads], 1)
         alpha = (step + 1.0) / self.guided_steps
         l1_target = self.l1_total[e] * (1 - (step + 1) / self.guided_steps)
-        new = guided_step(
-            self.x[e], self.input[e], self.baseline[e], grad, self.fraction,
+        new = _ops.guided_step(
+            self.x[e], self.input[e], self.baseline[e], grad.to(torch.float64), self.fraction,
             max(alpha - self.max_dist, 0.0), min(alpha + self.max_dist, 1.0), l1_target,
         )
         moves = new - self.x[e]
@@ -161,52 +161,3 @@ class GuidedPath:
         sizes = [math.prod(s) for s in self.shapes]
         return [part.reshape((flat.shape[0],) + s) for part, s in zip(flat.split(sizes, 1), self.shapes)]
 
-
-# PAIR compares L1 distances with math.isclose(rel_tol=1e-9, abs_tol=1e-9)
-_GUIDED_EPSILON = 1e-9
-
-
-def guided_step(
-    x: torch.Tensor,
-    input: torch.Tensor,
-    baseline: torch.Tensor,
-    grad: torch.Tensor,
-    fraction: float,
-    alpha_min: float,
-    alpha_max: float,
-    l1_target: torch.Tensor,
-) -> torch.Tensor:
-    """One Guided IG step for a batch of flattened examples ([m, F] float64; ``l1_target`` [m]): the new x.
-
-    PAIR's inner loop, row by row: pull features behind ``alpha_min`` up to it; stop when the L1 distance to the
-    input is ``l1_target``; otherwise select the features whose |grad| is at or below the ``fraction``-quantile
-    (numpy's "lower" quantile over all features, those already at ``alpha_max`` counting as +inf and never
-    selected) and move them towards ``alpha_max``, all the way if that is not enough (then repeat) or by the
-    fraction gamma that closes the gap. A row with nothing left to select stops (PAIR would loop forever).
-    """
-    x = x.clone()
-    diff = input - baseline
-    x_min = baseline + diff * alpha_min
-    x_max = baseline + diff * alpha_max
-    moving = diff != 0
-    safe_diff = torch.where(moving, diff, torch.ones_like(diff))
-    score = grad.to(torch.float64).abs()
-    rank = math.floor((x.shape[1] - 1) * fraction)  # numpy's "lower" quantile index
-    active = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-    while True:
-        alpha = torch.where(moving, (x - baseline) / safe_diff, torch.full_like(x, alpha_max))
-        x = torch.where((alpha < alpha_min) & active[:, None], x_min, x)
-        l1 = (x - input).abs().sum(1)
-        close = (l1 - l1_target).abs() <= torch.clamp(_GUIDED_EPSILON * torch.maximum(l1, l1_target.abs()), min=_GUIDED_EPSILON)
-        active &= ~close
-        if not active.any():
-            return x
-        score = torch.where(x == x_max, torch.full_like(score, math.inf), score)
-        threshold = score.kthvalue(rank + 1, dim=1).values
-        selected = (score <= threshold[:, None]) & (score != math.inf) & active[:, None]
-        l1_selected = ((x - x_max).abs() * selected).sum(1)
-        gamma = torch.where(l1_selected > 0, (l1 - l1_target) / torch.where(l1_selected > 0, l1_selected, 1.0), math.inf)
-        full = gamma > 1
-        x = torch.where(selected & full[:, None], x_max, x)
-        x = torch.where(selected & ~full[:, None], x + (x_max - x) * gamma[:, None], x)
-        active &= full & selected.any(1)
