@@ -63,9 +63,23 @@ def path_points_reference(input: torch.Tensor, baseline: torch.Tensor, alphas: t
 
 
 def path_points(input: torch.Tensor, baseline: torch.Tensor, alphas: torch.Tensor) -> torch.Tensor:
+    """Path points [K * N, ...], step-major (row ``k * N + n``); see :func:`path_points_reference`."""
+    _check_floating("input", input)
+    if input.dim() < 1:
+        raise ValueError("input must have shape [N, ...], got a 0-dim tensor")
+    _check_floating("baseline", baseline)
+    if baseline.dtype != input.dtype:
+        raise TypeError(f"baseline dtype {baseline.dtype} differs from input dtype {input.dtype}")
+    try:
+        expanded = baseline.expand_as(input)
+    except RuntimeError:
+        raise ValueError(f"baseline of shape {tuple(baseline.shape)} does not broadcast to input shape "
+                         f"{tuple(input.shape)}") from None
+    if alphas.dim() != 1:
+        raise ValueError(f"alphas must be 1-D [K], got shape {tuple(alphas.shape)}")
     op = _compiled("path_points")
     if op is not None:
-        return op(input, baseline.expand_as(input), alphas.to(torch.float64))
+        return op(input.detach(), expanded.detach(), alphas.detach().to(device=input.device, dtype=torch.float64))
     return path_points_reference(input, baseline, alphas)
 
 
@@ -80,9 +94,15 @@ def accumulate_reference(grads: torch.Tensor, weights: torch.Tensor) -> torch.Te
 
 
 def accumulate(grads: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Riemann accumulation grads [K, N, ...], weights [K] -> [N, ...]; see :func:`accumulate_reference`."""
+    _check_grads(grads)
+    _check_floating("weights", weights)
+    if tuple(weights.shape) != (grads.shape[0],):
+        raise ValueError(f"weights must have shape [K] = [{grads.shape[0]}] for grads {tuple(grads.shape)}, "
+                         f"got {tuple(weights.shape)}")
     op = _compiled("accumulate")
     if op is not None:
-        return op(grads, weights)
+        return op(grads.detach(), weights.detach())
     return accumulate_reference(grads, weights)
 
 
@@ -383,3 +403,61 @@ def backend(name: str) -> str:
     if has("CPU"):
         return "cpu-kernel"
     return "reference"
+
+
+# --- torch.compile support: shape/dtype/stride-only ("fake") implementations of the compiled ops --------------
+
+
+def _channels_last_order(t: torch.Tensor, lead: int) -> bool:
+    """Mirror of csrc/common.h channels_last_order: [.., C, H, W] stored as [.., H, W, C] (and not contiguous)."""
+    if t.dim() != lead + 3 or t.is_contiguous():
+        return False
+    return t.permute(*range(lead), lead + 1, lead + 2, lead).is_contiguous()
+
+
+def _empty_in_order(sizes, lead: int, channels_last: bool, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """Mirror of csrc/common.h empty_in_order."""
+    dtype = like.dtype if dtype is None else dtype
+    if not channels_last:
+        return like.new_empty(sizes, dtype=dtype)
+    sizes = list(sizes)
+    stored = sizes[:lead] + [sizes[lead + 1], sizes[lead + 2], sizes[lead]]
+    return like.new_empty(stored, dtype=dtype).permute(*range(lead), lead + 2, lead, lead + 1)
+
+
+def _register_fakes() -> None:
+    register = torch.library.register_fake
+
+    @register("fastig::path_points")
+    def _(input, baseline, alphas):
+        sizes = [alphas.shape[0] * input.shape[0]] + list(input.shape[1:])
+        return _empty_in_order(sizes, 1, _channels_last_order(input, 1), input)
+
+    def accumulated(grads):
+        return _empty_in_order(list(grads.shape[1:]), 1, _channels_last_order(grads, 2), grads,
+                               accumulation_dtype(grads.dtype))
+
+    @register("fastig::accumulate")
+    def _(grads, weights):
+        return accumulated(grads)
+
+    @register("fastig::accumulate_idgi")
+    def _(grads, outputs, sq_norms):
+        return accumulated(grads)
+
+    @register("fastig::squared_norms")
+    def _(grads):
+        return grads.new_empty(grads.shape[:2], dtype=accumulation_dtype(grads.dtype))
+
+    @register("fastig::perturb")
+    def _(image, substrate, rank, counts):
+        n, c, h, w = image.shape
+        return _empty_in_order([n * counts.shape[0], c, h, w], 1, _channels_last_order(image, 1), image)
+
+    @register("fastig::guided_step")
+    def _(x, input, baseline, grad, fraction, alpha_min, alpha_max, l1_target):
+        return _empty_in_order(list(x.shape), 1, _channels_last_order(x, 1), x)
+
+
+if _EXTENSION_ERROR is None and hasattr(torch.ops, "fastig") and hasattr(torch.ops.fastig, "guided_step"):
+    _register_fakes()
