@@ -47,6 +47,8 @@ OPTIONS: dict[str, Option] = {
         Option("--max-sigma", "max_sigma", float, "blur IG: blur of the baseline, Gaussian sigma in pixels (default 50)"),
         Option("--grad-step", "grad_step", float, "blur IG: sigma step of the path derivative (default 0.01)"),
         Option("--sqrt", "sqrt", bool, "blur IG: square-root spacing of the blur levels (PAIR's sqrt=True)"),
+        Option("--lrp-rule", "lrp_rule", ("epsilon", "z", "gamma", "alpha_beta"),
+               "LRP: rule of every layer that has a default rule (default: epsilon, as Captum)"),
     ]
 }
 
@@ -202,3 +204,19 @@ register(Method("meaningful_perturbation", "Meaningful perturbation (Fong & Veda
 register(Method("pda", "Prediction difference analysis (Zintgraf et al. 2017), marginal sampling; CLI stride 4",
                 _perturbation("pda"), ("window", "stride", "n_samples") + _PER_EVAL,
                 demo={"window": 32, "stride": 32, "n_samples": 2}))
+
+def _propagation(name):
+    """Builders of the propagation-rule methods (fastig.attr.deeplift, fastig.attr.lrp)."""
+
+    def build(model):
+        from fastig.attr import LRP, DeepLift
+
+        return {"deeplift": DeepLift, "lrp": LRP}[name](model)
+
+    return build
+
+
+register(Method("deeplift", "DeepLIFT, Rescale rule (Captum-compatible; zero baseline; reused modules work)",
+                _propagation("deeplift")))
+register(Method("lrp", "Layer-wise relevance propagation (Captum-compatible rules; --lrp-rule; conserves across "
+                "skip connections)", _propagation("lrp"), ("lrp_rule",)))

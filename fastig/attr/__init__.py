@@ -12,8 +12,10 @@ from fastig.attr.perturbation import FeatureAblation, Occlusion, ShapleyValueSam
 from fastig.attr.surrogate import KernelShap, Lime
 from fastig.attr.meaningful_perturbation import MeaningfulPerturbation
 from fastig.attr.prediction_difference import PredictionDifferenceAnalysis
+from fastig.attr.deeplift import DeepLift
+from fastig.attr.lrp import LRP
 
 __all__ = ["IntegratedGradients", "GuidedIntegratedGradients", "BlurIntegratedGradients", "Saliency", "InputXGradient", "GradientShap", "NoiseTunnel", "GuidedBackprop", "Deconvolution",
            "GuidedNonLinearityIG", "SecondOrderGradients",
            "Occlusion", "FeatureAblation", "ShapleyValueSampling", "Lime", "KernelShap", "MeaningfulPerturbation",
-           "PredictionDifferenceAnalysis"]
+           "PredictionDifferenceAnalysis", "DeepLift", "LRP"]
