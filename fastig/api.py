@@ -10,8 +10,11 @@ from fastig import methods
 def attribute(model: Any, inputs: Any, target: Any = None, method: str = "ig", **options: Any) -> Any:
     """Attribute ``model``'s output for ``target`` to ``inputs`` with the method registered as ``method``.
 
-    ``options`` are keyword arguments of that method's ``attribute()`` (e.g. ``n_steps=32`` for ``"ig"``).
-    ``fastig.methods.names()`` lists the methods.
+    ``options`` are keyword arguments of that method's ``attribute()`` (e.g. ``n_steps=32`` for ``"ig"``), except
+    that the quadrature rule of IG-style methods, Captum's ``method=``, is called ``rule=`` here, since ``method``
+    names the attribution method. ``fastig.methods.names()`` lists the methods.
     """
     spec = methods.get(method)
+    if "rule" in options:
+        options["method"] = options.pop("rule")
     return spec.build(model).attribute(inputs, target=target, **{**spec.fixed, **options})

@@ -92,7 +92,7 @@ def _preprocess(model_name: str):
     from fastig.io.images import Preprocess
 
     info = models.info(model_name)
-    return Preprocess(resize=info.resize, crop=info.input_size, mean=info.mean, std=info.std,
+    return Preprocess(resize=info.resize_size, crop=info.input_size, mean=info.mean, std=info.std,
                       grayscale=info.channels == 1)
 
 
@@ -118,9 +118,14 @@ def _chosen_options(method: methods.Method, given: dict) -> dict:
               help="output folder: attributions.h5 and one heatmap PNG per image")
 @click.option("--sign", type=click.Choice(["absolute", "positive", "negative", "all"]), default="absolute",
               show_default=True, help="which attributions the heatmaps show")
+@click.option("--overwrite", is_flag=True, help="replace an existing store in --out instead of resuming it")
 @_method_options
-def attribute(model_name, weights, method_name, images, target, device, out_dir, sign, **given):
-    """Attribute a model's prediction on images; write an HDF5 store and heatmaps."""
+def attribute(model_name, weights, method_name, images, target, device, out_dir, sign, overwrite, **given):
+    """Attribute a model's prediction on images; write an HDF5 store and heatmaps.
+
+    Re-running the same command resumes: images already in --out/attributions.h5 are skipped. A store written
+    with another model, method or options is never mixed into: pass --overwrite or another --out.
+    """
     from fastig import models
     from fastig.io.heatmap import render_heatmap, save_png
     from fastig.io.images import load_image
@@ -135,14 +140,14 @@ def attribute(model_name, weights, method_name, images, target, device, out_dir,
     inputs = torch.stack([load_image(path, preprocess) for path in images])  # fail on a bad image before any work
     model = models.get(model_name, weights=weights, device=dev)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     store_path = out_dir / "attributions.h5"
-    stored = {k: v for k, v in options.items()}
-    store = Store.create(store_path, model=model_name, method=method_name, options=stored,
-                         shape=tuple(inputs.shape[-2:]))
+    recorded = {**options, "target": target, "images": [str(p) for p in images]}
+    store, done = _open_store(store_path, model_name, method_name, recorded, tuple(inputs.shape[-2:]), overwrite)
+    todo = [(i, path) for i, path in enumerate(images) if i not in done]
+    if done:
+        click.echo(f"resuming {store_path}: {len(done)} of {len(images)} image(s) already done", err=True)
     started = time.perf_counter()
-    with store, click.progressbar(list(enumerate(images)), label=f"{method_name} on {model_name}",
-                                  file=sys.stderr) as bar:
+    with store, click.progressbar(todo, label=f"{method_name} on {model_name}", file=sys.stderr) as bar:
         for index, path in bar:
             x = inputs[index:index + 1].to(dev)
             with torch.no_grad():
@@ -154,7 +159,22 @@ def attribute(model_name, weights, method_name, images, target, device, out_dir,
             picture = render_heatmap(heat, preprocess.to_display(inputs[index]), sign=sign)
             save_png(out_dir / f"{index:04d}_{path.stem}_{method_name}.png", picture)
     seconds = time.perf_counter() - started
-    click.echo(f"{len(images)} image(s) in {seconds:.1f} s -> {store_path} and heatmaps in {out_dir}")
+    click.echo(f"{len(todo)} image(s) in {seconds:.1f} s -> {store_path} and heatmaps in {out_dir}")
+
+
+def _open_store(path: Path, model: str, method: str, options: dict, shape: tuple, overwrite: bool):
+    """(store, indices already done): a new store, or the same run's store to resume."""
+    from fastig.io.store import Store
+
+    if path.exists() and not overwrite:
+        store = Store.open(path, "a")
+        if not store.matches(model, method, options):
+            store.close()
+            raise click.UsageError(f"{path} holds a run with other settings ({store.attrs.get('model')}, "
+                                   f"{store.attrs.get('method')}, {store.attrs.get('options')}); "
+                                   "pass --overwrite or choose another --out")
+        return store, set(int(i) for i in store.done_indices())
+    return Store.create(path, model=model, method=method, options=options, shape=shape, overwrite=overwrite), set()
 
 
 # --- listings ------------------------------------------------------------------------------------------------

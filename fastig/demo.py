@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from fastig import methods
+from fastig.errors import FastigError
 
 SIZE = 227
 CENTER = SIZE // 2
@@ -61,17 +62,24 @@ def run_demo(out_dir: Path, method_names: list[str] | None = None, echo: Callabl
 
     for name in names:
         method = methods.get(name)
-        ranks, started = {}, time.perf_counter()
-        for label, x in inputs.items():
-            target = int(model(x).argmax(1).item())
-            attribution = fastig.attribute(model, x, target=target, method=name, **method.demo)
-            if isinstance(attribution, tuple):  # (attributions, delta)
-                attribution = attribution[0]
-            ranks[label] = center_rank(attribution)
-            heat = attribution[0].detach().float()
-            heatmaps[label].append(render_heatmap(heat, _grey_to_rgb(x), sign="absolute"))
-            crops[label].append(_center_crop(render_heatmap(heat, sign="absolute")))
+        ranks, pictures, started = {}, {}, time.perf_counter()
+        try:
+            for label, x in inputs.items():
+                target = int(model(x).argmax(1).item())
+                attribution = fastig.attribute(model, x, target=target, method=name, **method.demo)
+                if isinstance(attribution, tuple):  # (attributions, delta)
+                    attribution = attribution[0]
+                ranks[label] = center_rank(attribution)
+                heat = attribution[0].detach().float()
+                pictures[label] = (render_heatmap(heat, _grey_to_rgb(x), sign="absolute", clip_percentile=100),
+                                   _center_crop(render_heatmap(heat, sign="absolute", clip_percentile=100)))
+        except (FastigError, ValueError, TypeError) as exc:  # a method that does not apply to this model
+            results[name] = {"error": str(exc)}
+            continue
         results[name] = {"ranks": ranks, "seconds": time.perf_counter() - started}
+        for label, (full, crop) in pictures.items():
+            heatmaps[label].append(full)
+            crops[label].append(crop)
 
     _print_table(results, list(inputs), echo)
     _growing_patch_check(model, inputs["patch"], echo)
@@ -82,7 +90,7 @@ def run_demo(out_dir: Path, method_names: list[str] | None = None, echo: Callabl
         row_labels += [label, f"{label} 5x5"]
     out_dir = Path(out_dir)
     path = out_dir / "centerpixel_grid.png"
-    save_png(path, grid(rows, row_labels=row_labels, col_labels=["input"] + list(names)))
+    save_png(path, grid(rows, row_labels=row_labels, col_labels=["input"] + [n for n in names if "ranks" in results[n]]))
     echo(f"heatmap grid: {path}")
     return results
 
@@ -103,8 +111,11 @@ def _print_table(results: dict, labels: list[str], echo: Callable[[str], None]) 
     echo(header)
     echo("-" * len(header))
     for name, result in results.items():
-        echo(f"{name:26s}" + "".join(f"{result['ranks'][label]:14d}" for label in labels)
-             + f"{result['seconds']:10.2f}")
+        if "error" in result:
+            echo(f"{name:26s} not applicable to this model: {result['error']}")
+        else:
+            echo(f"{name:26s}" + "".join(f"{result['ranks'][label]:14d}" for label in labels)
+                 + f"{result['seconds']:10.2f}")
 
 
 def _growing_patch_check(model, x: torch.Tensor, echo: Callable[[str], None]) -> None:

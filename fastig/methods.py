@@ -25,7 +25,7 @@ OPTIONS: dict[str, Option] = {
     o.kwarg: o
     for o in [
         Option("--steps", "n_steps", int, "number of path steps (or samples) of the method"),
-        Option("--rule", "method", ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
+        Option("--rule", "rule", ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
                                     "gausslegendre"), "quadrature rule of straight-line IG"),
         Option("--batch-size", "internal_batch_size", int, "model inputs per forward/backward pass (default: auto)"),
         Option("--abs/--no-abs", "abs", bool, "saliency: absolute value of the gradient (default: on, as Captum)"),
@@ -98,7 +98,7 @@ def _ig(model):
 
 
 register(Method("ig", "Integrated Gradients (straight line, Captum-compatible)", _ig,
-                ("n_steps", "method", "internal_batch_size", "idgi", "output"), path_method=True))
+                ("n_steps", "rule", "internal_batch_size", "idgi", "output"), path_method=True))
 
 
 def _path_method(name):
@@ -161,7 +161,7 @@ register(Method("second_order", "2ndG second-order attribution at a layer (Wang 
                 _gradient_family("second_order"), ("layer", "internal_batch_size"),
                 fixed={"upsample_to_input": True}))
 register(Method("gnl_ig", "Guided non-linearity IG (Kwon et al. 2020): IG with guided ReLU/max-pool gradients",
-                _gradient_family("gnl_ig"), ("n_steps", "method", "internal_batch_size"), path_method=True,
+                _gradient_family("gnl_ig"), ("n_steps", "rule", "internal_batch_size"), path_method=True,
                 demo={"n_steps": 32}))
 
 
@@ -204,6 +204,7 @@ register(Method("meaningful_perturbation", "Meaningful perturbation (Fong & Veda
 register(Method("pda", "Prediction difference analysis (Zintgraf et al. 2017), marginal sampling; CLI stride 4",
                 _perturbation("pda"), ("window", "stride", "n_samples") + _PER_EVAL,
                 demo={"window": 32, "stride": 32, "n_samples": 2}))
+
 
 def _propagation(name):
     """Builders of the propagation-rule methods (fastig.attr.deeplift, fastig.attr.lrp)."""

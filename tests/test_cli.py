@@ -1,0 +1,106 @@
+"""The CLI end to end on tiny inputs, and its one-line errors (exit code 2, no traceback)."""
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from fastig.cli import cli
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "img.png"
+    cv2.imwrite(str(path), (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8))
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_attribute_writes_store_and_heatmaps(tmp_path, image):
+    out = tmp_path / "out"
+    result = run("attribute", "--model", "centerpixel", "--method", "ig", "--steps", "4", "--rule", "riemann_left",
+                 "--image", image, "--image", image, "--out", out)
+    assert result.exit_code == 0, result.output
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["0000_img_ig.png", "0001_img_ig.png"]
+    with h5py.File(out / "attributions.h5") as f:
+        maps = f["attributions/ig"][:]
+        assert maps.shape == (2, 227, 227) and np.isfinite(maps).all() and np.abs(maps).sum() > 0
+        assert list(f["inputs/targets"][:]) == [f["inputs/targets"][0]] * 2
+
+
+def test_attribute_resumes_and_refuses_to_mix(tmp_path, image):
+    out = tmp_path / "out"
+    assert run("attribute", "--model", "centerpixel", "--method", "saliency", "--image", image, "--out", out).exit_code == 0
+    again = run("attribute", "--model", "centerpixel", "--method", "saliency", "--image", image, "--out", out)
+    assert again.exit_code == 0 and "already done" in again.output
+    other = run("attribute", "--model", "centerpixel", "--method", "ig", "--image", image, "--out", out)
+    assert other.exit_code == 2 and "other settings" in other.output
+    assert run("attribute", "--model", "centerpixel", "--method", "ig", "--image", image, "--out", out,
+               "--overwrite").exit_code == 0
+
+
+def test_attribute_on_resnet18_random_weights(tmp_path, image):
+    result = run("attribute", "--model", "resnet18", "--weights", "none", "--method", "ig", "--steps", "2",
+                 "--target", "3", "--image", image, "--out", tmp_path / "r")
+    assert result.exit_code == 0, result.output
+    with h5py.File(tmp_path / "r" / "attributions.h5") as f:
+        assert f["attributions/ig"].shape == (1, 224, 224) and f["inputs/targets"][0] == 3
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "resnet99"], "unknown model"),
+        (["--method", "nope"], "unknown method"),
+        (["--model", "resnet18"], "resnet18-f37072fd.pth"),  # weights=auto and no checkpoint file
+        (["--image", "missing.png"], "not found"),
+        (["--steps", "x"], "--steps"),
+        (["--max-sigma", "3"], "does not apply"),
+        (["--target", "999"], "out of range"),
+        (["--steps", "0"], "n_steps"),
+        (["--device", "tpu"], "--device"),
+    ],
+)
+def test_bad_arguments_give_one_line_errors(tmp_path, image, monkeypatch, args, message):
+    monkeypatch.setenv("FASTIG_CHECKPOINTS", str(tmp_path / "empty"))
+    base = {"--model": "centerpixel", "--method": "ig", "--image": str(image), "--out": str(tmp_path / "o")}
+    for flag, value in zip(args[::2], args[1::2]):
+        base[flag] = value
+    result = run("attribute", *[x for pair in base.items() for x in pair])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("fastig: error:") and message in lines[-1], result.output
+    assert "Traceback" not in result.output
+
+
+def test_unreadable_image_is_refused_before_any_work(tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    result = run("attribute", "--model", "centerpixel", "--image", bad, "--out", tmp_path / "o")
+    assert result.exit_code == 2 and "bad.png" in result.output
+    assert not (tmp_path / "o" / "attributions.h5").exists()
+
+
+def test_listings_and_version():
+    models = run("models")
+    assert models.exit_code == 0 and "resnet50-0676ba61.pth" in models.output and "centerpixel" in models.output
+    methods = run("methods")
+    assert methods.exit_code == 0 and "ig " in methods.output and "--steps" in methods.output
+    version = run("--version")
+    assert version.exit_code == 0 and "path_points=" in version.output
+    assert run("info").output == version.output
+    assert run("--help").exit_code == 0
+
+
+def test_demo_ranks_the_center_pixel_first(tmp_path):
+    result = run("demo", "--out", tmp_path, "--method", "ig", "--method", "saliency")
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line.split()[1:4] for line in result.output.splitlines() if line.startswith(("ig ", "saliency "))}
+    assert rows == {"ig": ["1", "1", "1"], "saliency": ["1", "1", "1"]}
+    picture = cv2.imread(str(tmp_path / "centerpixel_grid.png"))
+    assert picture is not None and picture.shape[0] > 300
