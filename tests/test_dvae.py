@@ -55,8 +55,8 @@ def _small_standins(dall_e, n_blk=2):
     return enc, dec
 
 
-IMAGE_SHAPES = [(2, 3, 16, 16), (1, 3, 8, 24), (3, 3, 32, 16)]
-CODE_SHAPES = [(2, 32, 2, 2), (1, 32, 1, 3), (3, 32, 4, 2)]
+IMAGE_SHAPES = [(2, 3, 16, 16), (1, 3, 8, 24), (1, 3, 24, 8)]
+CODE_SHAPES = [(2, 32, 2, 2), (1, 32, 1, 3), (1, 32, 3, 1)]
 
 
 @pytest.fixture(scope="module")
@@ -191,8 +191,7 @@ def test_codes():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("container", list(CONTAINERS))
-@pytest.mark.parametrize("n_blk", [1, 2])
+@pytest.mark.parametrize("container,n_blk", [("zip", 1), ("zip", 2), ("legacy", 2)])
 def test_loads_openai_pickles_identically(openai_files, container, n_blk):
     files = openai_files[container, n_blk]
     encoder, decoder = dvae.load_encoder(files["encoder"]), dvae.load_decoder(files["decoder"])
@@ -209,8 +208,8 @@ def test_loads_openai_pickles_identically(openai_files, container, n_blk):
             assert torch.equal(encoder(dvae.map_pixels(x)), logits)
         for codes, stats in zip(files["codes"], files["stats"]):
             assert torch.equal(decoder(codes), stats)
-            torch.testing.assert_close(decoder.reconstruct(codes),
-                                       dvae.unmap_pixels(torch.sigmoid(stats[:, :3])), rtol=0, atol=0)
+        image = decoder.reconstruct(files["codes"][0])  # OpenAI's notebook recipe
+        assert torch.equal(image, dvae.unmap_pixels(torch.sigmoid(files["stats"][0][:, :3])))
 
 
 def test_loading_never_imports_dall_e(openai_files):
@@ -373,7 +372,7 @@ def test_bad_state_dicts_are_refused(tmp_path):
     integer = dict(state, **{"blocks.input.b": torch.zeros(8, dtype=torch.int64)})
     for name, bad, message in [("shape", wrong_shape, "conv_2.w"), ("missing", missing, "conv_1.b"),
                                ("extra", extra, "blocks.extra"), ("int", integer, "dtype"),
-                               ("list", [1, 2], "list"), ("decoder", dvae.Decoder(**SMALL_DEC).state_dict(), "")]:
+                               ("list", [1, 2], "list"), ("decoder", dvae.Decoder(**SMALL_DEC).state_dict(), "do not match")]:
         path = _save(bad, tmp_path / f"{name}.pt")
         with pytest.raises(CheckpointError, match=message):
             dvae.load_encoder(path)

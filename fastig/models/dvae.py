@@ -150,7 +150,10 @@ class Conv2d(nn.Module):
         if n_in < 1 or n_out < 1 or kw < 1 or kw % 2 == 0:
             raise ValueError(f"Conv2d needs n_in, n_out >= 1 and an odd kw, got {n_in}, {n_out}, {kw}")
         self.n_in, self.n_out, self.kw = n_in, n_out, kw
-        self.w = nn.Parameter(torch.empty(n_out, n_in, kw, kw).normal_(std=1 / math.sqrt(n_in * kw**2)))
+        w = torch.empty(n_out, n_in, kw, kw)
+        if not w.is_meta:  # (normal_ under a meta-device context would import torch._dynamo: seconds)
+            w.normal_(std=1 / math.sqrt(n_in * kw**2))
+        self.w = nn.Parameter(w)
         self.b = nn.Parameter(torch.zeros(n_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -472,10 +475,6 @@ def _unpickle(file, load_storage=None):
     return _RestrictedUnpickler(file, load_storage).load()
 
 
-def _empty_storage(dtype: torch.dtype, numel: int) -> torch.Tensor:
-    return torch.empty(numel, dtype=dtype)
-
-
 def _read_zip(archive: zipfile.ZipFile):
     """torch.save's zip format: <prefix>/data.pkl and one raw little-endian record <prefix>/data/<key> per storage."""
     pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
@@ -495,16 +494,20 @@ def _read_zip(archive: zipfile.ZipFile):
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
             if archive.getinfo(record).file_size != nbytes:
                 raise _Refused(f"storage record {record} has the wrong size")
-            storages[key] = _bytes_to_tensor(archive.read(record), dtype, numel)
+            storages[key] = _read_into_tensor(archive.open(record), dtype, numel)
         return storages[key]
 
     return _unpickle(io.BytesIO(archive.read(pickles[0])), load_storage)
 
 
-def _bytes_to_tensor(raw: bytes, dtype: torch.dtype, numel: int) -> torch.Tensor:
+def _read_into_tensor(f, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """The next numel elements of f as a 1-D tensor (read straight into its buffer, no extra copy)."""
     if numel == 0:
         return torch.empty(0, dtype=dtype)
-    return torch.frombuffer(bytearray(raw), dtype=dtype)
+    raw = torch.empty(numel * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8)
+    if f.readinto(raw.numpy()) != raw.numel():
+        raise CheckpointError("a tensor storage is truncated")
+    return raw.view(dtype)
 
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -525,7 +528,7 @@ def _read_legacy(f):
 
     def load_storage(key, dtype, numel):
         if key not in storages:
-            storages[key] = _empty_storage(dtype, numel)  # filled below, after the object pickle
+            storages[key] = torch.empty(numel, dtype=dtype)  # filled below, after the object pickle
         return storages[key]
 
     result = _unpickle(f, load_storage)
@@ -537,11 +540,7 @@ def _read_legacy(f):
         header = f.read(8)
         if len(header) != 8 or struct.unpack("<q", header)[0] != storage.numel():
             raise CheckpointError(f"storage {key} has a wrong size header")
-        nbytes = storage.numel() * storage.element_size()
-        raw = f.read(nbytes)
-        if len(raw) != nbytes:
-            raise CheckpointError(f"storage {key} is truncated")
-        storage.copy_(_bytes_to_tensor(raw, storage.dtype, storage.numel()))
+        storage.copy_(_read_into_tensor(f, storage.dtype, storage.numel()))
     return result
 
 
@@ -658,8 +657,9 @@ def _build(model_class, obj, path: Path):
         missing = sorted(set(expected) - set(state))
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
-            raise CheckpointError(f"weights do not match a dVAE {what}: missing {missing[:5]}, "
-                                  f"unexpected {unexpected[:5]}")
+            problems = [f"{label} {names[:5]}" for label, names in (("missing", missing), ("unexpected", unexpected))
+                        if names]
+            raise CheckpointError(f"weights do not match a dVAE {what}: {', '.join(problems)}")
         for key, shape in expected.items():
             if tuple(state[key].shape) != shape:
                 raise CheckpointError(f"{key} has shape {tuple(state[key].shape)}, expected {shape}")
@@ -669,9 +669,21 @@ def _build(model_class, obj, path: Path):
         raise CheckpointError(f"{path}: {e}") from None
     except (AttributeError, TypeError, ValueError, KeyError, RuntimeError) as e:  # malformed records
         raise CheckpointError(f"{path}: unexpected content in a dVAE {what} file ({type(e).__name__}: {e})") from None
-    model = model.to_empty(device="cpu")
-    model.load_state_dict(state)  # copies (and casts to float32 when the file holds another float dtype)
+    # The tensors read from the file become the parameters (no second copy of ~200 MB), each made float32 and
+    # the sole owner of its memory, so no two parameters can alias each other whatever the file says.
+    owned: set[int] = set()
+    tensors = {key: _sole_owner(state[key].to(torch.float32), owned) for key in expected}
+    model.load_state_dict(tensors, assign=True)
     return model.eval().requires_grad_(False)
+
+
+def _sole_owner(tensor: torch.Tensor, owned: set) -> torch.Tensor:
+    storage = tensor.untyped_storage()
+    exact = tensor.is_contiguous() and tensor.storage_offset() == 0 and storage.nbytes() == tensor.nbytes
+    if not exact or storage.data_ptr() in owned:
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    owned.add(tensor.untyped_storage().data_ptr())
+    return tensor
 
 
 def load_encoder(path) -> Encoder:
