@@ -100,16 +100,25 @@ def test_full_size_parameter_counts():
     assert sum(p.numel() for p in decoder.parameters()) == 43_829_766
 
 
-def test_full_size_shapes_and_post_gain():
+def test_full_size_layout_and_post_gain():
     with torch.device("meta"):
         encoder, decoder = dvae.Encoder(), dvae.Decoder()
-        logits = encoder(torch.empty(1, 3, 256, 256))
-        stats = decoder(torch.empty(1, 8192, 32, 32))
-    assert logits.shape == (1, 8192, 32, 32)
-    assert stats.shape == (1, 6, 256, 256)
     assert encoder.blocks.group_3.block_2.post_gain == decoder.blocks.group_1.block_1.post_gain == 1 / 64
     assert encoder.blocks.input.w.shape == (256, 3, 7, 7)
+    assert encoder.blocks.group_4.block_1.res_path.conv_1.w.shape == (512, 1024, 3, 3)
+    assert encoder.blocks.output.conv.w.shape == (8192, 2048, 1, 1)
     assert decoder.blocks.input.w.shape == (128, 8192, 1, 1)
+    assert decoder.blocks.group_1.block_1.id_path.w.shape == (2048, 128, 1, 1)
+    assert decoder.blocks.output.conv.w.shape == (6, 256, 1, 1)
+    assert [type(m) for m in encoder.modules()].count(nn.MaxPool2d) == 3
+    assert [type(m) for m in decoder.modules()].count(nn.Upsample) == 3
+
+
+def test_small_output_shapes():
+    encoder, decoder = dvae.Encoder(**SMALL_ENC), dvae.Decoder(**SMALL_DEC)
+    with torch.no_grad():
+        assert encoder(torch.rand(2, 3, 16, 24)).shape == (2, 32, 2, 3)
+        assert decoder(torch.rand(2, 32, 2, 3)).shape == (2, 6, 16, 24)
 
 
 def test_state_dict_keys_match_openai_layout():

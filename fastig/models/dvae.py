@@ -550,8 +550,9 @@ def _read_file(path: Path):
         raise CheckpointError(f"dVAE weight file not found: {path}")
     try:
         with open(path, "rb") as f:
-            if zipfile.is_zipfile(f):
-                f.seek(0)
+            is_zip = f.read(4) == b"PK\x03\x04"  # torch.save's zip format starts with a local file header
+            f.seek(0)
+            if is_zip:
                 with zipfile.ZipFile(f) as archive:
                     return _read_zip(archive)
             f.seek(0)
