@@ -8,14 +8,7 @@ passes cheaper; ``fastig.models.get(name)`` builds the model zoo.
 __version__ = "0.1.0"
 
 from fastig.api import attribute  # noqa: E402
-
-
-def __getattr__(name):
-    if name == "prepare":  # imported on first use: it pulls in the model zoo
-        from fastig.models.prepare import prepare
-
-        return prepare
-    raise AttributeError(f"module 'fastig' has no attribute {name!r}")
+from fastig.models.prepare import prepare  # noqa: E402
 
 
 __all__ = ["attribute", "prepare", "__version__"]
