@@ -9,6 +9,7 @@ import importlib
 import os
 import pickle
 import sys
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -407,3 +408,27 @@ def test_cuda_matches_cpu():
         half = encoder.cuda()(x.cuda().half())
         assert half.dtype == torch.float16
         torch.testing.assert_close(half.float().cpu(), encoder.cpu()(x), rtol=2e-2, atol=2e-2)
+
+
+def test_allow_list_maps_only_to_inert_objects():
+    """Every global a file may name resolves to a record class, a dtype marker, a plain container, or one of
+    fastig's own small functions -- never to third-party code."""
+    for name, target in dvae.ALLOWED_GLOBALS.items():
+        if isinstance(target, type) and issubclass(target, dvae._Record):
+            assert target.pickled_name == name
+        elif isinstance(target, dvae._StorageType):
+            assert name.endswith("Storage")
+        elif target in (OrderedDict, set):
+            assert name in ("collections.OrderedDict", "builtins.set")
+        else:
+            assert callable(target) and target.__module__ == "fastig.models.dvae", name
+
+
+def test_aliased_tensors_become_independent_parameters(tmp_path):
+    state = dvae.Encoder(**SMALL_ENC).state_dict()
+    shared = state["blocks.group_1.block_1.res_path.conv_2.w"]
+    state["blocks.group_1.block_1.res_path.conv_3.w"] = shared  # one storage in the file, used twice
+    path = _save(state, tmp_path / "aliased.pt")
+    encoder = dvae.load_encoder(path)
+    conv_2, conv_3 = encoder.blocks.group_1.block_1.res_path.conv_2.w, encoder.blocks.group_1.block_1.res_path.conv_3.w
+    assert torch.equal(conv_2, conv_3) and conv_2.data_ptr() != conv_3.data_ptr()

@@ -391,11 +391,21 @@ _STORAGE_DTYPES = {
 }
 
 
+class _Storage:
+    """A tensor storage read from the file, as a flat tensor; the only thing :func:`_rebuild_tensor` accepts."""
+
+    __slots__ = ("flat",)
+
+    def __init__(self, flat: torch.Tensor):
+        self.flat = flat
+
+
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None,
                     metadata=None):
     """fastig's replacement for torch._utils._rebuild_tensor_v2: a bounds-checked view of a storage read here."""
-    if not isinstance(storage, torch.Tensor) or storage.dim() != 1:
+    if not isinstance(storage, _Storage):
         raise _Refused("a tensor refers to something other than a storage of the file")
+    storage = storage.flat
     if metadata:
         raise _Refused("tensors with extra metadata (conjugate/negative bits) are not part of a dVAE file")
     ints = (storage_offset, *size, *stride)
@@ -411,7 +421,7 @@ def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, 
 
 
 def _rebuild_parameter(data, requires_grad, backward_hooks):
-    """fastig's replacement for torch._utils._rebuild_parameter: the tensor itself (loading copies it)."""
+    """fastig's replacement for torch._utils._rebuild_parameter: just the tensor."""
     if not isinstance(data, torch.Tensor):
         raise _Refused("a parameter does not hold a tensor")
     return data
@@ -494,7 +504,7 @@ def _read_zip(archive: zipfile.ZipFile):
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
             if archive.getinfo(record).file_size != nbytes:
                 raise _Refused(f"storage record {record} has the wrong size")
-            storages[key] = _read_into_tensor(archive.open(record), dtype, numel)
+            storages[key] = _Storage(_read_into_tensor(archive.open(record), dtype, numel))
         return storages[key]
 
     return _unpickle(io.BytesIO(archive.read(pickles[0])), load_storage)
@@ -528,7 +538,7 @@ def _read_legacy(f):
 
     def load_storage(key, dtype, numel):
         if key not in storages:
-            storages[key] = torch.empty(numel, dtype=dtype)  # filled below, after the object pickle
+            storages[key] = _Storage(torch.empty(numel, dtype=dtype))  # filled below, after the object pickle
         return storages[key]
 
     result = _unpickle(f, load_storage)
@@ -536,7 +546,7 @@ def _read_legacy(f):
     if not isinstance(keys, list) or sorted(map(str, keys)) != sorted(storages):
         raise CheckpointError("the storage key list does not match the tensors in the file")
     for key in map(str, keys):
-        storage = storages[key]
+        storage = storages[key].flat
         header = f.read(8)
         if len(header) != 8 or struct.unpack("<q", header)[0] != storage.numel():
             raise CheckpointError(f"storage {key} has a wrong size header")
@@ -673,7 +683,7 @@ def _build(model_class, obj, path: Path):
     # The tensors read from the file become the parameters (no second copy of ~200 MB), each made float32 and
     # the sole owner of its memory, so no two parameters can alias each other whatever the file says.
     owned: set[int] = set()
-    tensors = {key: _sole_owner(state[key].to(torch.float32), owned) for key in expected}
+    tensors = {key: _sole_owner(state[key].detach().to(torch.float32), owned) for key in expected}
     model.load_state_dict(tensors, assign=True)
     return model.eval().requires_grad_(False)
 
