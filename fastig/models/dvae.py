@@ -501,8 +501,7 @@ def _read_zip(archive: zipfile.ZipFile):
             record = f"{prefix}data/{key}"
             if record not in names:
                 raise _Refused(f"storage record {record} is missing")
-            nbytes = numel * torch.empty((), dtype=dtype).element_size()
-            if archive.getinfo(record).file_size != nbytes:
+            if archive.getinfo(record).file_size != numel * dtype.itemsize:
                 raise _Refused(f"storage record {record} has the wrong size")
             storages[key] = _Storage(_read_into_tensor(archive.open(record), dtype, numel))
         return storages[key]
@@ -514,7 +513,7 @@ def _read_into_tensor(f, dtype: torch.dtype, numel: int) -> torch.Tensor:
     """The next numel elements of f as a 1-D tensor (read straight into its buffer, no extra copy)."""
     if numel == 0:
         return torch.empty(0, dtype=dtype)
-    raw = torch.empty(numel * torch.empty((), dtype=dtype).element_size(), dtype=torch.uint8)
+    raw = torch.empty(numel * dtype.itemsize, dtype=torch.uint8)
     if f.readinto(raw.numpy()) != raw.numel():
         raise CheckpointError("a tensor storage is truncated")
     return raw.view(dtype)
@@ -565,7 +564,6 @@ def _read_file(path: Path):
             if is_zip:
                 with zipfile.ZipFile(f) as archive:
                     return _read_zip(archive)
-            f.seek(0)
             return _read_legacy(f)
     except _Refused as e:
         raise CheckpointError(f"refused to load {path}: {e}. Only the DALL-E dVAE classes and tensor data are "
