@@ -200,6 +200,24 @@ def list_methods():
         click.echo(f"{name:24s} {method.summary}" + (f"  [{flags}]" if flags else ""))
 
 
+@cli.command("convert-dvae")
+@click.argument("encoder_pkl", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("decoder_pkl", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder for dvae_encoder.pt / dvae_decoder.pt (default: the checkpoints folder)")
+def convert_dvae(encoder_pkl, decoder_pkl, out_dir):
+    """Convert OpenAI's DALL-E dVAE encoder.pkl/decoder.pkl once into plain weight files.
+
+    The pickles are read without the dall_e package and without running pickled code: only the known dVAE classes
+    and tensor storage are admitted; anything else is refused.
+    """
+    from fastig.models.checkpoints import checkpoint_dir
+    from fastig.models.dvae import convert
+
+    for path in convert(encoder_pkl, decoder_pkl, out_dir or checkpoint_dir()):
+        click.echo(f"wrote {path}")
+
+
 @cli.command()
 def info():
     """Print the version and which backend (compiled kernel or reference) each op uses."""

@@ -104,3 +104,11 @@ def test_demo_ranks_the_center_pixel_first(tmp_path):
     assert rows == {"ig": ["1", "1", "1"], "saliency": ["1", "1", "1"]}
     picture = cv2.imread(str(tmp_path / "centerpixel_grid.png"))
     assert picture is not None and picture.shape[0] > 300
+
+
+def test_convert_dvae_refuses_non_pickles_cleanly(tmp_path):
+    bogus = tmp_path / "encoder.pkl"
+    bogus.write_bytes(b"\x80\x04not really a pickle")
+    result = run("convert-dvae", bogus, bogus, "--out", tmp_path / "out")
+    assert result.exit_code == 2 and result.output.startswith("fastig: error:") and "encoder.pkl" in result.output
+    assert not (tmp_path / "out" / "dvae_encoder.pt").exists()
