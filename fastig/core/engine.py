@@ -179,8 +179,9 @@ def integrate_moves(
         if totals is None:
             totals, outputs = _new_totals(batch, target.n, n_steps)
         for total, move, grad in zip(totals, moves, batch.grads):
-            acc = total.dtype
-            total[batch.examples] += (move.to(acc) * grad.to(acc)).sum(0)
+            rows = total[batch.examples]  # a view: accumulated in place, step by step, without a [k, m, ...] product
+            for move_k, grad_k in zip(move, grad):
+                rows.addcmul_(move_k.to(rows.dtype), grad_k.to(rows.dtype))
         outputs[batch.steps, batch.examples] = batch.outputs.to(outputs.dtype)
     return tuple(totals), outputs
 
