@@ -21,8 +21,7 @@ import torch
 from torch import nn
 
 from fastig.errors import CheckpointError, UnknownNameError
-from fastig.models.alexnet import alexnet
-from fastig.models.centerpixel import centerpixel
+from fastig.models import alexnet, centerpixel, googlenet, resnet, vgg  # architecture modules
 from fastig.models.checkpoints import (
     apply_state_dict,
     checkpoint_dir,
@@ -30,9 +29,7 @@ from fastig.models.checkpoints import (
     load_checkpoint,
     read_verified,
 )
-from fastig.models.googlenet import GoogLeNet, googlenet
-from fastig.models.resnet import resnet18, resnet34, resnet50, sascenenet_rgb
-from fastig.models.vgg import vgg16, vgg19
+from fastig.models.googlenet import GoogLeNet
 
 __all__ = ["ModelInfo", "get", "names", "info", "checkpoint_dir", "checkpoint_path", "load_checkpoint"]
 
@@ -78,25 +75,25 @@ def _torchvision(name: str, filename: str, builder: Callable[[], nn.Module], des
 _REGISTRY: dict[str, ModelInfo] = {
     m.name: m
     for m in [
-        _torchvision("resnet18", "resnet18-f37072fd.pth", resnet18, "ResNet-18, ImageNet (torchvision V1)"),
-        _torchvision("resnet34", "resnet34-b627a593.pth", resnet34, "ResNet-34, ImageNet (torchvision V1)"),
-        _torchvision("resnet50", "resnet50-0676ba61.pth", resnet50, "ResNet-50, ImageNet (torchvision V1)"),
-        _torchvision("vgg16", "vgg16-397923af.pth", vgg16, "VGG-16, ImageNet (torchvision V1)"),
-        _torchvision("vgg19", "vgg19-dcbb9e9d.pth", vgg19, "VGG-19, ImageNet (torchvision V1)"),
-        _torchvision("alexnet", "alexnet-owt-7be5be79.pth", alexnet, "AlexNet, ImageNet (torchvision V1)"),
-        _torchvision("googlenet", "googlenet-1378be20.pth", googlenet,
+        _torchvision("resnet18", "resnet18-f37072fd.pth", resnet.resnet18, "ResNet-18, ImageNet (torchvision V1)"),
+        _torchvision("resnet34", "resnet34-b627a593.pth", resnet.resnet34, "ResNet-34, ImageNet (torchvision V1)"),
+        _torchvision("resnet50", "resnet50-0676ba61.pth", resnet.resnet50, "ResNet-50, ImageNet (torchvision V1)"),
+        _torchvision("vgg16", "vgg16-397923af.pth", vgg.vgg16, "VGG-16, ImageNet (torchvision V1)"),
+        _torchvision("vgg19", "vgg19-dcbb9e9d.pth", vgg.vgg19, "VGG-19, ImageNet (torchvision V1)"),
+        _torchvision("alexnet", "alexnet-owt-7be5be79.pth", alexnet.alexnet, "AlexNet, ImageNet (torchvision V1)"),
+        _torchvision("googlenet", "googlenet-1378be20.pth", googlenet.googlenet,
                      "GoogLeNet (Inception v1), ImageNet (torchvision V1, ported from TensorFlow)"),
         ModelInfo(
             name="sascenenet_rgb", filename="RGB_ResNet18_Places.pth.tar",
             url="https://dauam-my.sharepoint.com/:u:/g/personal/alejandro_lopezc01_estudiante_uam_es/"
             "EUaPpF5MpkNCqDd04GMVnYEB6BnH5inElN9ve_trAiWg-A?download=1",
             sha256=None, input_size=224, resize_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3,
-            num_classes=365, builder=sascenenet_rgb,
+            num_classes=365, builder=resnet.sascenenet_rgb,
             description="SASceneNet RGB branch (ResNet-18), Places365 scenes (vpulab/Semantic-Aware-Scene-Recognition)",
         ),
         ModelInfo(
             name="centerpixel", filename=None, url=None, sha256=None, input_size=227, resize_size=227,
-            mean=(0.0,), std=(1.0,), channels=1, num_classes=256, builder=centerpixel,
+            mean=(0.0,), std=(1.0,), channels=1, num_classes=256, builder=centerpixel.centerpixel,
             description="toy model: the class is the center pixel's intensity 0..255 (closed-form weights)",
         ),
     ]
