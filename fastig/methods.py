@@ -161,7 +161,7 @@ register(Method("second_order", "2ndG second-order attribution at a layer (Wang 
                 _gradient_family("second_order"), ("layer", "internal_batch_size"),
                 fixed={"upsample_to_input": True}))
 register(Method("gnl_ig", "Guided non-linearity IG (Kwon et al. 2020): IG with guided ReLU/max-pool gradients",
-                _gradient_family("gnl_ig"), ("n_steps", "rule", "internal_batch_size"), path_method=True,
+                _gradient_family("gnl_ig"), ("n_steps", "rule", "internal_batch_size", "idgi", "output"), path_method=True,
                 demo={"n_steps": 32}))
 
 
