@@ -54,7 +54,8 @@ class FunctionalReluNet(Weights):
 
 
 def _positive_grad(t):
-    t.register_hook(lambda g: g.clamp(min=0))
+    if t.requires_grad:  # forward passes without gradients (e.g. IDGI's outputs) have nothing to hook
+        t.register_hook(lambda g: g.clamp(min=0))
     return t
 
 
@@ -222,3 +223,14 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(ValueError, match="ReLU rule"):
         with relu_rules("positive"):
             pass
+
+
+@pytest.mark.parametrize("options", [dict(idgi=True), dict(output="probability")])
+def test_gnl_ig_inherits_integrated_gradients_options(options, nets):
+    """idgi= and output= reach IntegratedGradients: GNL-IG equals fastig IG on the hand-written guided network."""
+    _, model = nets
+    reference = same_weights(ExplicitGuidedNet, model, guided_pool=True)
+    x = torch.randn(2, 3, 10, 10)
+    expected = IntegratedGradients(reference).attribute(x, target=2, n_steps=10, **options)
+    ours = GuidedNonLinearityIG(model).attribute(x, target=2, n_steps=10, internal_batch_size=7, **options)
+    torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-7)
