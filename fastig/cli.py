@@ -87,15 +87,6 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _preprocess(model_name: str):
-    from fastig import models
-    from fastig.io.images import Preprocess
-
-    info = models.info(model_name)
-    return Preprocess(resize=info.resize_size, crop=info.input_size, mean=info.mean, std=info.std,
-                      grayscale=info.channels == 1)
-
-
 def _chosen_options(method: methods.Method, given: dict) -> dict:
     """The method options the user set; a flag the method has no use for is an error."""
     chosen = {k: v for k, v in given.items() if v is not None}
@@ -105,6 +96,30 @@ def _chosen_options(method: methods.Method, given: dict) -> dict:
     return chosen
 
 
+class _TargetType(click.ParamType):
+    """--target: a class index, `predicted` or `label`."""
+
+    name = "CLASS|predicted|label"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) or value in ("predicted", "label"):
+            return value
+        try:
+            return int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a class index, 'predicted' or 'label'", param, ctx)
+
+
+def _parse_shard(value: str | None):
+    if value is None:
+        return None
+    try:
+        rank, world = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected RANK/WORLD such as 1/4, got {value!r}", param_hint="--shard") from None
+    return rank, world
+
+
 @cli.command()
 @click.option("--model", "model_name", required=True, help="model name (see `fastig models`)")
 @click.option("--weights", default="auto", show_default=True,
@@ -112,69 +127,79 @@ def _chosen_options(method: methods.Method, given: dict) -> dict:
 @click.option("--method", "method_name", default="ig", show_default=True, help="method name (see `fastig methods`)")
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="an image file; repeat for several")
-@click.option("--target", type=int, default=None, help="class to explain (default: each image's top-1 class)")
+@click.option("--dataset", type=click.Path(exists=True, path_type=Path),
+              help="a dataset folder (class folders, ImageNet val layouts) or a text file listing images")
+@click.option("--layout", type=click.Choice(["auto", "folder", "imagenet_loc", "imagenet_devkit", "tiny_imagenet",
+                                             "flat", "list"]), default="auto", show_default=True,
+              help="dataset layout (auto detects it)")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="label file to use instead of the layout's own (LOC_val_solution.csv, ground truth, annotations)")
+@click.option("--start", type=int, default=0, show_default=True, help="first dataset index")
+@click.option("--index-stride", "index_stride", type=int, default=1, show_default=True,
+              help="take every k-th dataset index (--stride is occlusion's window step)")
+@click.option("--end", type=int, default=None, help="dataset index to stop before (default: the end)")
+@click.option("--correct-only", is_flag=True, help="only images the model classifies correctly (needs labels)")
+@click.option("--min-confidence", type=float, default=None,
+              help="only images whose top-1 softmax probability is at least this")
+@click.option("--target", type=_TargetType(), default=None,
+              help="class to explain: an index, `label`, or `predicted` (default: each image's top-1 class)")
+@click.option("--images-per-batch", type=int, default=8, show_default=True,
+              help="images filtered and attributed together")
+@click.option("--workers", type=int, default=None,
+              help="image decoding processes (default: 0 for --image, min(4, CPUs) for --dataset)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="output folder: attributions.h5 and one heatmap PNG per image")
+              help="output folder: attributions.h5 (and heatmap PNGs)")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="precision of the stored attributions")
+@click.option("--heatmaps/--no-heatmaps", default=None,
+              help="write a heatmap PNG per image (default: with --image, not with --dataset)")
 @click.option("--sign", type=click.Choice(["absolute", "positive", "negative", "all"]), default="absolute",
               show_default=True, help="which attributions the heatmaps show")
-@click.option("--overwrite", is_flag=True, help="replace an existing store in --out instead of resuming it")
+@click.option("--shard", default=None, metavar="RANK/WORLD",
+              help="run one shard by hand (without torchrun); the last shard to finish merges")
+@click.option("--fsync/--no-fsync", default=True, show_default=True,
+              help="fsync the journal after every batch (survives power loss, not only a killed process)")
+@click.option("--overwrite", is_flag=True, help="start over: delete the store and journals in --out")
 @_method_options
-def attribute(model_name, weights, method_name, images, target, device, out_dir, sign, overwrite, **given):
-    """Attribute a model's prediction on images; write an HDF5 store and heatmaps.
+def attribute(model_name, weights, method_name, images, dataset, layout, labels, start, index_stride, end,
+              correct_only, min_confidence, target, images_per_batch, workers, device, out_dir, dtype, heatmaps,
+              sign, shard, fsync, overwrite, **given):
+    """Attribute a model's predictions on images or a dataset; write an HDF5 store (and heatmaps).
 
-    Re-running the same command resumes: images already in --out/attributions.h5 are skipped. A store written
-    with another model, method or options is never mixed into: pass --overwrite or another --out.
+    \b
+    fastig attribute --model resnet50 --method ig --image cat.jpg --out results/
+    fastig attribute --model resnet50 --dataset val/ --end 1000 --correct-only --out r/
+    torchrun --nproc_per_node 8 -m fastig attribute --device cuda --dataset val/ ...
+
+    Results are journaled as they finish and merged into --out/attributions.h5 at the end. Re-running the same
+    command resumes (images already recorded are skipped), also after a crash or kill. Settings that differ from
+    the recorded run are refused: pass --overwrite or another --out. Under torchrun each rank takes every
+    WORLD-th image and rank 0 merges.
     """
-    from fastig import models
-    from fastig.io.heatmap import render_heatmap, save_png
-    from fastig.io.images import load_image
-    from fastig.io.store import Store
+    from fastig.run import RunSpec, run
 
     method = methods.get(method_name)
+    if given.get("stride") is not None and "stride" not in method.options:
+        raise click.UsageError(f"--stride does not apply to --method {method.name} (to take every k-th dataset "
+                               "image, use --index-stride)")
     options = _chosen_options(method, given)
-    if not images:
-        raise click.UsageError("give at least one --image")
-    dev = _device(device)
-    preprocess = _preprocess(model_name)
-    inputs = torch.stack([load_image(path, preprocess) for path in images])  # fail on a bad image before any work
-    model = models.get(model_name, weights=weights, device=dev)
-
-    store_path = out_dir / "attributions.h5"
-    recorded = {**options, "target": target, "images": [str(p) for p in images]}
-    store, done = _open_store(store_path, model_name, method_name, recorded, tuple(inputs.shape[-2:]), overwrite)
-    todo = [(i, path) for i, path in enumerate(images) if i not in done]
-    if done:
-        click.echo(f"resuming {store_path}: {len(done)} of {len(images)} image(s) already done", err=True)
-    started = time.perf_counter()
-    with store, click.progressbar(todo, label=f"{method_name} on {model_name}", file=sys.stderr) as bar:
-        for index, path in bar:
-            x = inputs[index:index + 1].to(dev)
-            with torch.no_grad():
-                predicted = int(model(x).argmax(1).item())
-            explained = predicted if target is None else target
-            result = fastig.attribute(model, x, target=explained, method=method_name, **options)
-            heat = result[0].detach().float().cpu()
-            store.write_rows(index, [str(path)], [explained], heat.sum(0, keepdim=True))
-            picture = render_heatmap(heat, preprocess.to_display(inputs[index]), sign=sign)
-            save_png(out_dir / f"{index:04d}_{path.stem}_{method_name}.png", picture)
-    seconds = time.perf_counter() - started
-    click.echo(f"{len(todo)} image(s) in {seconds:.1f} s -> {store_path} and heatmaps in {out_dir}")
-
-
-def _open_store(path: Path, model: str, method: str, options: dict, shape: tuple, overwrite: bool):
-    """(store, indices already done): a new store, or the same run's store to resume."""
-    from fastig.io.store import Store
-
-    if path.exists() and not overwrite:
-        store = Store.open(path, "a")
-        if not store.matches(model, method, options):
-            store.close()
-            raise click.UsageError(f"{path} holds a run with other settings ({store.attrs.get('model')}, "
-                                   f"{store.attrs.get('method')}, {store.attrs.get('options')}); "
-                                   "pass --overwrite or choose another --out")
-        return store, set(int(i) for i in store.done_indices())
-    return Store.create(path, model=model, method=method, options=options, shape=shape, overwrite=overwrite), set()
+    if images and dataset is not None:
+        raise click.UsageError("give --image or --dataset, not both")
+    if not images and dataset is None:
+        raise click.UsageError("give at least one --image, or --dataset ROOT")
+    if images and (start, index_stride, end, layout, labels) != (0, 1, None, "auto", None):
+        raise click.UsageError("--start/--index-stride/--end/--layout/--labels select from a --dataset")
+    _device(device)
+    spec = RunSpec(model=model_name, method=method_name, out_dir=out_dir, weights=weights, options=options,
+                   images=list(images) or None, dataset=dataset, layout=layout, labels=labels, start=start,
+                   stride=index_stride, end=end, target=target, correct_only=correct_only,
+                   min_confidence=min_confidence, batch_size=images_per_batch, workers=workers, device=device,
+                   dtype=dtype, heatmaps=heatmaps, sign=sign, overwrite=overwrite, shard=_parse_shard(shard),
+                   fsync=fsync)
+    summary = run(spec, echo=lambda line: click.echo(line, err=True))
+    for line in summary.lines():
+        click.echo(line)
 
 
 # --- listings ------------------------------------------------------------------------------------------------
