@@ -185,8 +185,8 @@ def test_googlenet_training_mode_returns_aux_outputs(googlenet_full):
 
 
 @pytest.mark.parametrize("name,size", [
-    ("resnet18", 64), ("resnet34", 64), ("resnet50", 64), ("vgg16", 32), ("vgg19", 32), ("alexnet", 64),
-    ("googlenet", 64), ("sascenenet_rgb", 224),
+    ("resnet18", 48), ("resnet34", 48), ("resnet50", 48), ("vgg16", 32), ("vgg19", 32), ("alexnet", 64),
+    ("googlenet", 48), ("sascenenet_rgb", 224),
 ])
 def test_forward_gives_logits_and_input_gradients(built, name, size):
     model = built(name)
