@@ -7,6 +7,7 @@ batch of points is ever alive.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -42,16 +43,21 @@ def gaussian_blur_matrix(size: int, sigma: float, dtype: torch.dtype = torch.flo
     """[size, size] matrix M with ``M @ v`` = 1-D Gaussian blur of ``v`` with zero padding, as
     ``scipy.ndimage.gaussian_filter1d(v, sigma, mode="constant")`` computes it: a kernel of radius
     ``int(4 * sigma + 0.5)``, normalized over that radius, built in float64."""
+    return _blur_matrix(int(size), float(sigma)).to(dtype=dtype, device=device, copy=True)
+
+
+@functools.lru_cache(maxsize=512)
+def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
     if sigma == 0:
-        return torch.eye(size, dtype=dtype, device=device)
-    radius = int(BLUR_TRUNCATE * float(sigma) + 0.5)
-    taps = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    kernel = torch.exp(-0.5 / (float(sigma) ** 2) * taps**2)
-    kernel = kernel / kernel.sum()
-    offset = torch.arange(size).reshape(1, -1) - torch.arange(size).reshape(-1, 1)  # column - row
-    inside = offset.abs() <= radius
-    matrix = torch.where(inside, kernel[(offset + radius).clamp(0, 2 * radius)], torch.zeros((), dtype=torch.float64))
-    return matrix.to(dtype=dtype, device=device)
+        return torch.eye(size, dtype=torch.float64)
+    radius = int(BLUR_TRUNCATE * sigma + 0.5)
+    taps = torch.arange(radius + 1, dtype=torch.float64)
+    half = torch.exp(-0.5 / (sigma * sigma) * taps**2)  # the kernel from its center out; it is symmetric
+    half = half / (2 * half.sum() - half[0])
+    by_distance = torch.zeros(size, dtype=torch.float64)
+    by_distance[: min(radius + 1, size)] = half[:size]
+    index = torch.arange(size)
+    return by_distance[(index.reshape(1, -1) - index.reshape(-1, 1)).abs()]
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -63,8 +69,8 @@ def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma == 0:
         return x
     h, w = x.shape[-2], x.shape[-1]
-    rows = gaussian_blur_matrix(h, sigma, device=x.device)
-    cols = gaussian_blur_matrix(w, sigma, device=x.device)
+    rows = _blur_matrix(h, float(sigma)).to(x.device)  # cached; only read
+    cols = _blur_matrix(w, float(sigma)).to(x.device)
     return (rows @ x.to(torch.float64) @ cols.T).to(x.dtype)
 
 
