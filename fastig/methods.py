@@ -33,7 +33,7 @@ OPTIONS: dict[str, Option] = {
         Option("--nt-samples", "nt_samples", int, "noise tunnel: noisy copies per example"),
         Option("--nt-batch-size", "nt_samples_batch_size", int, "noise tunnel: noisy copies held at once"),
         Option("--stdevs", "stdevs", float, "standard deviation of the Gaussian input noise (absolute, input units)"),
-        Option("--n-samples", "n_samples", int, "gradient SHAP: random samples per example"),
+        Option("--n-samples", "n_samples", int, "random samples per example (gradient SHAP, Shapley sampling, LIME, kernel SHAP, PDA)"),
         Option("--layer", "layer", str, "second-order: dotted submodule name (default: last spatial layer)"),
         Option("--window", "window", int, "occlusion / pda: side of the square window, in pixels"),
         Option("--stride", "stride", int, "occlusion / pda: step between windows, in pixels"),
