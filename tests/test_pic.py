@@ -3,12 +3,16 @@ masks, with the same information estimator, including its skip cases."""
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from fastig.metrics import pic as fpic
+import fastig.metrics.pic
+
+fpic = sys.modules["fastig.metrics.pic"]  # the module (fastig.metrics.pic is also the function)
 
 pair = pytest.importorskip("saliency.metrics.pic", reason="PAIR's saliency package (test extra) is not installed")
 pytest.importorskip("PIL", reason="PAIR's PIC estimator needs Pillow (test extra)")
@@ -100,7 +104,7 @@ def assert_same_as_pair(ours, theirs):
 def test_equals_pair_compute_pic_metric(monkeypatch, channels, information, min_pred):
     if information == "png":  # both sides with the same (fastig's) PNG estimator
         monkeypatch.setattr(pair, "estimate_image_entropy", fpic.png_size)
-    n, h, w = 4, 40, 36
+    n, h, w = 3, 28, 24
     images = smooth_images(n, h, w, channels, seed=channels)
     rng = np.random.default_rng(5)
     saliency = rng.normal(size=(n, h, w)).astype(np.float32)
@@ -108,9 +112,10 @@ def test_equals_pair_compute_pic_metric(monkeypatch, channels, information, min_
     masks = [fpic.random_mask(h, w, 0.01, rng) for _ in range(n)]
     model = detail_net(channels, images)
     input_fn = fpic.uint8_to_input(dtype=torch.float64)
-    thresholds = fpic.PAIR_THRESHOLDS
+    # PAIR's thresholds once; a shorter list elsewhere keeps the test fast (PAIR's loop is the slow side)
+    thresholds = fpic.PAIR_THRESHOLDS if channels == 3 and information == "webp_pil" else (0.01, 0.05, 0.2, 0.6)
     ours = fpic.pic(model, images, saliency, masks=masks, information=information, min_pred_value=min_pred,
-                    input_fn=input_fn, batch_size=7, workers=2)
+                    input_fn=input_fn, batch_size=7, workers=2, thresholds=thresholds)
     for metric in ("sic", "aic"):
         theirs = pair_results(model, input_fn, images, saliency, masks, metric, ours[metric].target, min_pred,
                               thresholds)
@@ -119,7 +124,7 @@ def test_equals_pair_compute_pic_metric(monkeypatch, channels, information, min_
 
 
 def test_skip_cases_match_pair():
-    n, h, w = 3, 32, 32
+    n, h, w = 3, 24, 24
     images = smooth_images(n, h, w, 3, seed=9)
     images[2] = 77  # a flat image: blurring cannot lose information -> skip reason 2
     saliency = np.random.default_rng(1).normal(size=(n, h, w))
@@ -145,21 +150,22 @@ def test_skip_cases_match_pair():
 
 @pytest.mark.parametrize("grey", [False, True])
 def test_blurred_image_equals_pair(grey):
-    images = smooth_images(2, 50, 45, 1 if grey else 3, seed=2)
+    images = smooth_images(2, 30, 27, 1 if grey else 3, seed=2)
     rng = np.random.default_rng(0)
     for fraction in (0.0, 0.01, 0.3, 0.9):
-        mask = fpic.random_mask(50, 45, fraction, rng)
+        mask = fpic.random_mask(30, 27, fraction, rng)
         for im in images:
             np.testing.assert_array_equal(fpic.blurred_image(im, mask), pair.create_blurred_image(im, mask))
 
 
 def test_aggregate_equals_pair(monkeypatch):
-    n, h, w = 5, 32, 32
+    n, h, w = 4, 24, 24
     images = smooth_images(n, h, w, 3, seed=4)
     saliency = np.random.default_rng(3).normal(size=(n, h, w))
     model = detail_net(3, images, seed=1)
     input_fn = fpic.uint8_to_input(dtype=torch.float64)
-    ours = fpic.pic(model, images, saliency, seed=11, information="webp_pil", min_pred_value=0.0, input_fn=input_fn)
+    ours = fpic.pic(model, images, saliency, seed=11, information="webp_pil", min_pred_value=0.0, input_fn=input_fn,
+                    thresholds=(0.05, 0.3))
     scored = [i for i in range(n) if ours["sic"].skipped[i] == 0]
     assert scored
     fake = [pair.PicMetricResult(ours["sic"].curve_x, ours["sic"].curves[i], [], [], [], 0.0) for i in scored]
