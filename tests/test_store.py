@@ -14,7 +14,7 @@ import torch
 
 import fastig
 from fastig.errors import FastigError, UnknownNameError
-from fastig.io.store import Store, StoreError
+from fastig.io.store import Journal, Store, StoreError, merge, read_journal, read_record_data
 
 OPTIONS = {"n_steps": 32, "method": "riemann_trapezoid", "baselines": [0.0, 0.5]}
 
@@ -346,3 +346,188 @@ def test_damaged_chunk_is_a_store_error(tmp_path):
         assert store.ids() == ["a"]  # the rest of the file is fine
         with pytest.raises(StoreError, match="cannot read /attributions/ig from store.*run.h5"):
             store.attributions()
+
+
+# ---- columns, skipped images ----------------------------------------------------------------------------------
+
+
+def test_columns_and_skipped_records(tmp_path):
+    with make(tmp_path) as store:
+        store.write_rows(0, ["a", "b"], [1, 2], random_rows(2))
+        store.write_column("index", np.array([10, 3]))
+        store.write_column("notes", ["grey image", ""])
+        store.write_column("confidences", np.array([0.5, 0.25], np.float32))
+        store.write_skipped([4, 7], ["x", "y"], ["misclassified: predicted 1, label 2", "unreadable image: empty"],
+                            labels=[2, -1], predictions=[1, -1], confidences=[0.9, np.nan])
+    with Store.open(tmp_path / "run.h5") as store:
+        assert store.column_names() == ["confidences", "index", "notes"]
+        np.testing.assert_array_equal(store.column("index"), [10, 3])
+        assert list(store.column("notes")) == ["grey image", ""]
+        skipped = store.skipped()
+        np.testing.assert_array_equal(skipped["index"], [4, 7])
+        assert list(skipped["reasons"]) == ["misclassified: predicted 1, label 2", "unreadable image: empty"]
+        np.testing.assert_array_equal(skipped["labels"], [2, -1])
+        assert skipped["confidences"][0] == np.float32(0.9) and np.isnan(skipped["confidences"][1])
+        with pytest.raises(UnknownNameError, match="no column 'labels'"):
+            store.column("labels")
+    with make(tmp_path, name="empty.h5") as store:
+        assert store.skipped()["index"].shape == (0,) and store.column_names() == []
+        for name in ("done", "a/b", ""):
+            with pytest.raises(ValueError, match="column name"):
+                store.write_column(name, [])
+        with pytest.raises(ValueError, match="one value per row"):
+            store.write_column("x", [1, 2])
+
+
+# ---- journals: torn appends, damage, locking ------------------------------------------------------------------
+
+RUN = {"model": "m", "method": "ig", "options": {"n_steps": 4}, "shape": [3, 2], "dtype": "float32"}
+
+
+def row_record(index, value):
+    meta = {"kind": "row", "index": index, "id": f"img{index}", "target": index % 3, "label": None,
+            "prediction": index % 3, "confidence": 0.5, "note": None}
+    return meta, np.full((3, 2), value, np.float32).tobytes()
+
+
+def test_journal_round_trip_and_reopening_appends(tmp_path):
+    path = tmp_path / "j" / "rank-0.journal"
+    with Journal.open(path, RUN) as journal:
+        journal.append([row_record(5, 1.0), row_record(2, 2.0)])
+        journal.append([({"kind": "skip", "index": 9, "id": "img9", "reason": "empty"}, b"")])
+    with Journal.open(path, RUN) as journal:
+        assert len(journal.contents.records) == 3
+        journal.append([row_record(1, 3.0)])
+    contents = read_journal(path, verify_data=True)
+    assert {k: v for k, v in contents.run.items() if k != "kind"} == RUN
+    assert [r.meta["index"] for r in contents.records] == [5, 2, 9, 1]
+    assert contents.valid_end == contents.file_size == path.stat().st_size
+    with open(path, "rb") as f:
+        data = read_record_data(f, contents.records[3])
+    np.testing.assert_array_equal(np.frombuffer(data, np.float32), np.full(6, 3.0))
+
+
+def test_a_torn_append_at_any_byte_loses_only_the_record_in_flight(tmp_path):
+    """A kill during an append leaves a prefix of the new bytes: every cut point is tried."""
+    path = tmp_path / "full.journal"
+    with Journal.open(path, RUN) as journal:
+        journal.append([row_record(0, 1.0)])
+        journal.append([row_record(1, 2.0), row_record(2, 3.0)])  # one write holding two records
+    full = path.read_bytes()
+    boundaries = [r.data_offset + r.data_length for r in read_journal(path).records]  # where each record ends
+    assert boundaries[-1] == len(full)
+    cut = tmp_path / "cut.journal"
+    for length in range(len(full) + 1):
+        cut.write_bytes(full[:length])
+        contents = read_journal(cut, verify_data=True)
+        complete = [b for b in boundaries if b <= length]
+        assert [r.meta["index"] for r in contents.records] == list(range(len(complete))), length
+        if complete:
+            assert contents.valid_end == complete[-1]
+        assert contents.valid_end <= length
+    for length in (len(full) - 1, boundaries[0] + 7, boundaries[1] - 3):  # reopen a torn journal and go on
+        cut.write_bytes(full[:length])
+        with Journal.open(cut, RUN) as journal:
+            journal.append([row_record(7, 7.0)])
+        indices = [r.meta["index"] for r in read_journal(cut, verify_data=True).records]
+        assert indices == [i for i, b in enumerate(boundaries) if b <= length] + [7]
+
+
+def test_damaged_or_garbage_tails_are_dropped(tmp_path):
+    path = tmp_path / "j.journal"
+    with Journal.open(path, RUN) as journal:
+        journal.append([row_record(0, 1.0), row_record(1, 2.0)])
+    full = bytearray(path.read_bytes())
+    garbage = tmp_path / "garbage.journal"
+    garbage.write_bytes(bytes(full) + b"\x00" * 100)  # a power loss can leave zeros past the last record
+    assert [r.meta["index"] for r in read_journal(garbage, verify_data=True).records] == [0, 1]
+    flipped = tmp_path / "flipped.journal"
+    full[-3] ^= 0xFF  # a bit flip in the last record's data
+    flipped.write_bytes(bytes(full))
+    assert [r.meta["index"] for r in read_journal(flipped, verify_data=True).records] == [0]
+    contents = read_journal(flipped)  # without verify_data the damage shows when the data is read
+    with open(flipped, "rb") as f, pytest.raises(StoreError, match="damaged record"):
+        read_record_data(f, contents.records[1])
+    with Journal.open(flipped, RUN):  # the owner cuts the damaged record away
+        pass
+    first_end = contents.records[0].data_offset + contents.records[0].data_length
+    assert flipped.stat().st_size == first_end
+    assert [r.meta["index"] for r in read_journal(flipped, verify_data=True).records] == [0]
+
+
+def test_journal_refuses_another_run_and_a_second_writer(tmp_path):
+    path = tmp_path / "j.journal"
+    with Journal.open(path, RUN):
+        with pytest.raises(StoreError, match="another process"):
+            Journal.open(path, RUN)
+    with pytest.raises(StoreError, match="another run"):
+        Journal.open(path, {**RUN, "options": {"n_steps": 8}})
+    with Journal.open(path, RUN) as journal:  # the lock went with the first writer
+        journal.append([row_record(0, 1.0)])
+
+
+# ---- merge ----------------------------------------------------------------------------------------------------
+
+
+def test_merge_orders_rows_keeps_each_index_once_and_extends_an_existing_store(tmp_path):
+    with Journal.open(tmp_path / "a.journal", RUN) as a, Journal.open(tmp_path / "b.journal", RUN) as b:
+        a.append([row_record(4, 4.0), row_record(0, 0.0)])
+        b.append([row_record(2, 2.0), row_record(4, 4.0),  # index 4 twice (a rank redone after a kill)
+                  ({"kind": "skip", "index": 3, "id": "img3", "reason": "low confidence: 0.1 < 0.5",
+                    "label": 1, "prediction": 0, "confidence": 0.1}, b"")])
+    final = tmp_path / "final.h5"
+    result = merge(final, [tmp_path / "a.journal", tmp_path / "b.journal"], RUN, compression="lzf")
+    assert (result.rows, result.skipped, result.damaged) == (3, 1, 0)
+    with Store.open(final) as store:
+        np.testing.assert_array_equal(store.column("index"), [0, 2, 4])
+        assert store.ids() == ["img0", "img2", "img4"]
+        np.testing.assert_array_equal(store.attributions()[:, 0, 0], [0.0, 2.0, 4.0])
+        np.testing.assert_array_equal(store.targets(), [0, 2, 1])
+        np.testing.assert_array_equal(store.column("labels"), [-1, -1, -1])
+        assert list(store.skipped()["reasons"]) == ["low confidence: 0.1 < 0.5"]
+        assert store.attrs["options"] == RUN["options"]
+    with Journal.open(tmp_path / "c.journal", RUN) as c:  # a later run adds rows to the final store
+        c.append([row_record(1, 1.0), row_record(3, 3.0)])  # 3 was skipped before, attributed now
+    merge(final, [tmp_path / "c.journal"], RUN)
+    with Store.open(final) as store:
+        np.testing.assert_array_equal(store.column("index"), [0, 1, 2, 3, 4])
+        np.testing.assert_array_equal(store.attributions()[:, 2, 1], [0.0, 1.0, 2.0, 3.0, 4.0])
+        assert store.skipped()["index"].shape == (0,)  # an attributed image is not also skipped
+
+
+def test_merge_replaces_atomically_and_cleans_up_after_a_kill(tmp_path, monkeypatch):
+    with Journal.open(tmp_path / "a.journal", RUN) as a:
+        a.append([row_record(0, 1.0)])
+    final = tmp_path / "final.h5"
+    merge(final, [tmp_path / "a.journal"], RUN)
+    before = final.read_bytes()
+    with Journal.open(tmp_path / "b.journal", RUN) as b:
+        b.append([row_record(1, 2.0)])
+
+    def killed(*args):  # the process dies just before the rename
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("fastig.io.store.os.replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        merge(final, [tmp_path / "a.journal", tmp_path / "b.journal"], RUN)
+    assert final.read_bytes() == before and len(list(tmp_path.glob("final.h5.merging-*"))) == 1
+    monkeypatch.undo()
+    merge(final, [tmp_path / "a.journal", tmp_path / "b.journal"], RUN)
+    assert not list(tmp_path.glob("final.h5.merging-*"))
+    with Store.open(final) as store:
+        np.testing.assert_array_equal(store.column("index"), [0, 1])
+
+
+def test_merge_drops_damaged_rows_and_refuses_other_runs(tmp_path):
+    path = tmp_path / "a.journal"
+    with Journal.open(path, RUN) as a:
+        a.append([row_record(0, 1.0), row_record(1, 2.0)])
+    data = bytearray(path.read_bytes())
+    data[-2] ^= 0x01
+    path.write_bytes(bytes(data))
+    result = merge(tmp_path / "f.h5", [path], RUN)
+    assert (result.rows, result.damaged) == (1, 1)
+    with pytest.raises(StoreError, match="another run"):
+        merge(tmp_path / "g.h5", [path], {**RUN, "method": "saliency"})
+    with pytest.raises(StoreError, match="holds another run"):
+        merge(tmp_path / "f.h5", [], {**RUN, "dtype": "float16"})
