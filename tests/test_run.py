@@ -82,9 +82,16 @@ def assert_same_store(a, b):
         if key == "skipped":
             assert a[key].keys() == b[key].keys()
             for k in a[key]:
-                np.testing.assert_array_equal(a[key][k], b[key][k], err_msg=f"skipped {k}")
+                if k == "confidences":  # (see below)
+                    np.testing.assert_allclose(a[key][k], b[key][k], rtol=0, atol=5e-3, equal_nan=True)
+                else:
+                    np.testing.assert_array_equal(a[key][k], b[key][k], err_msg=f"skipped {k}")
         elif key == "attrs":
             assert a[key] == b[key]
+        elif key == "confidences":
+            # The centerpixel model's logits are ~1e5: in float32 a batch of another make-up (resumed, another
+            # rank's share) rounds them differently by ~1e-2, which moves a softmax probability by ~1e-3.
+            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=5e-3)
         else:
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
