@@ -235,6 +235,10 @@ def test_guided_ig_path_matches_the_formula_on_pairs_path(pair):
         expected = idgi_reference(*gradients_and_predictions(model, points + [x[i]], targets[i]))
         assert relative_error(ours[i], expected) < 1e-9
     assert delta.abs().max() < 1e-9
+    one_by_one = GuidedIntegratedGradients(model).attribute(
+        x, target=targets, n_steps=15, max_dist=0.1, idgi=True, internal_batch_size=1
+    )
+    assert relative_error(one_by_one, ours) < 1e-12
 
 
 def test_blur_ig_path_matches_the_formula_on_pairs_path(pair):
