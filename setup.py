@@ -55,12 +55,23 @@ def extension_setup():
     class TolerantBuildExtension(BuildExtension):
         """A failed compile leaves fastig without fastig._C instead of failing the install."""
 
+        failed = set()
+
         def build_extension(self, extension):
             try:
                 super().build_extension(extension)
             except Exception as exc:  # compiler missing or broken: the pure-torch ops still work
+                self.failed.add(extension.name)
                 print(f"fastig: building {extension.name} failed ({exc}); fastig will use its pure-torch ops",
                       file=sys.stderr)
+
+        def copy_extensions_to_source(self):  # editable installs copy the built library next to the sources
+            built = [e for e in self.extensions if e.name not in self.failed]
+            self.extensions, everything = built, self.extensions
+            try:
+                super().copy_extensions_to_source()
+            finally:
+                self.extensions = everything
 
     return [ext], {"build_ext": TolerantBuildExtension.with_options(use_ninja=False)}
 
