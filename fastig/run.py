@@ -21,7 +21,8 @@ settings (model, method, options, target, selection, filters, dtype) refuses to 
 
 Many processes: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized with gloo (CPU) or nccl
 (CUDA, one device per local rank); rank r of W attributes the selected images at positions r, r + W, ...; all ranks
-meet at a barrier and rank 0 merges. A rank that died can be redone by rerunning the same command (with any number
+meet at a barrier and rank 0 merges, so ``OUT`` must be a folder every rank can reach (a shared file system when
+the ranks run on several machines). A rank that died can be redone by rerunning the same command (with any number
 of processes, or none: plain ``fastig attribute``), or alone with ``shard=(r, W)`` (``--shard r/W``): a shard run
 merges when it finds every selected image recorded.
 """
@@ -220,7 +221,7 @@ def _recorded_options(spec: RunSpec, dataset) -> dict:
 def _run(spec: RunSpec, dist: "_Distributed", echo) -> RunSummary:
     from fastig import models
     from fastig.io import datasets
-    from fastig.io.store import Journal, Store
+    from fastig.io.store import Journal
 
     setup = time.perf_counter()
     preprocess = preprocess_for(spec.model)
