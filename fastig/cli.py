@@ -6,9 +6,7 @@ as one line, ``fastig: error: ...``, with exit code 2; tracebacks are left for b
 
 from __future__ import annotations
 
-import json
 import sys
-import time
 from pathlib import Path
 
 import click
@@ -135,8 +133,8 @@ def _parse_shard(value: str | None):
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="label file to use instead of the layout's own (LOC_val_solution.csv, ground truth, annotations)")
 @click.option("--start", type=int, default=0, show_default=True, help="first dataset index")
-@click.option("--index-stride", "index_stride", type=int, default=1, show_default=True,
-              help="take every k-th dataset index (--stride is occlusion's window step)")
+@click.option("--stride", "index_stride", type=int, default=1, show_default=True,
+              help="take every k-th dataset index")
 @click.option("--end", type=int, default=None, help="dataset index to stop before (default: the end)")
 @click.option("--correct-only", is_flag=True, help="only images the model classifies correctly (needs labels)")
 @click.option("--min-confidence", type=float, default=None,
@@ -180,16 +178,13 @@ def attribute(model_name, weights, method_name, images, dataset, layout, labels,
     from fastig.run import RunSpec, run
 
     method = methods.get(method_name)
-    if given.get("stride") is not None and "stride" not in method.options:
-        raise click.UsageError(f"--stride does not apply to --method {method.name} (to take every k-th dataset "
-                               "image, use --index-stride)")
     options = _chosen_options(method, given)
     if images and dataset is not None:
         raise click.UsageError("give --image or --dataset, not both")
     if not images and dataset is None:
         raise click.UsageError("give at least one --image, or --dataset ROOT")
     if images and (start, index_stride, end, layout, labels) != (0, 1, None, "auto", None):
-        raise click.UsageError("--start/--index-stride/--end/--layout/--labels select from a --dataset")
+        raise click.UsageError("--start/--stride/--end/--layout/--labels select from a --dataset")
     _device(device)
     spec = RunSpec(model=model_name, method=method_name, out_dir=out_dir, weights=weights, options=options,
                    images=list(images) or None, dataset=dataset, layout=layout, labels=labels, start=start,

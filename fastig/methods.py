@@ -36,7 +36,7 @@ OPTIONS: dict[str, Option] = {
         Option("--n-samples", "n_samples", int, "random samples per example (gradient SHAP, Shapley sampling, LIME, kernel SHAP, PDA)"),
         Option("--layer", "layer", str, "second-order: dotted submodule name (default: last spatial layer)"),
         Option("--window", "window", int, "occlusion / pda: side of the square window, in pixels"),
-        Option("--stride", "stride", int, "occlusion / pda: step between windows, in pixels"),
+        Option("--window-stride", "stride", int, "occlusion / pda: step between windows, in pixels"),
         Option("--segments", "n_segments", int, "perturbation methods: number of superpixels used as features"),
         Option("--per-eval", "perturbations_per_eval", int, "perturbation methods: copies per model call (default: auto)"),
         Option("--iterations", "n_iter", int, "meaningful perturbation: optimizer iterations"),

@@ -1,7 +1,7 @@
 """The run driver behind ``fastig attribute``: images or a dataset -> batched filtering -> attribution -> store.
 
 One run attributes a selection of images (``--image`` files, or ``--dataset ROOT`` with ``--start``,
-``--index-stride`` and ``--end``) with one model and method:
+``--stride`` and ``--end``) with one model and method:
 
 1. the selected images are decoded and preprocessed in ``workers`` DataLoader processes, ``batch_size`` at a time;
    an image that cannot be used (unreadable, corrupt) is skipped and its reason recorded; grey, RGBA, 16-bit and

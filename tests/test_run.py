@@ -298,7 +298,7 @@ def test_sigkill_at_random_moments_then_restart_gives_the_uninterrupted_store(tm
 
 def test_cli_dataset_options(tmp_path, listing):
     result = CliRunner().invoke(cli, ["attribute", "--model", "centerpixel", "--method", "ig", "--steps", "4",
-                                      "--dataset", str(listing), "--start", "2", "--index-stride", "3", "--end", "12",
+                                      "--dataset", str(listing), "--start", "2", "--stride", "3", "--end", "12",
                                       "--correct-only", "--images-per-batch", "2", "--workers", "0",
                                       "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
@@ -307,7 +307,7 @@ def test_cli_dataset_options(tmp_path, listing):
     assert store["attrs"]["options"]["dataset"]["stride"] == 3
     assert not list((tmp_path / "o").glob("*.png"))  # no heatmaps for datasets unless asked
     assert "attributed" in result.output and "skipped" in result.output
-    for args, message in ((["--stride", "2"], "--index-stride"), (["--image", str(listing)], "not both"),
+    for args, message in ((["--window-stride", "2"], "does not apply"), (["--image", str(listing)], "not both"),
                           (["--shard", "x"], "RANK/WORLD"), (["--target", "cat"], "not a class index")):
         bad = CliRunner().invoke(cli, ["attribute", "--model", "centerpixel", "--dataset", str(listing),
                                        "--out", str(tmp_path / "bad"), *args])

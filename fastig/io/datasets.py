@@ -2,7 +2,7 @@
 
 A dataset is a fixed, ordered list of :class:`Sample` (file, label or None, id). Its order never depends on the
 file system's listing order (names are sorted), so index ``i`` means the same image on every machine and in every
-run: that is what ``--start/--index-stride/--end`` select and what shards of a many-GPU run split.
+run: that is what ``--start/--stride/--end`` select and what shards of a many-GPU run split.
 
 Layouts (``open_dataset(root, layout)``; ``"auto"`` detects them in this order):
 
