@@ -87,7 +87,9 @@ setup(
     packages=find_packages(include=["fastig", "fastig.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.1", "numpy", "scipy", "opencv-python-headless", "h5py", "click>=8"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "captum>=0.8"]},
+    # captum and saliency (PAIR's Guided IG, Blur IG, PIC; it imports scikit-image) are the references the tests
+    # compare against in the same run.
+    extras_require={"test": ["pytest", "pytest-benchmark", "captum>=0.8", "saliency==0.2.1", "scikit-image"]},
     entry_points={"console_scripts": ["fastig=fastig.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
