@@ -60,8 +60,10 @@ def _bgr(image: np.ndarray) -> np.ndarray:
 def webp_size(image: np.ndarray) -> int:
     """Bytes of the image as lossless WebP, encoded by OpenCV (``IMWRITE_WEBP_QUALITY`` > 100 means lossless).
 
-    OpenCV's libwebp encoder is not PIL's: sizes differ from PAIR's estimator by about 0.05% (measured on
-    natural-looking 224x224 images), so scores differ slightly; use ``"webp_pil"`` for PAIR's exact numbers.
+    OpenCV's libwebp build and settings are not PIL's: byte counts differ from PAIR's estimator by about 0.05%
+    (79942 vs 79978 bytes on a 224x224 test image) and PIC AUCs by up to ~1.5e-3 (measured in
+    benchmarks/test_bench_metrics.py); it is ~2.5x faster than PIL's encoder. Use ``"webp_pil"`` for PAIR's
+    exact numbers.
     """
     ok, data = cv2.imencode(".webp", _bgr(image), [cv2.IMWRITE_WEBP_QUALITY, 101])
     if not ok:
@@ -70,8 +72,10 @@ def webp_size(image: np.ndarray) -> int:
 
 
 def png_size(image: np.ndarray) -> int:
-    """Bytes of the image as PNG (OpenCV, compression level 3): the reproducibility study's estimator, and a
-    faster one (~10x faster than lossless WebP)."""
+    """Bytes of the image as PNG (OpenCV, compression level 3): the reproducibility study's estimator and the
+    fastest (~8x faster to encode than OpenCV's lossless WebP). PNG sizes respond differently to blur, so AUCs are
+    on another scale (about 0.09 lower than WebP's in benchmarks/test_bench_metrics.py): compare methods under
+    one estimator only."""
     ok, data = cv2.imencode(".png", _bgr(image), [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
         raise RuntimeError("OpenCV could not encode the image as PNG")
