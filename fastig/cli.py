@@ -159,10 +159,12 @@ def _parse_shard(value: str | None):
 @click.option("--fsync/--no-fsync", default=True, show_default=True,
               help="fsync the journal after every batch (survives power loss, not only a killed process)")
 @click.option("--overwrite", is_flag=True, help="start over: delete the store and journals in --out")
+@click.option("--evaluate", "evaluate_metrics", default=None, metavar="METRIC[,METRIC...]",
+              help="score the attributions right after the run (as `fastig evaluate`), e.g. insertion,deletion")
 @_method_options
 def attribute(model_name, weights, method_name, images, dataset, layout, labels, start, index_stride, end,
               correct_only, min_confidence, target, images_per_batch, workers, device, out_dir, dtype, heatmaps,
-              sign, shard, fsync, overwrite, **given):
+              sign, shard, fsync, overwrite, evaluate_metrics, **given):
     """Attribute a model's predictions on images or a dataset; write an HDF5 store (and heatmaps).
 
     \b
@@ -192,9 +194,54 @@ def attribute(model_name, weights, method_name, images, dataset, layout, labels,
                    min_confidence=min_confidence, batch_size=images_per_batch, workers=workers, device=device,
                    dtype=dtype, heatmaps=heatmaps, sign=sign, overwrite=overwrite, shard=_parse_shard(shard),
                    fsync=fsync)
+    if evaluate_metrics:
+        from fastig.metrics.evaluate import resolve_metrics
+
+        resolve_metrics(evaluate_metrics)  # an unknown metric fails before the run, not after it
     summary = run(spec, echo=lambda line: click.echo(line, err=True))
     for line in summary.lines():
         click.echo(line)
+    if evaluate_metrics and summary.merged is not None:  # the process that merged the final store scores it
+        _evaluate(summary.store, evaluate_metrics, model=model_name, weights=weights, device=device)
+
+
+# --- evaluate ------------------------------------------------------------------------------------------------
+
+
+def _evaluate(store_path: Path, metrics, **settings) -> None:
+    from fastig.metrics import evaluate_store, format_table
+
+    rows = evaluate_store(store_path, metrics, progress=lambda line: click.echo(line, err=True), **settings)
+    click.echo(format_table(rows))
+
+
+@cli.command()
+@click.argument("store", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--metric", "metrics", multiple=True, required=True,
+              help="insertion, deletion, sic, aic (pic = both), lossy_mse, completeness; repeat or comma-separate")
+@click.option("--model", "model_name", default=None, help="model to score with (default: the store's model)")
+@click.option("--weights", default="auto", show_default=True, help="auto, none, or a checkpoint path")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--step", type=int, default=None, help="insertion/deletion: pixels per step (default: image width)")
+@click.option("--insertion-substrate", type=click.Choice(["blur", "zeros", "mean"]), default="blur",
+              show_default=True)
+@click.option("--deletion-substrate", type=click.Choice(["blur", "zeros", "mean"]), default="zeros",
+              show_default=True)
+@click.option("--abs-saliency", is_flag=True, help="rank pixels by |attribution| instead of the signed value")
+@click.option("--information", type=click.Choice(["webp", "png", "webp_pil"]), default="webp", show_default=True,
+              help="PIC information estimator: lossless WebP (as PAIR), PNG (as the reproducibility study)")
+@click.option("--aggregation", type=click.Choice(["median", "mean"]), default="median", show_default=True,
+              help="how PIC curves are aggregated over images")
+@click.option("--quality", type=int, default=75, show_default=True, help="lossy_mse: JPEG quality")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="model inputs per pass")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder for the plots (default: metrics/ beside the store)")
+@click.option("--plots/--no-plots", default=True, show_default=True, help="write curve plots and heatmap grids")
+def evaluate(store, metrics, model_name, device, abs_saliency, batch_size, out_dir, **settings):
+    """Score the attributions in STORE; write per-image scores and curves into it and print a summary."""
+    _device(device)
+    _evaluate(store, list(metrics), model=model_name, device=device, abs_saliency=abs_saliency,
+              batch_size=batch_size, out_dir=out_dir, **settings)
 
 
 # --- listings ------------------------------------------------------------------------------------------------

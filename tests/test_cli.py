@@ -112,3 +112,26 @@ def test_convert_dvae_refuses_non_pickles_cleanly(tmp_path):
     result = run("convert-dvae", bogus, bogus, "--out", tmp_path / "out")
     assert result.exit_code == 2 and result.output.startswith("fastig: error:") and "encoder.pkl" in result.output
     assert not (tmp_path / "out" / "dvae_encoder.pt").exists()
+
+
+def test_attribute_then_evaluate_writes_scores_and_plots(tmp_path, image):
+    out = tmp_path / "out"
+    result = run("attribute", "--model", "centerpixel", "--method", "ig", "--steps", "4", "--image", image,
+                 "--image", image, "--out", out, "--evaluate", "insertion,deletion")
+    assert result.exit_code == 0, result.output
+    assert "insertion" in result.output and "deletion" in result.output
+    again = run("evaluate", out / "attributions.h5", "--metric", "aic", "--metric", "completeness", "--no-plots")
+    assert again.exit_code == 0, again.output
+    with h5py.File(out / "attributions.h5") as f:
+        for metric in ("insertion", "deletion", "aic", "completeness"):
+            values = f[f"metrics/{metric}"][:]
+            assert values.shape == (2,) and np.isfinite(values).all()
+        assert 0 <= f["metrics/insertion"][0] <= 1
+    assert (out / "metrics" / "insertion_deletion.png").exists()
+
+
+def test_evaluate_rejects_unknown_metrics_before_any_work(tmp_path, image):
+    result = run("attribute", "--model", "centerpixel", "--image", image, "--out", tmp_path / "o",
+                 "--evaluate", "insertion,bogus")
+    assert result.exit_code == 2 and "bogus" in result.output
+    assert not (tmp_path / "o" / "attributions.h5").exists()

@@ -156,7 +156,10 @@ def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weig
         ids = store.ids()
         targets = store.targets()
         maps = store.attributions()
-        method_name, options = attrs["method"], attrs["options"]
+        method_name = attrs["method"]
+        # the recorded options also hold the run's selection (images, dataset, target, filters): keep the method's
+        accepted = set(methods.get(method_name).options)
+        options = {k: v for k, v in attrs["options"].items() if k in accepted}
         if isinstance(model, torch.nn.Module):
             model_name, net = attrs["model"], model
         else:
