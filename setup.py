@@ -23,6 +23,11 @@ def read_version():
     raise RuntimeError("no __version__ in fastig/__init__.py")
 
 
+def read_requirements(name):
+    with open(os.path.join(ROOT, name)) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
 def extension_setup():
     """(ext_modules, cmdclass) for fastig._C, or empty ones when it cannot or should not be built."""
     if os.environ.get("FASTIG_BUILD_EXT", "1") == "0":
@@ -87,9 +92,7 @@ setup(
     packages=find_packages(include=["fastig", "fastig.*"]),
     python_requires=">=3.10",
     install_requires=["torch>=2.1", "numpy", "scipy", "opencv-python-headless", "h5py", "click>=8"],
-    # captum and saliency (PAIR's Guided IG, Blur IG, PIC; it imports scikit-image) are the references the tests
-    # compare against in the same run.
-    extras_require={"test": ["pytest", "pytest-benchmark", "captum>=0.8", "saliency==0.2.1", "scikit-image"]},
+    extras_require={"test": read_requirements("requirements-test.txt")},
     entry_points={"console_scripts": ["fastig=fastig.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
