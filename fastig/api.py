@@ -12,9 +12,11 @@ def attribute(model: Any, inputs: Any, target: Any = None, method: str = "ig", *
 
     ``options`` are keyword arguments of that method's ``attribute()`` (e.g. ``n_steps=32`` for ``"ig"``), except
     that the quadrature rule of IG-style methods, Captum's ``method=``, is called ``rule=`` here, since ``method``
-    names the attribution method. ``fastig.methods.names()`` lists the methods.
+    names the attribution method, and that settings of the method's constructor listed in its ``build_options``
+    (latent IG's ``dvae=`` folder) are given here too. ``fastig.methods.names()`` lists the methods.
     """
     spec = methods.get(method)
     if "rule" in options:
         options["method"] = options.pop("rule")
-    return spec.build(model).attribute(inputs, target=target, **{**spec.fixed, **options})
+    build_options = {k: options.pop(k) for k in spec.build_options if k in options}  # e.g. latent IG's dvae=
+    return spec.build(model, **build_options).attribute(inputs, target=target, **{**spec.fixed, **options})

@@ -188,6 +188,8 @@ def attribute(model_name, weights, method_name, images, dataset, layout, labels,
     if images and (start, index_stride, end, layout, labels) != (0, 1, None, "auto", None):
         raise click.UsageError("--start/--stride/--end/--layout/--labels select from a --dataset")
     _device(device)
+    if method.check is not None:
+        method.check(options)  # e.g. latent IG's dVAE files: a missing one is named before the run starts
     spec = RunSpec(model=model_name, method=method_name, out_dir=out_dir, weights=weights, options=options,
                    images=list(images) or None, dataset=dataset, layout=layout, labels=labels, start=start,
                    stride=index_stride, end=end, target=target, correct_only=correct_only,

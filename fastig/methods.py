@@ -26,7 +26,7 @@ OPTIONS: dict[str, Option] = {
     for o in [
         Option("--steps", "n_steps", int, "number of path steps (or samples) of the method"),
         Option("--rule", "rule", ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
-                                    "gausslegendre"), "quadrature rule of straight-line IG"),
+                                    "gausslegendre"), "quadrature rule of IG-style methods (latent IG: riemann_left or riemann_trapezoid)"),
         Option("--batch-size", "internal_batch_size", int, "model inputs per forward/backward pass (default: auto)"),
         Option("--abs/--no-abs", "abs", bool, "saliency: absolute value of the gradient (default: on, as Captum)"),
         Option("--nt-type", "nt_type", ("smoothgrad", "smoothgrad_sq", "vargrad"), "noise tunnel: how samples combine"),
@@ -49,6 +49,16 @@ OPTIONS: dict[str, Option] = {
         Option("--sqrt", "sqrt", bool, "blur IG: square-root spacing of the blur levels (PAIR's sqrt=True)"),
         Option("--lrp-rule", "lrp_rule", ("epsilon", "z", "gamma", "alpha_beta"),
                "LRP: rule of every layer that has a default rule (default: epsilon, as Captum)"),
+        Option("--dvae", "dvae", str, "latent IG: folder holding dvae_encoder.pt and dvae_decoder.pt (`fastig "
+               "convert-dvae`; default: the checkpoints folder)"),
+        Option("--interpolation", "interpolation", ("lerp", "slerp"), "latent IG: interpolation of the latents "
+               "(default lerp)"),
+        Option("--latent", "latent", ("embedding", "probs", "logits"), "latent IG: what is interpolated (default "
+               "embedding: the decoder's first 1x1 conv of the soft codes)"),
+        Option("--gap-steps", "gap_steps", int, "latent IG: pixel-space steps joining the input and the baseline to "
+               "their decodings (default: steps / 4, rounded up)"),
+        Option("--dvae-size", "dvae_size", int, "latent IG: image side the dVAE sees, a multiple of 8 (default: the "
+               "model's input size)"),
     ]
 }
 
@@ -62,6 +72,11 @@ class Method:
     fixed: dict = field(default_factory=dict)  # keywords always passed (e.g. IDGI on)
     path_method: bool = False  # has a convergence delta (sum of attributions vs f(input) - f(baseline))
     demo: dict = field(default_factory=dict)  # options `fastig demo` uses on the 227x227 center-pixel model
+    # keywords of ``options`` that go to ``build(model, **those)`` instead of ``attribute()``: settings fixed when
+    # the method object is made, such as latent IG's dVAE folder (fastig.api.attribute splits them off)
+    build_options: tuple[str, ...] = ()
+    # called with the chosen options before a CLI run starts any work (e.g. to name a missing weight file)
+    check: Callable[[dict], None] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -69,6 +84,8 @@ METHODS: dict[str, Method] = {}
 
 def register(method: Method) -> Method:
     unknown = [o for o in method.options if o not in OPTIONS]
+    if not set(method.build_options) <= set(method.options):
+        raise ValueError(f"method {method.name}: build_options must also be listed in options")
     if unknown:
         raise ValueError(f"method {method.name} uses options missing from fastig.methods.OPTIONS: {unknown}")
     METHODS[method.name] = method
@@ -117,6 +134,24 @@ register(Method("blur_ig", "Blur IG (Xu et al. 2020), PAIR saliency's algorithm"
                 _path_method("blur_ig"),
                 ("n_steps", "max_sigma", "grad_step", "sqrt", "internal_batch_size", "idgi", "output"),
                 path_method=True, demo={"n_steps": 32}))
+
+
+def _latent_ig(model, dvae=None):
+    from fastig.attr import LatentIntegratedGradients
+
+    return LatentIntegratedGradients(model, dvae)
+
+
+def _check_latent_ig(options: dict) -> None:
+    from fastig.attr.latent_ig import dvae_files
+
+    dvae_files(options.get("dvae"))
+
+
+register(Method("latent_ig", "Latent IG: IG along a path decoded from the DALL-E dVAE's latent space (--dvae)",
+                _latent_ig, ("n_steps", "rule", "dvae", "interpolation", "latent", "gap_steps", "dvae_size",
+                             "internal_batch_size", "idgi", "output"),
+                path_method=True, demo={"n_steps": 8}, build_options=("dvae",), check=_check_latent_ig))
 
 
 def _gradient_family(name):

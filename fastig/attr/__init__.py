@@ -3,6 +3,7 @@
 from fastig.attr.integrated_gradients import IntegratedGradients
 from fastig.attr.guided_ig import GuidedIntegratedGradients
 from fastig.attr.blur_ig import BlurIntegratedGradients
+from fastig.attr.latent_ig import LatentIntegratedGradients
 from fastig.attr.gradients import GradientShap, InputXGradient, Saliency
 from fastig.attr.noise_tunnel import NoiseTunnel
 from fastig.attr.guided import Deconvolution, GuidedBackprop, GuidedNonLinearityIG
@@ -15,7 +16,7 @@ from fastig.attr.prediction_difference import PredictionDifferenceAnalysis
 from fastig.attr.deeplift import DeepLift
 from fastig.attr.lrp import LRP
 
-__all__ = ["IntegratedGradients", "GuidedIntegratedGradients", "BlurIntegratedGradients", "Saliency", "InputXGradient", "GradientShap", "NoiseTunnel", "GuidedBackprop", "Deconvolution",
+__all__ = ["IntegratedGradients", "GuidedIntegratedGradients", "BlurIntegratedGradients", "LatentIntegratedGradients", "Saliency", "InputXGradient", "GradientShap", "NoiseTunnel", "GuidedBackprop", "Deconvolution",
            "GuidedNonLinearityIG", "SecondOrderGradients",
            "Occlusion", "FeatureAblation", "ShapleyValueSampling", "Lime", "KernelShap", "MeaningfulPerturbation",
            "PredictionDifferenceAnalysis", "DeepLift", "LRP"]

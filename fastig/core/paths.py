@@ -3,15 +3,21 @@
 A path has ``n_steps`` points per example. ``points(steps, examples)`` returns the points of a range of steps for a
 range of examples, step-major (``[k * m, ...]`` per input tensor), generated on demand so that no more than one
 batch of points is ever alive.
+
+Paths here: :class:`StraightLine` (IG), :class:`BlurPath` (Blur IG), :class:`GuidedPath` (Guided IG) and
+:class:`LatentPath` (Latent IG: through the DALL-E dVAE's latent space, with :class:`DVAEImageSpace` converting
+between the classifier's inputs and the dVAE's latents).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import time
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from fastig import _ops
 
@@ -167,3 +173,235 @@ class GuidedPath:
         sizes = [math.prod(s) for s in self.shapes]
         return [part.reshape((flat.shape[0],) + s) for part, s in zip(flat.split(sizes, 1), self.shapes)]
 
+
+
+# --- latent path (Latent IG through the DALL-E dVAE) -------------------------------------------------------
+
+LATENTS = ("embedding", "probs", "logits")
+INTERPOLATIONS = ("lerp", "slerp")
+# slerp falls back to lerp where the two latent vectors are this close to (anti-)parallel: |cos angle| above it
+# (about 1.8 degrees), where sin(angle) is too small to divide by safely
+SLERP_PARALLEL_COS = 0.9995
+
+
+def lerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``(1 - t) z0 + t z1`` for every t: z0, z1 [m, ...], t [k] -> [k, m, ...]; exactly z0 at t = 0 and z1 at t = 1."""
+    t = t.to(device=z0.device, dtype=z0.dtype).reshape((-1,) + (1,) * z0.dim())
+    return torch.lerp(z0.unsqueeze(0), z1.unsqueeze(0), t)
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """Great-circle interpolation of the vectors along ``dim`` (per example and per latent position for [m, C, h, w]
+    latents): ``sin((1 - t) w) / sin(w) z0 + sin(t w) / sin(w) z1`` with w the angle between them, so a
+    point's norm moves smoothly between the two norms. Where the two vectors are nearly parallel or opposite
+    (|cos w| > :data:`SLERP_PARALLEL_COS`) or one is zero, it is :func:`lerp`. z0, z1 [m, ...], t [k] ->
+    [k, m, ...]; the coefficients are computed in float64; exactly z0 at t = 0 and z1 at t = 1."""
+    a, b = z0.to(torch.float64), z1.to(torch.float64)
+    norms = a.norm(dim=dim, keepdim=True) * b.norm(dim=dim, keepdim=True)
+    cos = ((a * b).sum(dim=dim, keepdim=True) / norms.clamp_min(torch.finfo(torch.float64).tiny)).clamp(-1, 1)
+    straight = (cos.abs() > SLERP_PARALLEL_COS) | (norms == 0)
+    angle = torch.where(straight, torch.zeros_like(cos), torch.acos(cos))  # [m, ...] with size 1 along dim
+    sin = torch.where(straight, torch.ones_like(cos), torch.sin(angle))
+    t = t.to(device=z0.device, dtype=torch.float64).reshape((-1,) + (1,) * z0.dim())
+    w0 = torch.where(straight, 1 - t, torch.sin((1 - t) * angle) / sin)
+    w1 = torch.where(straight, t, torch.sin(t * angle) / sin)
+    return (w0 * a + w1 * b).to(z0.dtype)
+
+
+def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of [N, C, H, W] images to ``size`` (antialiased when shrinking); unchanged if already there."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+class DVAEImageSpace:
+    """The two conversions between the classifier's input space and a latent space of the DALL-E dVAE.
+
+    ``encode(x)``: classifier inputs [n, 3, H, W] (normalized as ``(pixels - mean) / std``) -> unnormalized and
+    clamped to [0, 1] -> resized to the dVAE's size -> :func:`~fastig.models.dvae.map_pixels` -> encoder logits
+    -> the chosen latent. ``decode(z, size)``: latent -> decoder -> image in [0, 1] (``Decoder.to_image``) ->
+    resized to ``size`` -> normalized again. Both run without gradients: the path's points are constants to the
+    classifier, whose gradient is taken at each of them.
+
+    ``latent`` picks what is interpolated:
+
+    - ``"embedding"`` (default): the decoder's first 1x1 convolution applied to the soft codes (softmax of the
+      logits), [n, 128, h, w] for OpenAI's model. That convolution is affine, so lerp here gives exactly the same
+      path as lerp of the soft codes, at 1/64 of the size (128 channels instead of 8192: less memory per step,
+      and the decoder's widest layer runs twice per image instead of once per path point); slerp here follows the
+      great circle in the space the rest of the decoder actually reads.
+    - ``"probs"``: the soft codes themselves, [n, 8192, h, w] (slerp of probability vectors leaves the simplex).
+    - ``"logits"``: the encoder's logits; every point is decoded from their softmax, so even lerp bends through
+      the softmax.
+
+    ``size``: the (H, W) the dVAE sees; None rounds the classifier's H and W up to multiples of 8 (224 stays
+    224). OpenAI's dVAE was trained at 256. Time spent in the encoder and decoder is added to ``seconds``
+    (synchronized on CUDA); ``decoder_passes`` and ``decoded_images`` count the decoder's calls and images.
+    """
+
+    def __init__(self, encoder, decoder, mean: Sequence[float], std: Sequence[float], latent: str = "embedding",
+                 size: tuple[int, int] | None = None):
+        if latent not in LATENTS:
+            raise ValueError(f"latent must be one of {', '.join(map(repr, LATENTS))}, got {latent!r}")
+        if size is not None and (len(size) != 2 or any(s < 8 or s % 8 for s in size)):
+            raise ValueError(f"the dVAE's image size must be a positive multiple of 8 per side, got {tuple(size)}")
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std need one entry per channel and std > 0, got mean {mean}, std {std}")
+        self.encoder, self.decoder = encoder, decoder
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.latent, self.size = latent, size
+        self.seconds = {"encoder": 0.0, "decoder": 0.0}
+        self.decoder_passes = 0
+        self.decoded_images = 0
+
+    def dvae_size(self, classifier_size: tuple[int, int]) -> tuple[int, int]:
+        return self.size if self.size is not None else tuple(-(-int(s) // 8) * 8 for s in classifier_size)
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, len(self.mean), 1, 1)
+        if x.shape[1] != len(self.mean):
+            raise ValueError(f"the images have {x.shape[1]} channels but mean/std have {len(self.mean)} entries")
+        return (torch.tensor(self.mean, dtype=x.dtype, device=x.device).reshape(shape),
+                torch.tensor(self.std, dtype=x.dtype, device=x.device).reshape(shape))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        from fastig.models.dvae import map_pixels, soft_codes
+
+        started = _clock(x.device)
+        mean, std = self._stats(x)
+        pixels = resize_images((x * std + mean).clamp(0, 1), self.dvae_size(x.shape[-2:]))
+        logits = self.encoder(map_pixels(pixels))
+        if self.latent == "logits":
+            z = logits
+        else:
+            z = soft_codes(logits)
+            if self.latent == "embedding":
+                z = self.decoder.embed(z)
+        self.seconds["encoder"] += _clock(x.device) - started
+        return z
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        from fastig.models.dvae import soft_codes
+
+        started = _clock(z.device)
+        if self.latent == "embedding":
+            stats = self.decoder.from_embedding(z)
+        else:
+            stats = self.decoder(soft_codes(z) if self.latent == "logits" else z)
+        pixels = resize_images(self.decoder.to_image(stats), size)
+        mean, std = self._stats(pixels)
+        x = (pixels - mean) / std
+        self.seconds["decoder"] += _clock(z.device) - started
+        self.decoder_passes += 1
+        self.decoded_images += z.shape[0]
+        return x
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class LatentPath:
+    """Latent IG's path: the baseline and the input encoded, interpolated in latent space, each point decoded,
+    and straight pixel-space segments closing the gaps to the real baseline and input.
+
+    The points, ``M + 1 = 2 G + K + 1`` per example (``G = gap_steps``, ``K = latent_steps``), in the
+    classifier's input space:
+
+    - ``p = 0 .. G``: ``lerp(baseline, D_0, p / G)``, from the baseline to the decoded baseline D_0;
+    - ``p = G + k``, ``k = 0 .. K``: ``D(k / K)``, the decoding of ``interpolate(z_baseline, z_input, k / K)``
+      (D_0 = D(0), D_1 = D(1));
+    - ``p = G + K + j``, ``j = 0 .. G``: ``lerp(D_1, input, j / G)``, from the decoded input to the input.
+
+    So the first point is the baseline and the last is the input, exactly. The encoder runs once per example
+    (baseline and input in one pass) and so does the decoding of the endpoints; the interior decoded points of a
+    batch of steps go through the decoder in one batched pass, generated when the engine asks for them.
+
+    ``moves(steps, examples)`` is what the gradient at each point is multiplied by, by ``rule``: the left rule
+    ``x_{p+1} - x_p`` (``sum_p grad f(x_p) . (x_{p+1} - x_p)`` over p = 0 .. M-1) or the trapezoid rule
+    ``(x_{p+1} - x_{p-1}) / 2`` (one-sided at both ends, p = 0 .. M). Decoded points are cached for the next
+    request (a batch's right neighbour is the next batch's first point), so no point is decoded twice in order.
+    """
+
+    def __init__(self, inputs: torch.Tensor, baselines: torch.Tensor, space: DVAEImageSpace, interpolation: str,
+                 latent_steps: int, gap_steps: int, rule: str = "riemann_left"):
+        if interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(map(repr, INTERPOLATIONS))}, got {interpolation!r}")
+        if rule not in ("riemann_left", "riemann_trapezoid"):
+            raise ValueError(f"a latent path's rule is 'riemann_left' or 'riemann_trapezoid', got {rule!r}")
+        n = inputs.shape[0]
+        self.inputs, self.baselines = inputs, baselines.expand_as(inputs)
+        self.space, self.interpolation, self.rule = space, interpolation, rule
+        self.latent_steps, self.gap_steps = int(latent_steps), int(gap_steps)
+        self.size = tuple(inputs.shape[-2:])
+        z = space.encode(torch.cat([self.baselines, inputs]))
+        self.z_start, self.z_end = z[:n], z[n:]
+        decoded = space.decode(z, self.size)
+        self.decoded_start, self.decoded_end = decoded[:n], decoded[n:]
+        self.n_steps = 2 * self.gap_steps + self.latent_steps + 1  # points per example (the engine's n_steps)
+        self._cache: dict[int, torch.Tensor] = {}
+        self._cached_examples: tuple[int, int] | None = None
+
+    @property
+    def last(self) -> int:
+        """Index M of the last point (the input)."""
+        return self.n_steps - 1
+
+    def points(self, steps: slice, examples: slice) -> tuple[torch.Tensor, ...]:
+        indices = range(steps.start, steps.stop)
+        # the right neighbour is decoded in the same pass: the moves of this batch's last step need it
+        found = self._points(range(steps.start, min(steps.stop + 1, self.n_steps)), examples)
+        return (torch.cat([found[p] for p in indices]),)
+
+    def moves(self, steps: slice, examples: slice) -> tuple[torch.Tensor, ...]:
+        last = self.last
+        if self.rule == "riemann_left":
+            pairs = [(p + 1, p, 1.0) for p in range(steps.start, steps.stop)]
+        else:
+            pairs = [(min(p + 1, last), max(p - 1, 0), 0.5) for p in range(steps.start, steps.stop)]
+        found = self._points(sorted({q for pair in pairs for q in pair[:2]}), examples)
+        return (torch.stack([(found[right] - found[left]) * scale for right, left, scale in pairs]),)
+
+    def _points(self, indices, examples: slice) -> dict[int, torch.Tensor]:
+        """Points [m, ...] by index, decoding the missing interior latent points in one batched pass."""
+        key = (examples.start, examples.stop)
+        if self._cached_examples != key:
+            self._cache, self._cached_examples = {}, key
+        G, K = self.gap_steps, self.latent_steps
+        found = {p: self._cache[p] for p in indices if p in self._cache}
+        to_decode = []
+        for p in indices:
+            if p in found:
+                continue
+            if not 0 <= p <= self.last:
+                raise IndexError(f"point {p} is outside the path's 0 .. {self.last}")
+            if p <= G:
+                found[p] = self._segment(self.baselines[examples], self.decoded_start[examples], p, G)
+            elif p >= G + K:
+                found[p] = self._segment(self.decoded_end[examples], self.inputs[examples], p - G - K, G)
+            else:
+                to_decode.append(p)
+        if to_decode:
+            t = torch.tensor([(p - G) / K for p in to_decode], dtype=torch.float64)
+            interpolate = lerp if self.interpolation == "lerp" else slerp
+            z = interpolate(self.z_start[examples], self.z_end[examples], t)
+            decoded = self.space.decode(z.reshape((-1,) + tuple(z.shape[2:])), self.size)
+            found.update(zip(to_decode, decoded.reshape((len(to_decode), -1) + tuple(decoded.shape[1:])).unbind(0)))
+        lowest = min(indices) - 1  # keep what the next request can reuse: this one's points and its left neighbour
+        self._cache = {p: v for p, v in {**self._cache, **found}.items() if p >= lowest}
+        return found
+
+    @staticmethod
+    def _segment(start: torch.Tensor, end: torch.Tensor, j: int, count: int) -> torch.Tensor:
+        if j == 0:
+            return start
+        if j == count:
+            return end
+        return torch.lerp(start, end, j / count)
