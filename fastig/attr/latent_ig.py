@@ -209,7 +209,11 @@ class LatentIntegratedGradients(PathAttribution):
                              f"got {x.dtype} of shape {tuple(x.shape)}")
         b = format_baselines(baselines, xs)[0]
         check_steps(n_steps)
-        gap_steps = math.ceil(n_steps / 4) if gap_steps is None else check_steps(gap_steps)
+        if gap_steps is None:
+            gap_steps = math.ceil(n_steps / 4)
+        elif isinstance(gap_steps, bool) or not isinstance(gap_steps, int) or gap_steps < 1:
+            raise ValueError(f"gap_steps must be an integer >= 1 (the gaps to the decoded endpoints must be closed) "
+                             f"or None, got {gap_steps!r}")
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
         if latent not in LATENTS:

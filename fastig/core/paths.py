@@ -356,6 +356,8 @@ class LatentPath:
 
     def points(self, steps: slice, examples: slice) -> tuple[torch.Tensor, ...]:
         indices = range(steps.start, steps.stop)
+        if not 0 <= steps.start <= steps.stop <= self.n_steps:
+            raise IndexError(f"steps {steps.start} .. {steps.stop} are outside the path's {self.n_steps} points")
         # the right neighbour is decoded in the same pass: the moves of this batch's last step need it
         found = self._points(range(steps.start, min(steps.stop + 1, self.n_steps)), examples)
         return (torch.cat([found[p] for p in indices]),)
