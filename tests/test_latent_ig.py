@@ -298,7 +298,10 @@ def test_decoder_passes_are_batched_and_no_point_is_decoded_twice(dvae):
     x = images((2, 3, 16, 16))
     lig = LatentIntegratedGradients(small_classifier(), dvae)
     n, k = 2, 16
-    once = 2 * n + n * (k - 1)  # endpoints of every example, then each interior point once
+    # the (shared, zero) baseline's and each input's decoding, then each interior point once
+    once = 1 + n + n * (k - 1)
+    lig.attribute(x, images((n, 3, 16, 16)), target=0, n_steps=k)
+    assert lig.last_timings["decoded_images"] == once + n - 1  # one baseline per example
     for options, passes in [({"internal_batch_size": None}, 2), ({"internal_batch_size": 8}, None),
                             ({"internal_batch_size": 8, "method": "riemann_trapezoid"}, None),
                             ({"internal_batch_size": 8, "idgi": True}, None)]:

@@ -321,8 +321,9 @@ class LatentPath:
     - ``p = G + K + j``, ``j = 0 .. G``: ``lerp(D_1, input, j / G)``, from the decoded input to the input.
 
     So the first point is the baseline and the last is the input, exactly. The encoder runs once per example
-    (baseline and input in one pass) and so does the decoding of the endpoints; the interior decoded points of a
-    batch of steps go through the decoder in one batched pass, generated when the engine asks for them.
+    (baselines and inputs in one pass; a baseline shared by all examples once) and so does the decoding of the
+    endpoints; the interior decoded points of a batch of steps go through the decoder in one batched pass,
+    generated when the engine asks for them.
 
     ``moves(steps, examples)`` is what the gradient at each point is multiplied by, by ``rule``: the left rule
     ``x_{p+1} - x_p`` (``sum_p grad f(x_p) . (x_{p+1} - x_p)`` over p = 0 .. M-1) or the trapezoid rule
@@ -341,10 +342,12 @@ class LatentPath:
         self.space, self.interpolation, self.rule = space, interpolation, rule
         self.latent_steps, self.gap_steps = int(latent_steps), int(gap_steps)
         self.size = tuple(inputs.shape[-2:])
-        z = space.encode(torch.cat([self.baselines, inputs]))
-        self.z_start, self.z_end = z[:n], z[n:]
+        # a baseline shared by all examples ([1, ...]) is encoded and decoded once
+        nb = baselines.shape[0] if baselines.shape[0] == 1 else n
+        z = space.encode(torch.cat([baselines.expand((nb,) + tuple(inputs.shape[1:])), inputs]))
         decoded = space.decode(z, self.size)
-        self.decoded_start, self.decoded_end = decoded[:n], decoded[n:]
+        self.z_start, self.z_end = z[:nb].expand_as(z[nb:]), z[nb:]
+        self.decoded_start, self.decoded_end = decoded[:nb].expand_as(inputs), decoded[nb:]
         self.n_steps = 2 * self.gap_steps + self.latent_steps + 1  # points per example (the engine's n_steps)
         self._cache: dict[int, torch.Tensor] = {}
         self._cached_examples: tuple[int, int] | None = None
