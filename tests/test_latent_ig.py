@@ -316,6 +316,21 @@ def test_decoder_passes_are_batched_and_no_point_is_decoded_twice(dvae):
         assert timings["total_s"] >= timings["encoder_s"] + timings["decoder_s"] > 0
 
 
+def test_cpu_decoder_passes_are_bounded_in_memory_and_give_the_same_points(dvae, monkeypatch):
+    from fastig.core import paths
+
+    x = images((2, 3, 16, 16))
+    lig = LatentIntegratedGradients(small_classifier(), dvae)
+    whole = lig.attribute(x, target=0, n_steps=6)
+    assert lig.last_timings["decoder_passes"] == 2
+    per_image = dvae[1].n_hid * 64 * 2 * 2 * 8  # largest activation of one 16x16 float64 image
+    monkeypatch.setattr(paths, "DECODER_CPU_BYTES", 2 * per_image)
+    split = lig.attribute(x, target=0, n_steps=6)
+    # endpoints: 1 baseline + 2 inputs in 2 passes; interior: 5 steps x 2 examples in 5 passes
+    assert lig.last_timings["decoder_passes"] == 2 + 5
+    torch.testing.assert_close(split, whole, rtol=1e-12, atol=1e-15)
+
+
 # --- weights, errors, the registry and the CLI ------------------------------------------------------------------
 
 

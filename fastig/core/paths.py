@@ -182,6 +182,10 @@ INTERPOLATIONS = ("lerp", "slerp")
 # slerp falls back to lerp where the two latent vectors are this close to (anti-)parallel: |cos angle| above it
 # (about 1.8 degrees), where sin(angle) is too small to divide by safely
 SLERP_PARALLEL_COS = 0.9995
+# on the CPU, the decoder's passes hold at most this many bytes in their largest activation (n_hid channels at
+# full resolution: 51 MB per 224x224 image for OpenAI's model, so 5 images per pass); on CUDA one pass decodes all
+# the points of an engine batch (the engine halves its batches when the device runs out of memory)
+DECODER_CPU_BYTES = 256 << 20
 
 
 def lerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -286,18 +290,27 @@ class DVAEImageSpace:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Latents [N, ...] -> classifier inputs [N, C, size]: one decoder pass (on the CPU, passes of at most
+        :data:`DECODER_CPU_BYTES` of the decoder's largest activation each)."""
         from fastig.models.dvae import soft_codes
 
         started = _clock(z.device)
-        if self.latent == "embedding":
-            stats = self.decoder.from_embedding(z)
-        else:
-            stats = self.decoder(soft_codes(z) if self.latent == "logits" else z)
-        pixels = resize_images(self.decoder.to_image(stats), size)
+        per_pass = z.shape[0]
+        if z.device.type == "cpu":  # full-resolution activations are ~100x an image: bound the memory per pass
+            largest = self.decoder.n_hid * 64 * z.shape[-2] * z.shape[-1] * z.element_size()
+            per_pass = max(1, DECODER_CPU_BYTES // largest)
+        parts = []
+        for chunk in z.split(per_pass):
+            if self.latent == "embedding":
+                stats = self.decoder.from_embedding(chunk)
+            else:
+                stats = self.decoder(soft_codes(chunk) if self.latent == "logits" else chunk)
+            parts.append(resize_images(self.decoder.to_image(stats), size))
+            self.decoder_passes += 1
+        pixels = torch.cat(parts)
         mean, std = self._stats(pixels)
         x = (pixels - mean) / std
         self.seconds["decoder"] += _clock(z.device) - started
-        self.decoder_passes += 1
         self.decoded_images += z.shape[0]
         return x
 
