@@ -143,9 +143,9 @@ def _latent_ig(model, dvae=None):
 
 
 def _check_latent_ig(options: dict) -> None:
-    from fastig.attr.latent_ig import dvae_files
+    from fastig.attr.latent_ig import check_options
 
-    dvae_files(options.get("dvae"))
+    check_options(options)
 
 
 register(Method("latent_ig", "Latent IG: IG along a path decoded from the DALL-E dVAE's latent space (--dvae)",

@@ -447,5 +447,9 @@ def test_cli_names_the_missing_dvae_file_before_any_work(tmp_path, image):
     last = result.output.strip().splitlines()[-1]
     assert last.startswith("fastig: error:") and ENCODER_FILE in last and "convert-dvae" in last
     assert "Traceback" not in result.output and not out.exists()
+    for flags, message in [(["--rule", "gausslegendre"], "riemann_trapezoid"), (["--dvae-size", "100"], "multiple of 8"),
+                           (["--gap-steps", "0"], "gap_steps")]:
+        result = CliRunner().invoke(cli, [str(a) for a in args] + flags)
+        assert result.exit_code == 2 and message in result.output and not out.exists(), result.output
     listing = CliRunner().invoke(cli, ["methods"])
     assert "latent_ig" in listing.output and "--dvae" in listing.output and "--interpolation" in listing.output

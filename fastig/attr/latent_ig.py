@@ -57,6 +57,28 @@ def dvae_files(folder: str | os.PathLike | None = None) -> tuple[Path, Path]:
     return found[0], found[1]
 
 
+def check_options(options: dict) -> None:
+    """Check the CLI/functional options of latent IG that can fail without a model (``rule``, ``dvae_size``,
+    ``gap_steps``) and find the dVAE files (``dvae``), so a run names the problem before it starts any work."""
+    if options.get("rule", RULES[0]) not in RULES:
+        raise ValueError(f"latent IG's rule is one of {', '.join(RULES)}, got {options['rule']!r}")
+    _check_dvae_size(options.get("dvae_size"))
+    _check_gap_steps(options.get("gap_steps"))
+    dvae_files(options.get("dvae"))
+
+
+def _check_dvae_size(dvae_size) -> None:
+    if dvae_size is not None and (isinstance(dvae_size, bool) or not isinstance(dvae_size, int)
+                                  or dvae_size < 8 or dvae_size % 8):
+        raise ValueError(f"dvae_size must be a positive multiple of 8 (e.g. 256) or None, got {dvae_size!r}")
+
+
+def _check_gap_steps(gap_steps) -> None:
+    if gap_steps is not None and (isinstance(gap_steps, bool) or not isinstance(gap_steps, int) or gap_steps < 1):
+        raise ValueError(f"gap_steps must be an integer >= 1 (the gaps to the decoded endpoints must be closed) "
+                         f"or None, got {gap_steps!r}")
+
+
 def load_dvae(folder: str | os.PathLike | None = None):
     """(encoder, decoder) from :func:`dvae_files` ``(folder)``, read once per file version (cached by path, size
     and modification time, so building the method for every batch of a run does not reload ~400 MB)."""
@@ -105,7 +127,8 @@ class LatentIntegratedGradients(PathAttribution):
     :class:`~fastig.core.paths.DVAEImageSpace`). ``dvae_size``: side of the square the dVAE sees (a multiple of
     8, e.g. 256, its training size); None = the classifier's size rounded up to a multiple of 8.
 
-    ``idgi=True``: IDGI over the same points (attributions sum to f(input) - f(baseline) up to rounding);
+    ``idgi=True``: IDGI over the same points (attributions sum to f(input) - f(baseline) up to rounding; the
+    quadrature rule does not apply);
     ``output="probability"`` explains the softmax probability. Inputs: one image tensor [N, 3, H, W].
 
     After each call ``last_timings`` holds the seconds spent in the encoder, the decoder and in total (the rest
@@ -209,18 +232,13 @@ class LatentIntegratedGradients(PathAttribution):
                              f"got {x.dtype} of shape {tuple(x.shape)}")
         b = format_baselines(baselines, xs)[0]
         check_steps(n_steps)
-        if gap_steps is None:
-            gap_steps = math.ceil(n_steps / 4)
-        elif isinstance(gap_steps, bool) or not isinstance(gap_steps, int) or gap_steps < 1:
-            raise ValueError(f"gap_steps must be an integer >= 1 (the gaps to the decoded endpoints must be closed) "
-                             f"or None, got {gap_steps!r}")
+        _check_gap_steps(gap_steps)
+        gap_steps = math.ceil(n_steps / 4) if gap_steps is None else gap_steps
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {interpolation!r}")
         if latent not in LATENTS:
             raise ValueError(f"latent must be one of {', '.join(LATENTS)}, got {latent!r}")
-        if dvae_size is not None and (isinstance(dvae_size, bool) or not isinstance(dvae_size, int)
-                                      or dvae_size < 8 or dvae_size % 8):
-            raise ValueError(f"dvae_size must be a positive multiple of 8 (e.g. 256) or None, got {dvae_size!r}")
+        _check_dvae_size(dvae_size)
         self.encoder.to(x.device)
         self.decoder.to(x.device)
         space = DVAEImageSpace(self.encoder, self.decoder, self.mean, self.std, latent,
