@@ -104,7 +104,8 @@ class LatentIntegratedGradients(PathAttribution):
     ``LatentIntegratedGradients(model, dvae=None, mean=IMAGENET_MEAN, std=IMAGENET_STD)``: ``dvae`` is a folder
     holding the dVAE's weight files (:func:`dvae_files`; None = the checkpoints folder) or an ``(encoder,
     decoder)`` pair of :class:`fastig.models.dvae.Encoder` / ``Decoder``. ``mean``/``std`` describe how the
-    classifier's inputs are normalized (``(pixels - mean) / std``, pixels in [0, 1]); the path converts between
+    classifier's inputs are normalized (``(pixels - mean) / std``, pixels in [0, 1]; for a zoo model,
+    ``fastig.models.info(name).mean`` / ``.std``; the CLI's RGB models all use ImageNet's); the path converts between
     that space and the dVAE's (unnormalize, clamp to [0, 1], resize to the dVAE's size, ``map_pixels``; and back
     after decoding), so attributions are w.r.t. the classifier's input, whatever its size.
 
@@ -128,8 +129,8 @@ class LatentIntegratedGradients(PathAttribution):
     8, e.g. 256, its training size); None = the classifier's size rounded up to a multiple of 8.
 
     ``idgi=True``: IDGI over the same points (attributions sum to f(input) - f(baseline) up to rounding; the
-    quadrature rule does not apply);
-    ``output="probability"`` explains the softmax probability. Inputs: one image tensor [N, 3, H, W].
+    quadrature rule does not apply). ``output="probability"`` explains the softmax probability. Inputs: one image
+    tensor [N, 3, H, W]; baselines as Captum's (default zeros, i.e. the mean image for ImageNet normalization).
 
     After each call ``last_timings`` holds the seconds spent in the encoder, the decoder and in total (the rest
     is the classifier's passes and the accumulation), with the decoder's pass and image counts.
