@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import torch
 
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, row_sums
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
@@ -55,16 +56,10 @@ def check_number(name: str, value: Any, low: float, high: float | None = None, l
     return value
 
 
-class PathAttribution:
+class PathAttribution(Attribution):
     """Base of the path methods: the model, and the completeness gap they all report."""
 
-    def __init__(self, forward_func: Callable) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
-
-    def has_convergence_delta(self) -> bool:
-        return True
+    _has_convergence_delta = True
 
     def compute_convergence_delta(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 from fastig.attr._inputs import format_inputs, format_output
 from fastig.attr._path_common import PathAttribution, check_flag, check_number, check_steps, explained_function
@@ -40,9 +40,6 @@ class BlurIntegratedGradients(PathAttribution):
     ``-g_k * g_k * (f(x_{k+1}) - f(x_k)) / ||g_k||^2``, signed like Blur IG so that attributions sum to
     f(input) - f(blurred). ``output="probability"`` explains the softmax probability.
     """
-
-    def __init__(self, forward_func: Callable) -> None:
-        super().__init__(forward_func)
 
     def attribute(
         self,

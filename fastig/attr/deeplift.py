@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, format_output, row_sums
 from fastig.core.targets import Target, args_for_batch, format_additional_args
 
@@ -186,7 +187,7 @@ def rescale_rules(model: nn.Module, eps: float, maxpool_accumulate: bool = False
             del module.forward
 
 
-class DeepLift:
+class DeepLift(Attribution):
     """DeepLIFT (Rescale rule) attributions, with Captum's constructor, ``attribute()`` and numbers.
 
     Args:
@@ -204,6 +205,8 @@ class DeepLift:
     forward pass (Captum runs two more forward passes for it).
     """
 
+    _has_convergence_delta = True
+
     def __init__(
         self, model: nn.Module, multiply_by_inputs: bool = True, eps: float = 1e-10, *, maxpool_accumulate: bool = False
     ) -> None:
@@ -219,9 +222,6 @@ class DeepLift:
     @property
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs
-
-    def has_convergence_delta(self) -> bool:
-        return True
 
     def attribute(
         self,

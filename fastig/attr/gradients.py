@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output
 from fastig.attr.integrated_gradients import IntegratedGradients
 from fastig.attr.noise_tunnel import (
@@ -63,21 +64,13 @@ def input_gradients(
     return tuple(grads)
 
 
-class Saliency:
+class Saliency(Attribution):
     """Gradient of the output w.r.t. the input (Simonyan et al. 2014); absolute value by default (Captum's default).
 
     Drop-in for ``captum.attr.Saliency``; extra keyword ``internal_batch_size``.
     """
 
-    def __init__(self, forward_func: Callable) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
-
     multiplies_by_inputs = False
-
-    def has_convergence_delta(self) -> bool:
-        return False
 
     def attribute(
         self,
@@ -93,21 +86,13 @@ class Saliency:
         return format_output(tuple(g.abs() for g in grads) if abs else grads, is_tuple)
 
 
-class InputXGradient:
+class InputXGradient(Attribution):
     """Input times gradient (Shrikumar et al. 2016). Drop-in for ``captum.attr.InputXGradient``.
 
     Extra keyword ``internal_batch_size``.
     """
 
-    def __init__(self, forward_func: Callable) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
-
     multiplies_by_inputs = True
-
-    def has_convergence_delta(self) -> bool:
-        return False
 
     def attribute(
         self,
@@ -122,7 +107,7 @@ class InputXGradient:
         return format_output(tuple(x * g for x, g in zip(xs, grads)), is_tuple)
 
 
-class GradientShap:
+class GradientShap(Attribution):
     """GradientSHAP (Lundberg & Lee 2017): the expected gradient x (input - baseline) over random baselines drawn
     from a distribution, random points on the line between them, and Gaussian noise on the input.
 
@@ -132,18 +117,15 @@ class GradientShap:
     ``N * n_samples`` points in one batch); None lets the engine choose. The points are built a batch at a time.
     """
 
+    _has_convergence_delta = True
+
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
+        super().__init__(forward_func)
         self._multiply_by_inputs = multiply_by_inputs
 
     @property
     def multiplies_by_inputs(self) -> bool:
         return self._multiply_by_inputs
-
-    def has_convergence_delta(self) -> bool:
-        return True
 
     def attribute(
         self,

@@ -13,25 +13,23 @@ from typing import Any
 
 import torch
 
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output
 from fastig.attr._relu_rules import relu_rules
 from fastig.attr.gradients import input_gradients
 from fastig.attr.integrated_gradients import IntegratedGradients
 
 
-class _ModifiedReluGradient:
+class _ModifiedReluGradient(Attribution):
     _rule = "guided"
 
     def __init__(self, model: torch.nn.Module) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"{type(self).__name__} needs a torch.nn.Module, got {type(model).__name__}")
+        super().__init__(model)
         self.model = model
-        self.forward_func = model
 
     multiplies_by_inputs = False
-
-    def has_convergence_delta(self) -> bool:
-        return False
 
     def attribute(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
 from fastig.attr._path_common import PathAttribution, check_flag, check_number, check_steps, explained_function
@@ -33,9 +33,6 @@ class GuidedIntegratedGradients(PathAttribution):
     anyway) and one forward pass at the path's end x_n; attributions then sum to f(x_n) - f(baseline), with
     x_n the input up to PAIR's 1e-9 tolerance. ``output="probability"`` explains the softmax probability.
     """
-
-    def __init__(self, forward_func: Callable) -> None:
-        super().__init__(forward_func)
 
     def attribute(
         self,

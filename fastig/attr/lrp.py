@@ -44,6 +44,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output, row_sums
 from fastig.core.targets import Target, format_additional_args
 
@@ -227,7 +228,7 @@ def _tanh_forward(z: torch.Tensor) -> torch.Tensor:
     return _Relevance.apply(z, y.detach(), ratio.detach())  # relevance passes unchanged: g_in = g_out * tanh(z) / z
 
 
-class LRP:
+class LRP(Attribution):
     """Layer-wise Relevance Propagation with Captum's constructor, ``attribute()`` and numbers.
 
     Args:
@@ -238,6 +239,8 @@ class LRP:
     where no relevance is absorbed by biases or epsilons); the convergence delta is Captum's
     ``output - sum(relevance)`` per example.
     """
+
+    _has_convergence_delta = True
 
     def __init__(self, model: nn.Module, rules: dict | None = None) -> None:
         if not isinstance(model, nn.Module):
@@ -256,12 +259,7 @@ class LRP:
             if hasattr(module, "rule"):
                 as_rule(module.rule)  # a clear error now for a bad rule object
 
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return True
-
-    def has_convergence_delta(self) -> bool:
-        return True
+    multiplies_by_inputs = True
 
     def rule_for(self, name: str, module: nn.Module, default: PropagationRule | None = None) -> PropagationRule | None:
         """The rule applied to a leaf layer (None: relevance passes unchanged); ``default`` overrides "default"."""

@@ -4,11 +4,12 @@ Perturbation"): the smallest, smoothest blur mask that deletes the evidence for 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs
 from fastig.core.targets import Target, format_additional_args
 
@@ -28,7 +29,7 @@ def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return F.conv2d(out, kernel.reshape(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
-class MeaningfulPerturbation:
+class MeaningfulPerturbation(Attribution):
     """Deletion-game masks, optimized for a whole batch at once (each image has its own mask and loss).
 
     For an image ``x`` and class ``c`` the mask ``m`` (1 = keep, 0 = blur) minimizes
@@ -46,17 +47,7 @@ class MeaningfulPerturbation:
     (the input's shape): large where deleting evidence lowers the class score.
     """
 
-    def __init__(self, forward_func: Callable) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    def has_convergence_delta(self) -> bool:
-        return False
+    multiplies_by_inputs = False
 
     def attribute(
         self,

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -74,7 +75,7 @@ def draw_baselines(baselines: tuple, n_rows: int) -> tuple:
     )
 
 
-class NoiseTunnel:
+class NoiseTunnel(Attribution):
     """Averages an attribution method over noisy copies of the input (Smilkov et al. 2017; Adebayo et al. 2018).
 
     ``nt_type``: ``smoothgrad`` (mean of the attributions), ``smoothgrad_sq`` (mean of their squares), ``vargrad``

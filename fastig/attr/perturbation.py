@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from fastig import _ops
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
 from fastig.core.engine import CPU_BATCH_BYTES
 from fastig.core.targets import Target, args_for_batch, format_additional_args
@@ -171,7 +172,7 @@ def _initial_outputs(forward_func, xs, target, args) -> torch.Tensor:
 # -- FeatureAblation ---------------------------------------------------------------------------------------------
 
 
-class FeatureAblation:
+class FeatureAblation(Attribution):
     """Feature ablation: each feature (group of input scalars with the same ``feature_mask`` id) is replaced by its
     baseline in turn; its attribution is ``f(inputs) - f(inputs with the feature ablated)``.
 
@@ -180,17 +181,7 @@ class FeatureAblation:
     ablated copies per model call as fit the memory budget; an integer caps it as in Captum.
     """
 
-    def __init__(self, forward_func: Callable) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    def has_convergence_delta(self) -> bool:
-        return False
+    multiplies_by_inputs = False
 
     def attribute(
         self,
@@ -255,7 +246,7 @@ def _strides(value: Any, n_inputs: int) -> tuple:
     return value
 
 
-class Occlusion:
+class Occlusion(Attribution):
     """Occlusion (Zeiler & Fergus 2014): a sliding hyperrectangle of each input is replaced by the baseline; every
     scalar's attribution is the mean of ``f(inputs) - f(occluded)`` over the windows that cover it.
 
@@ -264,17 +255,7 @@ class Occlusion:
     copies per model call as fit the memory budget.
     """
 
-    def __init__(self, forward_func: Callable) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    def has_convergence_delta(self) -> bool:
-        return False
+    multiplies_by_inputs = False
 
     def attribute(
         self,
@@ -364,7 +345,7 @@ class Occlusion:
 # -- ShapleyValueSampling ----------------------------------------------------------------------------------------
 
 
-class ShapleyValueSampling:
+class ShapleyValueSampling(Attribution):
     """Shapley Value Sampling (Castro et al. 2009): features are added to the baseline one at a time in random
     orders; a feature's attribution is its mean marginal gain over ``n_samples`` permutations.
 
@@ -375,17 +356,7 @@ class ShapleyValueSampling:
     are evaluated in large batches across permutations; ids missing from the mask cost no model call.
     """
 
-    def __init__(self, forward_func: Callable) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    def has_convergence_delta(self) -> bool:
-        return False
+    multiplies_by_inputs = False
 
     def attribute(
         self,

@@ -3,10 +3,11 @@ Decisions: Prediction Difference Analysis") with marginal sampling, batched over
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs
 from fastig.attr.perturbation import check_perturbations_per_eval, evaluate_copies, forward_outputs
 from fastig.core.targets import Target, format_additional_args
@@ -21,7 +22,7 @@ def weight_of_evidence(p_full: torch.Tensor, p_marginal: torch.Tensor, n_train: 
     return log2_odds(p_full) - log2_odds(p_marginal)
 
 
-class PredictionDifferenceAnalysis:
+class PredictionDifferenceAnalysis(Attribution):
     """Relevance of each pixel: how much the class's evidence drops when a window around it is unknown.
 
     For every ``window_size`` x ``window_size`` window (all channels; windows start every ``stride`` pixels,
@@ -44,17 +45,7 @@ class PredictionDifferenceAnalysis:
     evaluated in large batches; ``stride`` > 1 divides the work by about ``stride**2``.
     """
 
-    def __init__(self, forward_func: Callable) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    def has_convergence_delta(self) -> bool:
-        return False
+    multiplies_by_inputs = False
 
     def attribute(
         self,

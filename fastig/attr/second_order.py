@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs
 from fastig.attr.noise_tunnel import expand_target
 from fastig.core.engine import CPU_BATCH_BYTES
@@ -166,7 +167,7 @@ def _default_rows(inputs: tuple[torch.Tensor, ...]) -> int:
     return max(1, math.ceil(CPU_BATCH_BYTES / max(bytes_per_row, 1)))
 
 
-class SecondOrderGradients:
+class SecondOrderGradients(Attribution):
     """2ndG attribution maps at a layer (see the module docstring for exactly what is computed).
 
     ``layer``: a submodule of ``forward_func`` or its dotted name; None picks the last layer with a spatial output.
@@ -178,13 +179,10 @@ class SecondOrderGradients:
     def __init__(self, forward_func: torch.nn.Module, layer: torch.nn.Module | str | None = None) -> None:
         if not isinstance(forward_func, torch.nn.Module):
             raise TypeError(f"SecondOrderGradients needs a torch.nn.Module, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
+        super().__init__(forward_func)
         self.layer = None if layer is None else resolve_layer(forward_func, layer)
 
     multiplies_by_inputs = True
-
-    def has_convergence_delta(self) -> bool:
-        return False
 
     def attribute(
         self,

@@ -24,6 +24,7 @@ import scipy.linalg
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
 from fastig.attr.perturbation import check_perturbations_per_eval, evaluate_copies, format_feature_mask, forward_outputs
 from fastig.core.targets import Target, format_additional_args
@@ -285,7 +286,7 @@ def _example(value: Any, i: int, n: int) -> Any:
     return value
 
 
-class Lime:
+class Lime(Attribution):
     """LIME (Ribeiro et al. 2016): a weighted linear surrogate fitted to the model's outputs on random on/off
     patterns of interpretable features (groups of input scalars given by ``feature_mask``).
 
@@ -303,9 +304,7 @@ class Lime:
         similarity_func: Callable | None = None,
         perturb_func: Callable | None = None,
     ) -> None:
-        if not callable(forward_func):
-            raise TypeError(f"forward_func must be callable, got {type(forward_func).__name__}")
-        self.forward_func = forward_func
+        super().__init__(forward_func)
         self.interpretable_model = Lasso(alpha=0.01) if interpretable_model is None else interpretable_model
         self.similarity_func = get_exp_kernel_similarity_function() if similarity_func is None else similarity_func
         self.perturb_func = default_perturb_func if perturb_func is None else perturb_func
@@ -313,12 +312,7 @@ class Lime:
             if not callable(getattr(self.interpretable_model, name, None)):
                 raise TypeError(f"interpretable_model needs a {name}() method (Captum's Model interface)")
 
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    def has_convergence_delta(self) -> bool:
-        return False
+    multiplies_by_inputs = False
 
     def attribute(
         self,
