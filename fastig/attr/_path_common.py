@@ -61,6 +61,15 @@ class PathAttribution(Attribution):
 
     _has_convergence_delta = True
 
+    def _setup(
+        self, n: int, target: Any, additional_forward_args: Any, output: str, internal_batch_size: int | None
+    ) -> tuple[Target, tuple, Engine]:
+        """What every attribute() needs: the target of each of the ``n`` examples, the extra model arguments, and
+        the engine over the explained output."""
+        tgt = Target(target, n)
+        args = format_additional_args(additional_forward_args)
+        return tgt, args, Engine(explained_function(self.forward_func, output), internal_batch_size)
+
     def compute_convergence_delta(
         self,
         attributions: Any,

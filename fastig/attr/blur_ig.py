@@ -6,10 +6,9 @@ import math
 from typing import Any
 
 from fastig.attr._inputs import format_inputs, format_output
-from fastig.attr._path_common import PathAttribution, check_flag, check_number, check_steps, explained_function
-from fastig.core.engine import Engine, integrate_idgi, integrate_moves
+from fastig.attr._path_common import PathAttribution, check_flag, check_number, check_steps
+from fastig.core.engine import integrate_idgi, integrate_moves
 from fastig.core.paths import BlurPath, gaussian_blur
-from fastig.core.targets import Target, format_additional_args
 
 
 def blur_sigmas(max_sigma: float, n_steps: int, sqrt: bool) -> list[float]:
@@ -65,9 +64,7 @@ class BlurIntegratedGradients(PathAttribution):
         check_flag("sqrt", sqrt)
         check_flag("idgi", idgi)
         xs, is_tuple = format_inputs(inputs)
-        tgt = Target(target, xs[0].shape[0])
-        args = format_additional_args(additional_forward_args)
-        engine = Engine(explained_function(self.forward_func, output), internal_batch_size)
+        tgt, args, engine = self._setup(xs[0].shape[0], target, additional_forward_args, output, internal_batch_size)
         sigmas = blur_sigmas(max_sigma, n_steps, sqrt)
         path = BlurPath(xs, sigmas, grad_step)
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
-from fastig.attr._path_common import PathAttribution, check_flag, check_number, check_steps, explained_function
-from fastig.core.engine import Engine, integrate_idgi, integrate_moves
+from fastig.attr._path_common import PathAttribution, check_flag, check_number, check_steps
+from fastig.core.engine import integrate_idgi, integrate_moves
 from fastig.core.paths import GuidedPath
-from fastig.core.targets import Target, format_additional_args
 
 
 class GuidedIntegratedGradients(PathAttribution):
@@ -55,9 +54,7 @@ class GuidedIntegratedGradients(PathAttribution):
         check_flag("idgi", idgi)
         xs, is_tuple = format_inputs(inputs)
         bs = format_baselines(baselines, xs)
-        tgt = Target(target, xs[0].shape[0])
-        args = format_additional_args(additional_forward_args)
-        engine = Engine(explained_function(self.forward_func, output), internal_batch_size)
+        tgt, args, engine = self._setup(xs[0].shape[0], target, additional_forward_args, output, internal_batch_size)
         path = GuidedPath(xs, bs, n_steps, fraction, max_dist)
 
         if idgi:

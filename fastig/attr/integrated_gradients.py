@@ -7,11 +7,10 @@ from typing import Any, Callable
 import torch
 
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
-from fastig.attr._path_common import PathAttribution, check_flag, explained_function
+from fastig.attr._path_common import PathAttribution, check_flag
 from fastig.core import quadrature
-from fastig.core.engine import Engine, integrate, integrate_idgi
+from fastig.core.engine import integrate, integrate_idgi
 from fastig.core.paths import StraightLine
-from fastig.core.targets import Target, format_additional_args
 
 
 class IntegratedGradients(PathAttribution):
@@ -74,9 +73,7 @@ class IntegratedGradients(PathAttribution):
         xs, is_tuple = format_inputs(inputs)
         bs = format_baselines(baselines, xs)
         rule = quadrature.rule(method, n_steps)
-        tgt = Target(target, xs[0].shape[0])
-        args = format_additional_args(additional_forward_args)
-        engine = Engine(explained_function(self.forward_func, output), internal_batch_size)
+        tgt, args, engine = self._setup(xs[0].shape[0], target, additional_forward_args, output, internal_batch_size)
 
         if idgi:
             alphas = sorted({0.0, *rule.alphas, 1.0})

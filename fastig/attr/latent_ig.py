@@ -18,10 +18,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
-from fastig.attr._path_common import PathAttribution, check_flag, check_steps, explained_function
-from fastig.core.engine import Engine, integrate_idgi, integrate_moves
+from fastig.attr._path_common import PathAttribution, check_flag, check_steps
+from fastig.core.engine import integrate_idgi, integrate_moves
 from fastig.core.paths import INTERPOLATIONS, LATENTS, DVAEImageSpace, LatentPath
-from fastig.core.targets import Target, format_additional_args
 from fastig.errors import CheckpointError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -189,9 +188,7 @@ class LatentIntegratedGradients(PathAttribution):
         path = self.path(xs, baselines, n_steps=n_steps, interpolation=interpolation, latent=latent,
                          gap_steps=gap_steps, dvae_size=dvae_size, rule=method)
         x, b = path.inputs, path.baselines
-        tgt = Target(target, x.shape[0])
-        args = format_additional_args(additional_forward_args)
-        engine = Engine(explained_function(self.forward_func, output), internal_batch_size)
+        tgt, args, engine = self._setup(x.shape[0], target, additional_forward_args, output, internal_batch_size)
 
         if idgi:
             totals, outputs = integrate_idgi(engine, path, tgt, args)

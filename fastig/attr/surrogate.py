@@ -263,6 +263,15 @@ def _consecutive(labels: torch.Tensor) -> torch.Tensor:
 # -- Lime --------------------------------------------------------------------------------------------------------
 
 
+def _mask_or_superpixels(feature_mask: Any, n_segments: int | None, xs: tuple[torch.Tensor, ...]) -> Any:
+    """``feature_mask``, or the :func:`superpixels` of the image batch when only ``n_segments`` is given."""
+    if feature_mask is None and n_segments is not None:
+        if len(xs) != 1 or xs[0].dim() != 4:
+            raise ValueError("n_segments needs a single image batch [N, C, H, W] as inputs")
+        feature_mask = superpixels(xs[0], n_segments)
+    return feature_mask
+
+
 def _lime_feature_mask(feature_mask: Any, xs: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], int]:
     """Captum's Lime masks: per-scalar features by default; user ids shifted to start at 0 (with a warning)."""
     if feature_mask is not None:
@@ -340,10 +349,7 @@ class Lime(Attribution):
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
         xs, is_tuple = format_inputs(inputs)
         bs = format_baselines(baselines, xs)
-        if feature_mask is None and n_segments is not None:
-            if len(xs) != 1 or xs[0].dim() != 4:
-                raise ValueError("n_segments needs a single image batch [N, C, H, W] as inputs")
-            feature_mask = superpixels(xs[0], n_segments)
+        feature_mask = _mask_or_superpixels(feature_mask, n_segments, xs)
         masks, n_features = _lime_feature_mask(feature_mask, xs)
         if n_features > 10000:
             warnings.warn(f"fitting a surrogate with {n_features} features is slow: group them with a feature_mask "
@@ -452,10 +458,7 @@ class KernelShap(Lime):
         n_segments: int | None = None,
     ) -> Any:
         xs, _ = format_inputs(inputs)
-        if feature_mask is None and n_segments is not None:
-            if len(xs) != 1 or xs[0].dim() != 4:
-                raise ValueError("n_segments needs a single image batch [N, C, H, W] as inputs")
-            feature_mask = superpixels(xs[0], n_segments)
+        feature_mask = _mask_or_superpixels(feature_mask, n_segments, xs)
         _, n_features = _lime_feature_mask(feature_mask, xs)
         sizes = torch.arange(n_features, dtype=torch.float)
         probs = torch.tensor(n_features - 1) / (sizes * (n_features - sizes))
