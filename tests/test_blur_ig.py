@@ -9,18 +9,9 @@ import fastig
 from fastig.attr import BlurIntegratedGradients
 from fastig.core.paths import gaussian_blur
 
+from _shared import SmallCNN
+
 saliency_core = pytest.importorskip("saliency.core")
-
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self, classes=5):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 3)
-        self.pool = torch.nn.MaxPool2d(2)
-        self.fc = torch.nn.Linear(6 * 3 * 3, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
 
 
 def pair_model_function(model, target, output="logit"):

@@ -15,37 +15,7 @@ from fastig.api import attribute
 from fastig.attr import GradientShap, GuidedBackprop, GuidedNonLinearityIG, InputXGradient, NoiseTunnel, Saliency
 from fastig.models.centerpixel import CENTER, SIZE, centerpixel
 
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self, classes=5):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 3)
-        self.pool = torch.nn.MaxPool2d(2)
-        self.fc = torch.nn.Linear(6 * 3 * 3, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
-
-
-class TwoInputNet(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(12, 3)
-        self.b = torch.nn.Linear(5, 3)
-
-    def forward(self, x1, x2, scale=1.0):
-        return torch.tanh(self.a(x1.flatten(1))) * scale + self.b(x2) ** 2
-
-
-def assert_close(ours, theirs, tol=1e-6):
-    if isinstance(theirs, tuple):
-        assert isinstance(ours, tuple) and len(ours) == len(theirs)
-        for o, t in zip(ours, theirs):
-            assert_close(o, t, tol)
-        return
-    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
-    scale = max(theirs.abs().max().item(), 1e-12)
-    assert (ours - theirs).abs().max().item() <= tol * scale, (ours - theirs).abs().max()
+from _shared import SmallCNN, TwoInputNet, assert_close
 
 
 TARGETS = {"int": lambda n: 2, "list": lambda n: [i % 5 for i in range(n)], "tensor": lambda n: torch.arange(n) % 5}

@@ -9,6 +9,8 @@ import torch
 import fastig
 from fastig.attr import GuidedIntegratedGradients, IntegratedGradients
 
+from _shared import SmallCNN
+
 saliency_core = pytest.importorskip("saliency.core")
 from saliency.core import guided_ig as pair_guided_ig_module  # noqa: E402
 
@@ -30,17 +32,6 @@ class _NumpyWithQuantileInterpolation(types.ModuleType):
 @pytest.fixture(autouse=True)
 def pair_runs_on_this_numpy(monkeypatch):
     monkeypatch.setattr(pair_guided_ig_module, "np", _NumpyWithQuantileInterpolation("numpy"))
-
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self, classes=5):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 3)
-        self.pool = torch.nn.MaxPool2d(2)
-        self.fc = torch.nn.Linear(6 * 3 * 3, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
 
 
 def pair_model_function(model, target, output="logit"):

@@ -11,6 +11,8 @@ from fastig.attr import BlurIntegratedGradients, GuidedIntegratedGradients, Inte
 from fastig.core import quadrature
 from fastig.core.paths import gaussian_blur
 
+from _shared import SmallCNN
+
 
 def idgi_reference(gradients, predictions):
     """The official IDGI formula, from the paper: for consecutive path points i, i+1,
@@ -32,17 +34,6 @@ def gradients_and_predictions(model, points, target):
         grads.append(g.numpy())
         preds.append(out.item())
     return np.stack(grads), np.array(preds)
-
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self, classes=5):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 3)
-        self.pool = torch.nn.MaxPool2d(2)
-        self.fc = torch.nn.Linear(6 * 3 * 3, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
 
 
 class TwoInputNet(torch.nn.Module):

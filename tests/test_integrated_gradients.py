@@ -9,28 +9,7 @@ from captum.attr import IntegratedGradients as CaptumIG
 from fastig.attr import IntegratedGradients
 from fastig.core import quadrature
 
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self, classes=5):
-        super().__init__()
-        self.conv = torch.nn.Conv2d(3, 6, 3)
-        self.pool = torch.nn.MaxPool2d(2)
-        self.fc = torch.nn.Linear(6 * 3 * 3, classes)
-
-    def forward(self, x):
-        return self.fc(torch.flatten(self.pool(torch.relu(self.conv(x))), 1))
-
-
-class TwoInputNet(torch.nn.Module):
-    """Two image-like inputs, a scale argument, output [N, 3]."""
-
-    def __init__(self):
-        super().__init__()
-        self.a = torch.nn.Linear(12, 3)
-        self.b = torch.nn.Linear(5, 3)
-
-    def forward(self, x1, x2, scale=1.0):
-        return torch.tanh(self.a(x1.flatten(1))) * scale + self.b(x2) ** 2
+from _shared import SmallCNN, TwoInputNet
 
 
 def close(ours, theirs, tol=1e-5):
