@@ -1,5 +1,6 @@
 // Torch-side helpers shared by the CPU kernels (cpu/*.cpp) and the CUDA bindings (cuda_bindings.cpp):
-// argument checks with clear errors, and the dense element order each op processes its tensors in.
+// argument checks with clear errors, the dense element order each op processes its tensors in, and each op's
+// preparation of its tensors and output in that order.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -147,6 +148,85 @@ inline void check_guided_step(const at::Tensor& x, const at::Tensor& input, cons
   TORCH_CHECK_VALUE(fraction >= 0.0 && fraction <= 1.0, "fastig: fraction must be in [0, 1], got ", fraction);
   TORCH_CHECK_VALUE(alpha_min >= 0.0 && alpha_min <= alpha_max && alpha_max <= 1.0,
                     "fastig: need 0 <= alpha_min <= alpha_max <= 1, got ", alpha_min, ", ", alpha_max);
+}
+
+// --- per-op preparation (the same on every backend): tensors in processing order, output in their memory format ---
+
+// path_points: input and baseline [N, ...] in processing order, the output [K * N, ...] in the same memory format.
+struct PreparedPathPoints {
+  at::Tensor x, b, alphas, out;
+  int64_t k_steps, n, d;
+  bool shared_baseline;  // a baseline broadcast over the examples is read in place, not materialized N times
+};
+
+inline PreparedPathPoints prepare_path_points(const at::Tensor& input, const at::Tensor& baseline,
+                                              const at::Tensor& alphas) {
+  PreparedPathPoints p;
+  p.k_steps = alphas.size(0);
+  p.n = input.size(0);
+  p.d = p.n == 0 ? 0 : input.numel() / p.n;
+  const bool cl = channels_last_order(input, 1);
+  p.x = in_order(input, 1, cl);
+  p.shared_baseline = p.n > 1 && baseline.stride(0) == 0;
+  p.b = in_order(p.shared_baseline ? baseline.narrow(0, 0, 1) : baseline, 1, cl);
+  p.alphas = alphas.contiguous();
+  std::vector<int64_t> sizes = sizes_of(input);
+  sizes[0] = p.k_steps * p.n;
+  p.out = empty_in_order(sizes, 1, cl, input.options());
+  return p;
+}
+
+// accumulate, squared_norms, accumulate_idgi: grads [K, N, ...] in processing order, plus the [N, ...] output
+// (accumulation dtype) in the same memory format.
+struct PreparedGrads {
+  at::Tensor grads, out;
+  int64_t k_steps, n, d;
+};
+
+inline PreparedGrads prepare_grads(const at::Tensor& grads) {
+  const bool cl = channels_last_order(grads, 2);
+  PreparedGrads p;
+  p.grads = in_order(grads, 2, cl);
+  p.k_steps = grads.size(0);
+  p.n = grads.size(1);
+  p.d = 1;
+  for (int64_t i = 2; i < grads.dim(); ++i) p.d *= grads.size(i);
+  std::vector<int64_t> sizes(grads.sizes().begin() + 1, grads.sizes().end());
+  p.out = empty_in_order(sizes, 1, cl, grads.options().dtype(accumulation_type(grads.scalar_type())));
+  return p;
+}
+
+// perturb: image and substrate (broadcast to the image) [N, C, H, W] in processing order, rank and counts
+// contiguous, the output [N * K, C, H, W] in the image's memory format.
+struct PreparedPerturb {
+  at::Tensor image, substrate, rank, counts, out;
+  int64_t n, c, p, k;  // p: pixels per channel (H * W)
+  bool channels_last;
+  bool shared_substrate;  // one substrate for all images (e.g. a baseline)
+};
+
+inline PreparedPerturb prepare_perturb(const at::Tensor& image, const at::Tensor& substrate_in, const at::Tensor& rank,
+                                       const at::Tensor& counts) {
+  at::Tensor substrate;
+  try {
+    substrate = substrate_in.expand_as(image);
+  } catch (const c10::Error&) {
+    TORCH_CHECK_VALUE(false, "fastig: substrate of shape ", substrate_in.sizes(), " does not broadcast to image shape ",
+                      image.sizes());
+  }
+  PreparedPerturb p;
+  p.n = image.size(0);
+  p.c = image.size(1);
+  p.p = image.size(2) * image.size(3);
+  p.k = counts.size(0);
+  p.channels_last = channels_last_order(image, 1);
+  p.image = in_order(image, 1, p.channels_last);
+  p.shared_substrate = p.n > 1 && substrate.stride(0) == 0;
+  p.substrate = in_order(p.shared_substrate ? substrate.narrow(0, 0, 1) : substrate, 1, p.channels_last);
+  p.rank = rank.contiguous();
+  p.counts = counts.contiguous();
+  p.out = empty_in_order({p.n * p.k, p.c, image.size(2), image.size(3)}, 1, p.channels_last, image.options());
+  return p;
 }
 
 // 0-based rank of np.quantile(..., interpolation='lower'): floor(fraction * (D - 1)).

@@ -36,45 +36,19 @@ void check_launch(const char* error, const char* op) {
 at::Tensor path_points_cuda(const at::Tensor& input, const at::Tensor& baseline, const at::Tensor& alphas) {
   check_path_points(input, baseline, alphas);
   c10::DeviceGuard guard(input.device());
-  const int64_t k_steps = alphas.size(0), n = input.size(0);
-  const int64_t d = n == 0 ? 0 : input.numel() / n;
-  const bool cl = channels_last_order(input, 1);
-  at::Tensor x = in_order(input, 1, cl);
-  const bool shared = n > 1 && baseline.stride(0) == 0;
-  at::Tensor b = in_order(shared ? baseline.narrow(0, 0, 1) : baseline, 1, cl);
-  at::Tensor a = alphas.contiguous();
-  std::vector<int64_t> sizes = sizes_of(input);
-  sizes[0] = k_steps * n;
-  at::Tensor out = empty_in_order(sizes, 1, cl, input.options());
-  if (out.numel() == 0) return out;
-  check_launch(cuda::path_points(dtype_of(input), x.const_data_ptr(), b.const_data_ptr(), shared,
-                                 a.const_data_ptr<double>(), out.data_ptr(), k_steps, n, d, current_stream(input)),
+  PreparedPathPoints p = prepare_path_points(input, baseline, alphas);
+  if (p.out.numel() == 0) return p.out;
+  check_launch(cuda::path_points(dtype_of(input), p.x.const_data_ptr(), p.b.const_data_ptr(), p.shared_baseline,
+                                 p.alphas.const_data_ptr<double>(), p.out.data_ptr(), p.k_steps, p.n, p.d,
+                                 current_stream(input)),
                "path_points");
-  return out;
-}
-
-struct Prepared {
-  at::Tensor grads, out;
-  int64_t k_steps, n, d;
-};
-
-Prepared prepare(const at::Tensor& grads) {
-  const bool cl = channels_last_order(grads, 2);
-  Prepared p;
-  p.grads = in_order(grads, 2, cl);
-  p.k_steps = grads.size(0);
-  p.n = grads.size(1);
-  p.d = 1;
-  for (int64_t i = 2; i < grads.dim(); ++i) p.d *= grads.size(i);
-  std::vector<int64_t> sizes(grads.sizes().begin() + 1, grads.sizes().end());
-  p.out = empty_in_order(sizes, 1, cl, grads.options().dtype(accumulation_type(grads.scalar_type())));
-  return p;
+  return p.out;
 }
 
 at::Tensor accumulate_cuda(const at::Tensor& grads, const at::Tensor& weights) {
   check_accumulate(grads, weights);
   c10::DeviceGuard guard(grads.device());
-  Prepared p = prepare(grads);
+  PreparedGrads p = prepare_grads(grads);
   if (p.out.numel() == 0) return p.out;
   at::Tensor w = weights.to(p.out.scalar_type()).contiguous();
   check_launch(cuda::accumulate(dtype_of(grads), p.grads.const_data_ptr(), w.const_data_ptr(), p.out.data_ptr(),
@@ -86,7 +60,7 @@ at::Tensor accumulate_cuda(const at::Tensor& grads, const at::Tensor& weights) {
 at::Tensor squared_norms_cuda(const at::Tensor& grads) {
   check_grads(grads);
   c10::DeviceGuard guard(grads.device());
-  Prepared p = prepare(grads);
+  PreparedGrads p = prepare_grads(grads);
   at::Tensor out = at::empty({p.k_steps, p.n}, p.out.options());
   if (out.numel() == 0) return out;
   check_launch(cuda::squared_norms(dtype_of(grads), p.grads.const_data_ptr(), out.data_ptr(), p.k_steps * p.n, p.d,
@@ -98,7 +72,7 @@ at::Tensor squared_norms_cuda(const at::Tensor& grads) {
 at::Tensor accumulate_idgi_cuda(const at::Tensor& grads, const at::Tensor& outputs, const at::Tensor& sq_norms) {
   check_idgi(grads, outputs, sq_norms);
   c10::DeviceGuard guard(grads.device());
-  Prepared p = prepare(grads);
+  PreparedGrads p = prepare_grads(grads);
   if (p.out.numel() == 0) return p.out;
   const auto acc = p.out.scalar_type();
   at::Tensor df = (outputs.narrow(0, 1, p.k_steps) - outputs.narrow(0, 0, p.k_steps)).to(acc);
@@ -116,26 +90,14 @@ at::Tensor perturb_cuda(const at::Tensor& image, const at::Tensor& substrate_in,
                         const at::Tensor& counts) {
   check_perturb(image, substrate_in, rank, counts);
   c10::DeviceGuard guard(image.device());
-  at::Tensor substrate;
-  try {
-    substrate = substrate_in.expand_as(image);
-  } catch (const c10::Error&) {
-    TORCH_CHECK_VALUE(false, "fastig: substrate of shape ", substrate_in.sizes(), " does not broadcast to image shape ",
-                      image.sizes());
-  }
-  const int64_t n = image.size(0), c = image.size(1), p = image.size(2) * image.size(3), k = counts.size(0);
-  const bool cl = channels_last_order(image, 1);
-  at::Tensor img = in_order(image, 1, cl);
-  const bool shared = n > 1 && substrate.stride(0) == 0;
-  at::Tensor sub = in_order(shared ? substrate.narrow(0, 0, 1) : substrate, 1, cl);
-  at::Tensor r = rank.contiguous(), cnt = counts.contiguous();
-  at::Tensor out = empty_in_order({n * k, c, image.size(2), image.size(3)}, 1, cl, image.options());
-  if (out.numel() == 0) return out;
-  check_launch(cuda::perturb(static_cast<int>(image.element_size()), img.const_data_ptr(), sub.const_data_ptr(), shared,
-                             r.const_data_ptr<int64_t>(), cnt.const_data_ptr<int64_t>(), out.data_ptr(), n, k, c, p,
-                             cl, current_stream(image)),
+  PreparedPerturb p = prepare_perturb(image, substrate_in, rank, counts);
+  if (p.out.numel() == 0) return p.out;
+  check_launch(cuda::perturb(static_cast<int>(image.element_size()), p.image.const_data_ptr(),
+                             p.substrate.const_data_ptr(), p.shared_substrate, p.rank.const_data_ptr<int64_t>(),
+                             p.counts.const_data_ptr<int64_t>(), p.out.data_ptr(), p.n, p.k, p.c, p.p, p.channels_last,
+                             current_stream(image)),
                "perturb");
-  return out;
+  return p.out;
 }
 
 at::Tensor guided_step_cuda(const at::Tensor& x, const at::Tensor& input, const at::Tensor& baseline,

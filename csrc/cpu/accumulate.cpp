@@ -43,28 +43,9 @@ void weighted_sum(const scalar_t* g, acc_t* out, int64_t k_steps, int64_t m, int
   });
 }
 
-// Grads [K, N, ...] in processing order, plus the output [N, ...] in the same memory format.
-struct Prepared {
-  at::Tensor grads, out;
-  int64_t k_steps, n, d;
-};
-
-Prepared prepare(const at::Tensor& grads) {
-  const bool cl = channels_last_order(grads, 2);
-  Prepared p;
-  p.grads = in_order(grads, 2, cl);
-  p.k_steps = grads.size(0);
-  p.n = grads.size(1);
-  p.d = 1;
-  for (int64_t i = 2; i < grads.dim(); ++i) p.d *= grads.size(i);
-  std::vector<int64_t> sizes(grads.sizes().begin() + 1, grads.sizes().end());
-  p.out = empty_in_order(sizes, 1, cl, grads.options().dtype(accumulation_type(grads.scalar_type())));
-  return p;
-}
-
 at::Tensor accumulate_cpu(const at::Tensor& grads, const at::Tensor& weights) {
   check_accumulate(grads, weights);
-  Prepared p = prepare(grads);
+  PreparedGrads p = prepare_grads(grads);
   if (p.out.numel() == 0) return p.out;
   at::Tensor w = weights.to(p.out.scalar_type()).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "fastig::accumulate", [&] {
@@ -118,7 +99,7 @@ at::Tensor squared_norms_cpu(const at::Tensor& grads) {
 
 at::Tensor accumulate_idgi_cpu(const at::Tensor& grads, const at::Tensor& outputs, const at::Tensor& sq_norms) {
   check_idgi(grads, outputs, sq_norms);
-  Prepared p = prepare(grads);
+  PreparedGrads p = prepare_grads(grads);
   if (p.out.numel() == 0) return p.out;
   // Per-step scale (f_{k+1} - f_k) / ||g_k||^2, 0 for a zero norm: [K, N], computed exactly as the reference does.
   const auto acc = p.out.scalar_type();

@@ -32,23 +32,14 @@ void path_points_kernel(const scalar_t* x, const scalar_t* b, bool shared_baseli
 
 at::Tensor path_points_cpu(const at::Tensor& input, const at::Tensor& baseline, const at::Tensor& alphas) {
   check_path_points(input, baseline, alphas);
-  const int64_t k_steps = alphas.size(0), n = input.size(0);
-  const int64_t d = n == 0 ? 0 : input.numel() / n;
-  const bool cl = channels_last_order(input, 1);
-  at::Tensor x = in_order(input, 1, cl);
-  // A baseline broadcast over the examples is read in place instead of being materialized N times.
-  const bool shared = n > 1 && baseline.stride(0) == 0;
-  at::Tensor b = in_order(shared ? baseline.narrow(0, 0, 1) : baseline, 1, cl);
-  at::Tensor a = alphas.contiguous();
-  std::vector<int64_t> sizes = sizes_of(input);
-  sizes[0] = k_steps * n;
-  at::Tensor out = empty_in_order(sizes, 1, cl, input.options());
-  if (out.numel() == 0) return out;
+  PreparedPathPoints p = prepare_path_points(input, baseline, alphas);
+  if (p.out.numel() == 0) return p.out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "fastig::path_points", [&] {
-    path_points_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), b.const_data_ptr<scalar_t>(), shared,
-                                 a.const_data_ptr<double>(), static_cast<scalar_t*>(out.data_ptr()), k_steps, n, d);
+    path_points_kernel<scalar_t>(p.x.const_data_ptr<scalar_t>(), p.b.const_data_ptr<scalar_t>(), p.shared_baseline,
+                                 p.alphas.const_data_ptr<double>(), static_cast<scalar_t*>(p.out.data_ptr()),
+                                 p.k_steps, p.n, p.d);
   });
-  return out;
+  return p.out;
 }
 
 }  // namespace

@@ -50,33 +50,21 @@ void perturb_kernel(const bits_t* image, const bits_t* substrate, bool shared_su
 at::Tensor perturb_cpu(const at::Tensor& image, const at::Tensor& substrate_in, const at::Tensor& rank,
                        const at::Tensor& counts) {
   check_perturb(image, substrate_in, rank, counts);
-  at::Tensor substrate;
-  try {
-    substrate = substrate_in.expand_as(image);
-  } catch (const c10::Error&) {
-    TORCH_CHECK_VALUE(false, "fastig: substrate of shape ", substrate_in.sizes(), " does not broadcast to image shape ",
-                      image.sizes());
-  }
-  const int64_t n = image.size(0), c = image.size(1), p = image.size(2) * image.size(3), k = counts.size(0);
-  const bool cl = channels_last_order(image, 1);
-  at::Tensor img = in_order(image, 1, cl);
-  const bool shared = n > 1 && substrate.stride(0) == 0;  // one substrate for all images (e.g. a baseline)
-  at::Tensor sub = in_order(shared ? substrate.narrow(0, 0, 1) : substrate, 1, cl);
-  at::Tensor r = rank.contiguous(), cnt = counts.contiguous();
-  at::Tensor out = empty_in_order({n * k, c, image.size(2), image.size(3)}, 1, cl, image.options());
-  if (out.numel() == 0) return out;
+  PreparedPerturb p = prepare_perturb(image, substrate_in, rank, counts);
+  if (p.out.numel() == 0) return p.out;
   auto run = [&](auto tag) {
     using bits_t = decltype(tag);
-    perturb_kernel<bits_t>(static_cast<const bits_t*>(img.const_data_ptr()),
-                           static_cast<const bits_t*>(sub.const_data_ptr()), shared, r.const_data_ptr<int64_t>(),
-                           cnt.const_data_ptr<int64_t>(), static_cast<bits_t*>(out.data_ptr()), n, k, c, p, cl);
+    perturb_kernel<bits_t>(static_cast<const bits_t*>(p.image.const_data_ptr()),
+                           static_cast<const bits_t*>(p.substrate.const_data_ptr()), p.shared_substrate,
+                           p.rank.const_data_ptr<int64_t>(), p.counts.const_data_ptr<int64_t>(),
+                           static_cast<bits_t*>(p.out.data_ptr()), p.n, p.k, p.c, p.p, p.channels_last);
   };
   switch (image.element_size()) {
     case 2: run(uint16_t{}); break;
     case 4: run(uint32_t{}); break;
     default: run(uint64_t{}); break;
   }
-  return out;
+  return p.out;
 }
 
 }  // namespace
