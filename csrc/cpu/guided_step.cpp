@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "../common.h"
@@ -20,38 +21,45 @@ void guided_step_one(scalar_t* x, const scalar_t* input, const scalar_t* baselin
                      double fraction, scalar_t a_min, scalar_t a_max, double target) {
   const scalar_t inf = std::numeric_limits<scalar_t>::infinity();
   const int64_t kth = lower_quantile_index(fraction, d);
-  std::vector<scalar_t> key(d), scratch(d);
+  // uninitialized buffers (every round writes them before reading): keys, their copy for nth_element, and the
+  // indices of the features selected in a round
+  std::unique_ptr<scalar_t[]> key(new scalar_t[d]), scratch(new scalar_t[d]);
+  std::unique_ptr<int64_t[]> chosen(new int64_t[d]);
   auto x_min = [&](int64_t j) { return baseline[j] + (input[j] - baseline[j]) * a_min; };
   auto x_max = [&](int64_t j) { return baseline[j] + (input[j] - baseline[j]) * a_max; };
   for (int64_t round = 0; round < d + 2; ++round) {
-    // 1. Laggards behind alpha_min jump to x_min; 2. the L1 distance left to the input.
+    // One pass: 1. laggards behind alpha_min jump to x_min; 2. the L1 distance left to the input; 3. the keys of
+    // the threshold, features already at x_max (and non-finite gradients) keyed +inf.
     double l1 = 0.0;
     for (int64_t j = 0; j < d; ++j) {
       const scalar_t diff = input[j] - baseline[j];
       const scalar_t alpha = diff != scalar_t(0) ? (x[j] - baseline[j]) / diff : a_max;
-      if (alpha < a_min) x[j] = x_min(j);
-      l1 += static_cast<double>(std::abs(x[j] - input[j]));
+      const scalar_t xj = alpha < a_min ? x_min(j) : x[j];  // written as selects: the branches are unpredictable
+      x[j] = xj;
+      l1 += static_cast<double>(std::abs(xj - input[j]));
+      const scalar_t g = std::abs(grad[j]);
+      key[j] = scratch[j] = (xj == x_max(j) || !std::isfinite(g)) ? inf : g;
     }
     const double tol = std::max(kGuidedEpsilon * std::max(std::abs(l1), std::abs(target)), kGuidedEpsilon);
     if (l1 - target <= tol) return;
-    // 3. Threshold: the kth smallest key, features already at x_max (and non-finite gradients) keyed +inf.
-    for (int64_t j = 0; j < d; ++j) {
-      const scalar_t g = std::abs(grad[j]);
-      key[j] = (x[j] == x_max(j) || !std::isfinite(g)) ? inf : g;
-    }
-    std::copy(key.begin(), key.end(), scratch.begin());
-    std::nth_element(scratch.begin(), scratch.begin() + kth, scratch.end());
+    // The threshold: the kth smallest key.
+    std::nth_element(scratch.get(), scratch.get() + kth, scratch.get() + d);
     const scalar_t threshold = scratch[kth];
     // 4. Move the selected features toward x_max: all the way, or by the fraction gamma that meets the target.
     double l1_s = 0.0;
-    for (int64_t j = 0; j < d; ++j)
-      if (key[j] <= threshold && key[j] != inf) l1_s += static_cast<double>(std::abs(x[j] - x_max(j)));
+    int64_t n_chosen = 0;
+    for (int64_t j = 0; j < d; ++j) {  // branch-free compaction of the selected indices
+      const bool selected = key[j] <= threshold && key[j] != inf;
+      chosen[n_chosen] = j;
+      n_chosen += selected;
+      l1_s += selected ? static_cast<double>(std::abs(x[j] - x_max(j))) : 0.0;
+    }
     if (!(l1_s > 0.0)) return;  // nothing left to move
     const double gamma = (l1 - target) / l1_s;
     const bool full = gamma > 1.0;
     const scalar_t g = static_cast<scalar_t>(gamma);
-    for (int64_t j = 0; j < d; ++j) {
-      if (!(key[j] <= threshold && key[j] != inf)) continue;
+    for (int64_t c = 0; c < n_chosen; ++c) {
+      const int64_t j = chosen[c];
       const scalar_t top = x_max(j);
       x[j] = full ? top : x[j] + (top - x[j]) * g;
     }
