@@ -103,8 +103,8 @@ def test_fastig_insertion_deletion(benchmark, resnet50, batch):
     def run():
         timed.seconds = 0.0
         start = time.perf_counter()
-        a = insertion(timed, images, saliency, step=STEP, batch_size=32).auc
-        b = deletion(timed, images, saliency, step=STEP, batch_size=32).auc
+        a = insertion(timed, images, saliency, step=STEP).auc
+        b = deletion(timed, images, saliency, step=STEP).auc
         run.outside = 1.0 - timed.seconds / (time.perf_counter() - start)
         return np.stack([a, b], 1)
 

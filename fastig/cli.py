@@ -235,7 +235,8 @@ def _evaluate(store_path: Path, metrics, **settings) -> None:
 @click.option("--aggregation", type=click.Choice(["median", "mean"]), default="median", show_default=True,
               help="how PIC curves are aggregated over images")
 @click.option("--quality", type=int, default=75, show_default=True, help="lossy_mse: JPEG quality")
-@click.option("--batch-size", type=int, default=32, show_default=True, help="model inputs per pass")
+@click.option("--batch-size", type=int, default=8, show_default=True,
+              help="model inputs per pass (8 suits a CPU; use more on a GPU)")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the plots (default: metrics/ beside the store)")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="write curve plots and heatmap grids")

@@ -105,7 +105,7 @@ def _summary(name: str, values: np.ndarray, skipped_codes: np.ndarray | None = N
 def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weights="auto", device="cpu",
                    out_dir=None, step: int | None = None, insertion_substrate="blur", deletion_substrate="zeros",
                    abs_saliency: bool = False, information="webp", pic_seed: int = 0, min_pred_value: float = 0.8,
-                   thresholds: Sequence[float] | None = None, aggregation: str = "median", quality: int = 75, batch_size: int = 32,
+                   thresholds: Sequence[float] | None = None, aggregation: str = "median", quality: int = 75, batch_size: int = 8,
                    workers: int | None = None, image_plots: int = 8, prepare: bool = True,
                    plots: bool = True, progress: Callable[[str], None] | None = None) -> list[SummaryRow]:
     """Compute ``metrics`` for the attributions in the store at ``store_path`` and write them into it.

@@ -39,6 +39,8 @@ import cv2
 import numpy as np
 import torch
 
+from fastig.metrics.insertion import DEFAULT_BATCH_SIZE
+
 PAIR_THRESHOLDS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.21, 0.34, 0.5, 0.75)
 METRICS = ("sic", "aic")
 SKIP_REASONS = {
@@ -47,7 +49,6 @@ SKIP_REASONS = {
     2: "blurred_not_less_informative",  # the fully blurred image's information >= the original's
     3: "blurred_prediction_not_lower",  # the fully blurred image's score >= the original's
 }
-DEFAULT_BATCH_SIZE = 32
 
 
 # --- information estimators ----------------------------------------------------------------------------------
