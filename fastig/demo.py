@@ -73,7 +73,7 @@ def run_demo(out_dir: Path, method_names: list[str] | None = None, echo: Callabl
                 heat = attribution[0].detach().float()
                 pictures[label] = (render_heatmap(heat, _grey_to_rgb(x), sign="absolute", clip_percentile=100),
                                    _center_crop(render_heatmap(heat, sign="absolute", clip_percentile=100)))
-        except (FastigError, ValueError, TypeError) as exc:  # a method that does not apply to this model
+        except (FastigError, ValueError, TypeError) as exc:  # does not apply to this model, or lacks its weights
             results[name] = {"error": str(exc)}
             continue
         results[name] = {"ranks": ranks, "seconds": time.perf_counter() - started}
@@ -112,7 +112,7 @@ def _print_table(results: dict, labels: list[str], echo: Callable[[str], None]) 
     echo("-" * len(header))
     for name, result in results.items():
         if "error" in result:
-            echo(f"{name:26s} not applicable to this model: {result['error']}")
+            echo(f"{name:26s} skipped: {result['error']}")
         else:
             echo(f"{name:26s}" + "".join(f"{result['ranks'][label]:14d}" for label in labels)
                  + f"{result['seconds']:10.2f}")
