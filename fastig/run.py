@@ -29,7 +29,6 @@ merges when it finds every selected image recorded.
 
 from __future__ import annotations
 
-import math
 import os
 import shutil
 import sys
@@ -43,6 +42,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from fastig.core import progress
 from fastig.errors import FastigError
 
 STORE_NAME = "attributions.h5"
@@ -85,7 +85,7 @@ class RunSpec:
     overwrite: bool = False
     shard: tuple[int, int] | None = None  # (rank, world size) without torch.distributed
     fsync: bool = True  # fsync the journal after every batch (survives power loss, not only a kill)
-    log_interval: float = 30.0  # seconds between log lines when stderr is not a terminal
+    log_interval: float = progress.LOG_INTERVAL  # seconds between log lines when stderr is not a terminal
 
 
 @dataclass
@@ -260,22 +260,22 @@ def _run(spec: RunSpec, dist: "_Distributed", echo) -> RunSummary:
         workers = spec.workers if spec.workers is not None else (
             0 if spec.images is not None else min(4, os.cpu_count() or 1))
         journal = Journal.open(parts / f"rank-{dist.rank:05d}.journal", run_header, fsync=spec.fsync)
-        progress = Progress(len(todo), f"{spec.method} on {spec.model}", interval=spec.log_interval,
-                            show_bar=dist.rank == 0, prefix=f"[rank {dist.rank}] " if dist.world_size > 1 else "")
         try:
-            loader = datasets.batches(dataset, todo, preprocess, spec.batch_size, workers,
-                                      pin_memory=device.type == "cuda")
-            worker = _BatchWorker(spec, model, device, journal, preprocess, out_dir, heatmaps, summary)
-            while True:
-                waited = time.perf_counter()
-                batch = next(loader, None)
-                summary.data_seconds += time.perf_counter() - waited
-                if batch is None:
-                    break
-                worker(batch)
-                progress.update(len(batch))
+            with progress.task(f"{spec.method} on {spec.model}", len(todo), "images", show=True,
+                               interval=spec.log_interval, bar=dist.rank == 0,
+                               prefix=f"[rank {dist.rank}] " if dist.world_size > 1 else "") as images_done:
+                loader = datasets.batches(dataset, todo, preprocess, spec.batch_size, workers,
+                                          pin_memory=device.type == "cuda")
+                worker = _BatchWorker(spec, model, device, journal, preprocess, out_dir, heatmaps, summary)
+                while True:
+                    waited = time.perf_counter()
+                    batch = next(loader, None)
+                    summary.data_seconds += time.perf_counter() - waited
+                    if batch is None:
+                        break
+                    worker(batch)
+                    images_done.advance(len(batch))
         finally:
-            progress.close()
             journal.close()
     summary.seconds = time.perf_counter() - started
 
@@ -553,52 +553,3 @@ class _Distributed:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-
-
-# ---- progress ---------------------------------------------------------------------------------------------------
-
-
-class Progress:
-    """A progress bar with images/s and ETA on a terminal; a plain log line every ``interval`` seconds otherwise."""
-
-    def __init__(self, total: int, label: str, stream=None, interval: float = 30.0, show_bar: bool = True,
-                 prefix: str = ""):
-        self.total, self.label, self.stream = total, label, stream or sys.stderr
-        self.interval, self.prefix = interval, prefix
-        self.tty = show_bar and hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.count, self.started = 0, time.perf_counter()
-        self.last = self.started
-
-    def update(self, n: int) -> None:
-        self.count += n
-        now = time.perf_counter()
-        if self.tty and (now - self.last >= 0.1 or self.count >= self.total):
-            self.last = now
-            width = 30
-            filled = int(width * self.count / max(self.total, 1))
-            self.stream.write(f"\r{self.prefix}{self.label} [{'#' * filled}{'.' * (width - filled)}] {self._numbers(now)}")
-            self.stream.flush()
-        elif not self.tty and (now - self.last >= self.interval):
-            self.last = now
-            self.stream.write(f"{self.prefix}{self.label}: {self._numbers(now)}\n")
-            self.stream.flush()
-
-    def _numbers(self, now: float) -> str:
-        elapsed = now - self.started
-        rate = self.count / elapsed if elapsed > 0 else 0.0
-        eta = (self.total - self.count) / rate if rate > 0 else math.inf
-        return (f"{self.count}/{self.total} images ({100 * self.count / max(self.total, 1):.0f}%), "
-                f"{rate:.2f} images/s, ETA {_duration(eta)}")
-
-    def close(self) -> None:
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"

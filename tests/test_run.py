@@ -19,9 +19,10 @@ from click.testing import CliRunner
 import fastig
 from fastig import models
 from fastig.cli import cli
+from fastig.core import progress
 from fastig.io.images import load_image
 from fastig.io.store import Store, read_journal
-from fastig.run import PARTS_NAME, STORE_NAME, Progress, RunError, RunSpec, preprocess_for, run
+from fastig.run import PARTS_NAME, STORE_NAME, RunError, RunSpec, preprocess_for, run
 
 IG = {"n_steps": 8}
 
@@ -316,10 +317,9 @@ def test_cli_dataset_options(tmp_path, listing):
 
 def test_progress_lines_when_not_a_terminal_and_a_bar_on_one():
     stream = io.StringIO()
-    progress = Progress(10, "ig on m", stream=stream, interval=0.0)
-    for _ in range(5):
-        progress.update(2)
-    progress.close()
+    with progress.task("ig on m", 10, "images", show=True, stream=stream, interval=0.0) as images:
+        for _ in range(5):
+            images.advance(2)
     lines = stream.getvalue().splitlines()
     assert len(lines) == 5 and lines[-1].startswith("ig on m: 10/10 images (100%)") and "images/s" in lines[0]
     assert "ETA" in lines[0]
@@ -329,7 +329,6 @@ def test_progress_lines_when_not_a_terminal_and_a_bar_on_one():
             return True
 
     tty = Terminal()
-    progress = Progress(4, "ig", stream=tty)
-    progress.update(4)
-    progress.close()
+    with progress.task("ig", 4, "images", show=True, stream=tty) as images:
+        images.advance(4)
     assert tty.getvalue().startswith("\rig [") and "4/4 images" in tty.getvalue() and tty.getvalue().endswith("\n")

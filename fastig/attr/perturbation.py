@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import sys
 from typing import Any, Callable, Iterator
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from fastig import _ops
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
+from fastig.core import progress
 from fastig.core.engine import CPU_BATCH_BYTES
 from fastig.core.targets import Target, args_for_batch, format_additional_args
 
@@ -58,6 +58,7 @@ def forward_outputs(forward_func: Callable, inputs: tuple, target: Target, args:
     """The explained scalar of each of ``n_rows`` rows, as a 1-D tensor (one model call, no gradient)."""
     with torch.no_grad():
         output = forward_func(*inputs, *args)
+    progress.pulse()
     if isinstance(output, (int, float)) and not isinstance(output, bool):
         output = torch.tensor([output], dtype=torch.float64)
     if not isinstance(output, torch.Tensor):
@@ -91,31 +92,27 @@ def evaluate_copies(
     """
     n = target.n
     size = copies_per_batch(sample_inputs, n_copies, perturbations_per_eval)
-    start, done_batches = 0, 0
-    total_batches = math.ceil(n_copies / size) if n_copies else 0
-    while start < n_copies:
-        stop = min(start + size, n_copies)
-        k = stop - start
-        try:
-            inputs, context = build(start, stop)
-            outputs = forward_outputs(
-                forward_func, inputs, target.for_batch(slice(0, n), k), args_for_batch(args, n, slice(0, n), k), k * n
-            )
-        except torch.cuda.OutOfMemoryError:
-            if perturbations_per_eval is not None or k == 1:
-                raise
-            inputs = context = None
-            torch.cuda.empty_cache()
-            size = max(1, k // 2)
-            total_batches = done_batches + math.ceil((n_copies - start) / size)
-            continue
-        done_batches += 1
-        if show_progress:
-            print(f"\r{description}: batch {done_batches}/{total_batches}", end="", file=sys.stderr, flush=True)
-        yield slice(start, stop), outputs.reshape(k, n), context
-        start = stop
-    if show_progress:
-        print(file=sys.stderr)
+    start = 0
+    with progress.task(description, n_copies, "perturbations", show=show_progress) as done:
+        while start < n_copies:
+            stop = min(start + size, n_copies)
+            k = stop - start
+            try:
+                inputs, context = build(start, stop)
+                outputs = forward_outputs(
+                    forward_func, inputs, target.for_batch(slice(0, n), k), args_for_batch(args, n, slice(0, n), k),
+                    k * n,
+                )
+            except torch.cuda.OutOfMemoryError:
+                if perturbations_per_eval is not None or k == 1:
+                    raise
+                inputs = context = None
+                torch.cuda.empty_cache()
+                size = max(1, k // 2)
+                continue
+            yield slice(start, stop), outputs.reshape(k, n), context
+            done.advance(k)
+            start = stop
 
 
 # -- shared input handling ---------------------------------------------------------------------------------------

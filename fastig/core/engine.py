@@ -15,6 +15,7 @@ from typing import Callable, Iterator, Protocol
 import torch
 
 from fastig import _ops
+from fastig.core import progress
 from fastig.core.targets import Target, args_for_batch
 
 # On the CPU a model pass costs the same per point at any batch size beyond a few points, so a batch only needs
@@ -75,6 +76,7 @@ class Engine:
             leaves = tuple(p.detach().requires_grad_() for p in points)
             outputs = target.select(self.forward_func(*leaves, *args))
             grads = torch.autograd.grad(outputs, leaves, grad_outputs=torch.ones_like(outputs), allow_unused=True)
+        progress.pulse()
         grads = tuple(torch.zeros_like(p) if g is None else g for p, g in zip(leaves, grads))
         return outputs.detach(), grads
 
@@ -89,6 +91,7 @@ class Engine:
                 batch_target = target.for_batch(part, 1)
                 batch_args = args_for_batch(args, target.n, part, 1)
                 chunks.append(batch_target.select(self.forward_func(*(p[part] for p in points), *batch_args)))
+                progress.pulse()
         return torch.cat(chunks)
 
     # -- whole paths ----------------------------------------------------------------------------------------
