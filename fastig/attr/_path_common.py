@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -45,12 +46,13 @@ def check_steps(n_steps: Any, minimum: int = 1) -> int:
 
 
 def check_number(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> float:
-    """A real number in [low, high] (or (low, high] with ``low_open``; no upper bound when ``high`` is None)."""
+    """A finite real number in [low, high] (or (low, high] with ``low_open``; no upper bound when ``high`` is
+    None)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     value = float(value)
     too_low = value <= low if low_open else value < low
-    if too_low or (high is not None and value > high) or value != value:
+    if too_low or (high is not None and value > high) or not math.isfinite(value):
         bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
         raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
     return value
