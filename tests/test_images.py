@@ -331,7 +331,7 @@ def test_the_bounds_are_configurable_and_an_image_within_them_loads(tmp_path, rg
     with pytest.raises(ImageReadError, match="aspect ratio 1.5:1"):
         read_image(path, max_aspect=1.4)
     np.testing.assert_array_equal(read_image(path, max_pixels=600, max_aspect=1.5), rgb)
-    assert MAX_PIXELS == 1 << 26 and MAX_ASPECT == 64
+    assert MAX_PIXELS == 1 << 26 and MAX_ASPECT == 256
 
 
 def test_preprocess_crops_before_resizing_a_long_thin_array():

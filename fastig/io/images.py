@@ -41,8 +41,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # Bounds checked from a file's header before it is decoded. 64 megapixels (8192 x 8192; a 48 MP phone photo
 # fits) decode to 192 MiB as 8-bit RGB, 1 GiB at most (float RGBA); no classifier input needs more.
 MAX_PIXELS = 1 << 26
-# The longer side at most this many times the shorter: a center crop of anything longer keeps a sliver of it.
-MAX_ASPECT = 64
+# The longer side at most this many times the shorter: a center crop of anything longer keeps a sliver of it
+# (a 1 x 20000 "image" is a line). Memory does not depend on it: Preprocess resizes only what its crop keeps.
+MAX_ASPECT = 256
 # The largest file read: an uncompressed image of MAX_PIXELS at 8 bytes per pixel (16-bit RGBA), plus metadata.
 MAX_FILE_BYTES = 8 * MAX_PIXELS + (64 << 20)
 
