@@ -9,6 +9,7 @@ import torch
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, row_sums
+from fastig.core import quadrature
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
 
@@ -42,6 +43,7 @@ def check_flag(name: str, value: Any) -> bool:
 def check_steps(n_steps: Any, minimum: int = 1) -> int:
     if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < minimum:
         raise ValueError(f"n_steps must be an integer >= {minimum}, got {n_steps!r}")
+    quadrature.check_steps_fit(None, n_steps)  # paths without a quadrature rule keep per-step tables too
     return n_steps
 
 
