@@ -507,3 +507,52 @@ def test_centerpixel_registry_info_and_input_checks(centerpixel_model):
     assert spec.mean == (0.0,) and spec.std == (1.0,) and spec.filename is None
     with pytest.raises(ValueError, match=r"\[N, 1, 227, 227\]"):
         centerpixel_model(torch.rand(1, 3, 227, 227))
+
+
+# -- values the file holds (issue 16, item 14) ---------------------------------------------------------------
+
+
+def test_integer_tensors_for_float_parameters_are_refused_by_name(tmp_path):
+    state = _resnet18_state()
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].round().long()
+    state["fc.bias"] = torch.zeros(1000, dtype=torch.int32)
+    torch.save(state, tmp_path / "ints.pth")
+    with pytest.raises(CheckpointError, match=r"ints.pth.*2 integer tensor\(s\) for float parameters.*"
+                                              r"layer1.0.conv1.weight: torch.int64.*fc.bias: torch.int32"):
+        load_checkpoint(zoo.info("resnet18").builder(), tmp_path / "ints.pth")
+
+
+def test_non_finite_weights_warn_by_default_and_are_refused_on_request(tmp_path):
+    from fastig.models.checkpoints import NonFiniteWeightsWarning
+
+    state = _resnet18_state()
+    state["layer2.0.bn1.running_var"][3] = float("nan")
+    state["fc.weight"][0, 0] = float("inf")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.warns(NonFiniteWeightsWarning, match=r"nan.pth.*2 tensor\(s\).*layer2.0.bn1.running_var.*fc.weight"):
+        model = load_checkpoint(zoo.info("resnet18").builder(), tmp_path / "nan.pth")
+    assert torch.isnan(model.layer2[0].bn1.running_var[3])  # loaded as it is: the user was warned
+    with pytest.raises(CheckpointError, match=r"nan.pth.*non-finite.*fc.weight"):
+        load_checkpoint(zoo.info("resnet18").builder(), tmp_path / "nan.pth", nonfinite="refuse")
+    with pytest.raises(CheckpointError, match=r"non-finite"):
+        zoo.get("resnet18", weights=tmp_path / "nan.pth", nonfinite="refuse")
+    with pytest.raises(ValueError, match="nonfinite"):
+        load_checkpoint(zoo.info("resnet18").builder(), tmp_path / "nan.pth", nonfinite="ignore")
+
+
+def test_the_cli_run_refuses_non_finite_weights(tmp_path):
+    import cv2
+    import numpy as np
+    from click.testing import CliRunner
+
+    from fastig.cli import cli
+
+    state = _resnet18_state()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    result = CliRunner().invoke(cli, ["attribute", "--model", "resnet18", "--weights", str(tmp_path / "nan.pth"),
+                                      "--method", "saliency", "--image", str(tmp_path / "a.png"),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "non-finite" in result.output and "conv1.weight" in result.output
