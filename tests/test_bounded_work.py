@@ -114,3 +114,18 @@ def test_the_step_bound_says_what_fits_and_that_many_steps_run():
     assert gauss <= quadrature.GAUSS_LEGENDRE_MAX_STEPS and gauss < fits
     quadrature.rule("gausslegendre", 300)  # ordinary sizes are untouched
     quadrature.rule("riemann_trapezoid", 10**5)
+
+
+def test_the_cli_refuses_a_billion_steps_in_one_line(tmp_path):
+    import cv2
+    from click.testing import CliRunner
+
+    from fastig.cli import cli
+
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((227, 227), np.uint8))
+    with memory_limit(1 << 30):
+        result = CliRunner().invoke(cli, ["attribute", "--model", "centerpixel", "--method", "ig", "--steps",
+                                          "1000000000", "--image", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2, result.output
+    assert "n_steps=1,000,000,000" in result.output and "at most 4,096 steps" in result.output
+    assert "Traceback" not in result.output

@@ -12,8 +12,8 @@
 header's size (:mod:`fastig.io.imagesize`) within :data:`MAX_PIXELS` pixels and an aspect ratio of
 :data:`MAX_ASPECT`:1.
 
-``Preprocess`` resizes bilinearly (OpenCV's ``INTER_LINEAR``, torch's bilinear without antialiasing), computing
-only the pixels its center crop keeps. torchvision's ``Resize`` on a PIL image uses PIL's bilinear
+``Preprocess`` resizes bilinearly with OpenCV's ``INTER_LINEAR``; when the resized image would be large (a long
+thin image), it computes only the pixels its center crop keeps. torchvision's ``Resize`` on a PIL image uses PIL's bilinear
 filter *with antialiasing* when it shrinks, so the tensors of the two pipelines differ: measured against an
 antialiased bilinear reference for 500x375 -> 256, about 1 grey level (of 255) on average for smooth photo-like
 content, but ~18 on average for pixel-level noise, where antialiasing matters. The resized size, the crop offsets
@@ -44,6 +44,9 @@ MAX_PIXELS = 1 << 26
 # The longer side at most this many times the shorter: a center crop of anything longer keeps a sliver of it
 # (a 1 x 20000 "image" is a line). Memory does not depend on it: Preprocess resizes only what its crop keeps.
 MAX_ASPECT = 256
+# Preprocess resizes a whole image up to this size (12 MiB as RGB; ImageNet's 256 x 341 is 87k pixels), and only
+# the pixels its crop keeps of a larger one.
+RESIZE_WHOLE_PIXELS = 1 << 22
 # The largest file read: an uncompressed image of MAX_PIXELS at 8 bytes per pixel (16-bit RGBA), plus metadata.
 MAX_FILE_BYTES = 8 * MAX_PIXELS + (64 << 20)
 
@@ -250,12 +253,13 @@ class Preprocess:
 
 
 def _resize_and_crop(image: np.ndarray, resize: int | None, crop: int | None) -> np.ndarray:
-    """torchvision's ``Resize(resize)`` then ``CenterCrop(crop)`` (either may be None) of a uint8 image, computing
-    only the pixels the crop keeps, so a long thin image costs no more than a square one.
+    """torchvision's ``Resize(resize)`` then ``CenterCrop(crop)`` (either may be None) of a uint8 image, bilinear
+    (half-pixel centres, edges clamped: OpenCV's INTER_LINEAR, torch's bilinear without antialiasing). A crop
+    larger than the resized image pads it with zeros, centred, as torchvision's CenterCrop does.
 
-    Bilinear interpolation at the kept pixels' centres (half-pixel mapping, edges clamped: OpenCV's INTER_LINEAR
-    and torch's bilinear without antialiasing), in float32, rounded to uint8. A crop larger than the resized image
-    pads it with zeros, centred, as torchvision's CenterCrop does.
+    A resized image of at most :data:`RESIZE_WHOLE_PIXELS` is made whole by OpenCV (fast); a larger one -- a long
+    thin image, whose short side is scaled to ``resize`` -- is never made: only the pixels the crop keeps are
+    interpolated (:func:`_resize_kept`), so memory stays that of the crop.
     """
     h, w = image.shape[:2]
     if resize is None:
@@ -269,17 +273,27 @@ def _resize_and_crop(image: np.ndarray, resize: int | None, crop: int | None) ->
     (top, height, pad_top), (left, width, pad_left) = _kept(new_h, crop), _kept(new_w, crop)
     if (new_h, new_w) == (h, w):
         out = image[top:top + height, left:left + width]
+    elif new_h * new_w <= RESIZE_WHOLE_PIXELS:
+        out = cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)[top:top + height, left:left + width]
     else:
-        y0, y1, wy = _bilinear_taps(h, new_h, top, height)
-        x0, x1, wx = _bilinear_taps(w, new_w, left, width)
-        first, last = x0[0], x1[-1] + 1  # the source columns the kept pixels read
-        upper, lower = image[y0, first:last].astype(np.float32), image[y1, first:last].astype(np.float32)
-        rows = upper + (lower - upper) * wy[:, None, None]
-        left_px, right_px = rows[:, x0 - first], rows[:, x1 - first]
-        out = np.rint(left_px + (right_px - left_px) * wx[None, :, None]).astype(np.uint8)
+        out = _resize_kept(image, (new_h, new_w), (top, height), (left, width))
     if crop is not None and (height < crop or width < crop):
         out = np.pad(out, ((pad_top, crop - height - pad_top), (pad_left, crop - width - pad_left), (0, 0)))
     return out
+
+
+def _resize_kept(image: np.ndarray, size: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+    """Pixels rows[0] .. rows[0]+rows[1]-1 x cols[0] .. cols[0]+cols[1]-1 of ``image`` bilinearly resized to
+    ``size``, computed alone (in float32, rounded to uint8): what OpenCV's INTER_LINEAR gives there, to within
+    its fixed-point rounding (one grey level)."""
+    h, w = image.shape[:2]
+    y0, y1, wy = _bilinear_taps(h, size[0], *rows)
+    x0, x1, wx = _bilinear_taps(w, size[1], *cols)
+    first, last = x0[0], x1[-1] + 1  # the source columns the kept pixels read
+    upper, lower = image[y0, first:last].astype(np.float32), image[y1, first:last].astype(np.float32)
+    blended = upper + (lower - upper) * wy[:, None, None]
+    left, right = blended[:, x0 - first], blended[:, x1 - first]
+    return np.rint(left + (right - left) * wx[None, :, None]).astype(np.uint8)
 
 
 def _kept(size: int, crop: int | None) -> tuple[int, int, int]:
