@@ -512,32 +512,40 @@ def test_centerpixel_registry_info_and_input_checks(centerpixel_model):
 # -- values the file holds (issue 16, item 14) ---------------------------------------------------------------
 
 
+def _small_net():
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))
+
+
 def test_integer_tensors_for_float_parameters_are_refused_by_name(tmp_path):
-    state = _resnet18_state()
-    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"].round().long()
-    state["fc.bias"] = torch.zeros(1000, dtype=torch.int32)
+    state = _small_net().state_dict()
+    state["0.weight"] = state["0.weight"].round().long()
+    state["3.bias"] = torch.zeros(2, dtype=torch.int32)
     torch.save(state, tmp_path / "ints.pth")
     with pytest.raises(CheckpointError, match=r"ints.pth.*2 integer tensor\(s\) for float parameters.*"
-                                              r"layer1.0.conv1.weight: torch.int64.*fc.bias: torch.int32"):
-        load_checkpoint(zoo.info("resnet18").builder(), tmp_path / "ints.pth")
+                                              r"0.weight: torch.int64.*3.bias: torch.int32"):
+        load_checkpoint(_small_net(), tmp_path / "ints.pth")
 
 
 def test_non_finite_weights_warn_by_default_and_are_refused_on_request(tmp_path):
     from fastig.models.checkpoints import NonFiniteWeightsWarning
 
-    state = _resnet18_state()
-    state["layer2.0.bn1.running_var"][3] = float("nan")
-    state["fc.weight"][0, 0] = float("inf")
+    state = _small_net().state_dict()
+    state["1.running_var"][3] = float("nan")
+    state["3.weight"][0, 0] = float("inf")
     torch.save(state, tmp_path / "nan.pth")
-    with pytest.warns(NonFiniteWeightsWarning, match=r"nan.pth.*2 tensor\(s\).*layer2.0.bn1.running_var.*fc.weight"):
-        model = load_checkpoint(zoo.info("resnet18").builder(), tmp_path / "nan.pth")
-    assert torch.isnan(model.layer2[0].bn1.running_var[3])  # loaded as it is: the user was warned
-    with pytest.raises(CheckpointError, match=r"nan.pth.*non-finite.*fc.weight"):
-        load_checkpoint(zoo.info("resnet18").builder(), tmp_path / "nan.pth", nonfinite="refuse")
-    with pytest.raises(CheckpointError, match=r"non-finite"):
-        zoo.get("resnet18", weights=tmp_path / "nan.pth", nonfinite="refuse")
+    with pytest.warns(NonFiniteWeightsWarning, match=r"nan.pth.*2 tensor\(s\).*1.running_var.*3.weight"):
+        model = load_checkpoint(_small_net(), tmp_path / "nan.pth")
+    assert torch.isnan(model[1].running_var[3])  # loaded as it is: the user was warned
+    with pytest.raises(CheckpointError, match=r"nan.pth.*non-finite.*3.weight"):
+        load_checkpoint(_small_net(), tmp_path / "nan.pth", nonfinite="refuse")
     with pytest.raises(ValueError, match="nonfinite"):
-        load_checkpoint(zoo.info("resnet18").builder(), tmp_path / "nan.pth", nonfinite="ignore")
+        load_checkpoint(_small_net(), tmp_path / "nan.pth", nonfinite="ignore")
+    resnet = _resnet18_state()
+    resnet["fc.bias"][0] = float("nan")
+    torch.save(resnet, tmp_path / "resnet_nan.pth")
+    with pytest.raises(CheckpointError, match=r"non-finite.*fc.bias"):
+        zoo.get("resnet18", weights=tmp_path / "resnet_nan.pth", nonfinite="refuse")
 
 
 def test_the_cli_run_refuses_non_finite_weights(tmp_path):
