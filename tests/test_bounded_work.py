@@ -124,8 +124,8 @@ def test_the_cli_refuses_a_billion_steps_in_one_line(tmp_path):
 
     cv2.imwrite(str(tmp_path / "a.png"), np.zeros((227, 227), np.uint8))
     with memory_limit(1 << 30):
-        result = CliRunner().invoke(cli, ["attribute", "--model", "centerpixel", "--method", "ig", "--steps",
-                                          "1000000000", "--image", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
+        result = CliRunner().invoke(cli, ["attribute", "--model", "centerpixel", "--method", "ig", "--steps", "1000000000",
+                                          "--image", str(tmp_path / "a.png"), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2, result.output
     assert "n_steps=1,000,000,000" in result.output and "at most 4,096 steps" in result.output
     assert "Traceback" not in result.output

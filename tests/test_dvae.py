@@ -559,7 +559,8 @@ _BUILD_ATTACKS = {
     "function defaults": b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__"
                          b"\x89NX\x01\x00\x00\x00x\x87s\x86b.",
     # BUILD with slot state on a record class: every later file would hold a 'dall_e.evil'
-    "record class": b"\x80\x02cdall_e.utils\nConv2d\nN}X\x0c\x00\x00\x00pickled_nameX\x0b\x00\x00\x00dall_e.evils\x86b.",
+    "record class": b"\x80\x02cdall_e.utils\nConv2d\nN}X\x0c\x00\x00\x00pickled_name"
+                    b"X\x0b\x00\x00\x00dall_e.evils\x86b.",
 }
 
 

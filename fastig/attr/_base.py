@@ -4,20 +4,22 @@ one entry point every ``attribute()`` goes through.
 The entry point (wrapped around each subclass's ``attribute`` when the class is defined) does two things for
 every method at once:
 
-- A model left in training mode is attributed as in eval mode -- running BatchNorm statistics, no dropout -- so
-  its attributions are deterministic and independent of how fastig batches the work, and BatchNorm's running
-  statistics are not updated by the attribution's passes. A :class:`TrainingModeWarning` says so, once per model.
-  Each module's ``training`` flag is set back as it was afterwards (also when the attribution fails); nothing else
-  is touched. (Captum attributes such a model in training mode and updates its statistics: a deliberate
-  difference.) Setting the flags costs a walk over the modules, about 0.1 ms for resnet50 -- nothing next to one
-  model pass. The model is found when ``forward_func`` (or ``model``) is an ``nn.Module`` or a bound method of
-  one, also through a wrapping method such as NoiseTunnel; a plain function or lambda around a model is called as
-  it is.
-- When the model fails on the inputs given to the outermost method (torch's convolution or dtype errors, deep inside the call), the inputs are
-  compared with the model: an input of another dtype than the model's parameters, or one whose rank or channels
-  do not fit the model's first convolution, is reported as an :class:`~fastig.errors.InputError` naming the
-  argument and what it must be, with the model's own error chained and quoted. Nothing is refused before the
-  model has failed, so a model that reshapes or casts its inputs itself is never second-guessed.
+- A model left in training mode is attributed as in eval mode -- running BatchNorm statistics, no dropout -- so its
+  attributions are deterministic and independent of how fastig batches the work, and BatchNorm's running statistics
+  are not updated by the attribution's passes. A :class:`TrainingModeWarning` says so, once per model. Each module's
+  ``training`` flag is set back as it was afterwards (also when the attribution fails); nothing else is touched.
+  (Captum attributes such a model in training mode and updates its statistics: a deliberate difference.) Setting the
+  flags costs a walk over the modules, 0.7 ms per call for resnet50 in training mode and 0.13 ms in eval mode --
+  nothing next to one model pass (480 ms for one image on a 2-core CPU). Models without BatchNorm or dropout compute
+  the same in both modes and are not warned about. The model is found when ``forward_func`` (or ``model``) is an
+  ``nn.Module`` or a bound method of one, also through a wrapping method such as NoiseTunnel; a plain function or
+  lambda around a model is called as it is.
+- When the model fails on the inputs given to the outermost method (torch's convolution or dtype errors, deep inside
+  the call; errors of fastig's own checks are left as they are), the inputs are compared with the model: an input of
+  another dtype than the model's parameters, or one whose rank or channels do not fit the model's first convolution,
+  is reported as an :class:`~fastig.errors.InputError` naming the argument and what it must be, with the model's own
+  error chained and quoted. Nothing is refused before the model has failed, so a model that reshapes or casts its
+  inputs itself is never second-guessed.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ header's size (:mod:`fastig.io.imagesize`) within :data:`MAX_PIXELS` pixels and 
 :data:`MAX_ASPECT`:1.
 
 ``Preprocess`` resizes bilinearly with OpenCV's ``INTER_LINEAR``; when the resized image would be large (a long
-thin image), it computes only the pixels its center crop keeps. torchvision's ``Resize`` on a PIL image uses PIL's bilinear
-filter *with antialiasing* when it shrinks, so the tensors of the two pipelines differ: measured against an
+thin image), it computes only the pixels its center crop keeps. torchvision's ``Resize`` on a PIL image uses PIL's
+bilinear filter *with antialiasing* when it shrinks, so the tensors of the two pipelines differ: measured against an
 antialiased bilinear reference for 500x375 -> 256, about 1 grey level (of 255) on average for smooth photo-like
 content, but ~18 on average for pixel-level noise, where antialiasing matters. The resized size, the crop offsets
 and the normalization follow torchvision exactly.

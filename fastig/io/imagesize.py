@@ -143,7 +143,7 @@ def _sun_raster(data):
 
 
 def _radiance(data):
-    """Header lines, a blank line, then the resolution line, e.g. ``-Y 480 +X 640`` (rows first) or ``+X 640 -Y 480``."""
+    """Header lines, a blank line, then the resolution line: ``-Y 480 +X 640`` (rows first) or ``+X 640 -Y 480``."""
     end = data.find(b"\n\n")
     if end < 0:
         return None
