@@ -218,10 +218,10 @@ def test_bad_input_is_a_clear_error():
         GuidedBackprop(lambda x: x)
     with pytest.raises(TypeError, match="nn.Module"):
         GuidedNonLinearityIG(lambda x: x)
-    from fastig.attr._relu_rules import relu_rules
+    from fastig.attr.rules import applied
 
     with pytest.raises(ValueError, match="ReLU rule"):
-        with relu_rules("positive"):
+        with applied({"relu": "positive"}):
             pass
 
 

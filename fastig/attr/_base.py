@@ -1,8 +1,13 @@
 """What every attribution class shares: the model it explains, Captum's ``has_convergence_delta()`` query, and the
 one entry point every ``attribute()`` goes through.
 
-The entry point (wrapped around each subclass's ``attribute`` when the class is defined) does two things for
+The entry point (wrapped around each subclass's ``attribute`` when the class is defined) does three things for
 every method at once:
+
+- ``rules=`` (modified backward rules, :mod:`fastig.attr.rules`) is taken off the call and applied around it, for
+  the classes that set ``takes_rules`` (the gradient and path methods; NoiseTunnel when the method it wraps takes
+  them); a class with ``own_rules`` (GuidedBackprop, Deconvolution, GuidedNonLinearityIG) always runs under those.
+  Any other method given ``rules=`` raises an :class:`~fastig.errors.InputError` rather than ignoring it.
 
 - A model left in training mode is attributed as in eval mode -- running BatchNorm statistics, no dropout -- so its
   attributions are deterministic and independent of how fastig batches the work, and BatchNorm's running statistics
@@ -34,6 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fastig.attr import rules as backward_rules
 from fastig.errors import FastigError, InputError
 
 
@@ -51,10 +57,13 @@ class Attribution:
     that themselves. ``has_convergence_delta()`` answers from the class attribute ``_has_convergence_delta``.
     ``multiplies_by_inputs`` is left to each class (a constant, or a property when a constructor flag decides it):
     methods that do not state it keep not having it. Every subclass's ``attribute()`` goes through
-    :func:`entry_point` (see the module docstring).
+    :func:`entry_point` (see the module docstring), which reads ``takes_rules`` (whether ``attribute()`` accepts
+    ``rules=``) and ``own_rules`` (the rule set the class always backpropagates with).
     """
 
     _has_convergence_delta = False
+    takes_rules = False
+    own_rules: str | None = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -71,12 +80,17 @@ class Attribution:
 
 
 def entry_point(attribute: Callable) -> Callable:
-    """``attribute`` run with the model in eval mode and with model failures explained (module docstring)."""
+    """``attribute`` run under its backward rules, with the model in eval mode and with model failures explained
+    (module docstring)."""
     if getattr(attribute, "_fastig_entry_point", False):
         return attribute
 
     @functools.wraps(attribute)
     def checked(self, *args: Any, **kwargs: Any) -> Any:
+        with backward_rules.applied(rules_of_call(self, kwargs.pop("rules", None))):
+            return outermost(self, *args, **kwargs)
+
+    def outermost(self, *args: Any, **kwargs: Any) -> Any:
         if getattr(_calls, "inside", False):  # a method inside another (NoiseTunnel's): the outer one did it all
             return attribute(self, *args, **kwargs)
         _calls.inside = True
@@ -104,6 +118,32 @@ def entry_point(attribute: Callable) -> Callable:
 
 
 _calls = threading.local()
+
+
+def rules_of_call(method: Any, rules: Any) -> Any:
+    """The backward rules an ``attribute()`` call of ``method`` runs under: its ``rules=`` where the method takes
+    them, else the class's ``own_rules`` (None: plain gradients); ``rules=`` given to any other method is an
+    InputError."""
+    own = type(method).own_rules
+    if rules is None:
+        return own
+    name = type(method).__name__
+    if own is not None:
+        raise InputError(f"rules: {name} always backpropagates with rules={own!r}; for other rules pass rules= to "
+                         "a gradient or path method (IntegratedGradients, Saliency, ...)")
+    if not accepts_rules(method):
+        raise InputError(f"rules: {name} does not take rules= (modified backward rules apply to the gradient and "
+                         "path methods: IntegratedGradients, GuidedIntegratedGradients, BlurIntegratedGradients, "
+                         "LatentIntegratedGradients, Saliency, InputXGradient, GradientShap, NoiseTunnel around "
+                         "them)")
+    return rules
+
+
+def accepts_rules(method: Any) -> bool:
+    """Whether ``method.attribute()`` accepts ``rules=``: its class's ``takes_rules``, or for a wrapping method such
+    as NoiseTunnel, that of the method it wraps (``attribution_method``)."""
+    inner = getattr(method, "attribution_method", None)
+    return accepts_rules(inner) if inner is not None else bool(getattr(type(method), "takes_rules", False))
 
 
 def _raised_inside(model: nn.Module | None, error: BaseException) -> bool:

@@ -64,6 +64,7 @@ class PathAttribution(Attribution):
     """Base of the path methods: the model, and the completeness gap they all report."""
 
     _has_convergence_delta = True
+    takes_rules = True  # rules= (fastig.attr.rules), applied by the entry point
 
     def _setup(
         self, n: int, target: Any, additional_forward_args: Any, output: str, internal_batch_size: int | None

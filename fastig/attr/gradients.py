@@ -71,6 +71,7 @@ class Saliency(Attribution):
     """
 
     multiplies_by_inputs = False
+    takes_rules = True  # rules= (fastig.attr.rules), applied by the entry point
 
     def attribute(
         self,
@@ -93,6 +94,7 @@ class InputXGradient(Attribution):
     """
 
     multiplies_by_inputs = True
+    takes_rules = True  # rules= (fastig.attr.rules), applied by the entry point
 
     def attribute(
         self,
@@ -118,6 +120,7 @@ class GradientShap(Attribution):
     """
 
     _has_convergence_delta = True
+    takes_rules = True  # rules= (fastig.attr.rules), applied by the entry point
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
         super().__init__(forward_func)

@@ -1,9 +1,16 @@
 """Methods that backpropagate through ReLUs with modified rules: GuidedBackprop, Deconvolution (Captum drop-ins)
 and GuidedNonLinearityIG (Kwon, Koo & Cho, ICPR 2020).
 
+Each is a plain method run under a fixed rule set of :mod:`fastig.attr.rules` (its ``own_rules``, applied by the
+attribution entry point): GuidedBackprop is the gradient under ``rules="guided"``, Deconvolution under
+``rules="deconv"``, GuidedNonLinearityIG is IntegratedGradients under ``rules="gnl"``. Any other gradient or path
+method takes the same rules through ``rules=`` (e.g. guided Blur IG: ``BlurIntegratedGradients(model).attribute(x,
+rules="guided")``); these classes keep their names and numbers, and refuse ``rules=`` (their rules are what they
+are).
+
 Difference from Captum: Captum hooks ``nn.ReLU`` modules only, so ReLUs called functionally inside ``forward``
 (``torch.relu``, ``F.relu``, ``Tensor.relu``, as in googlenet/inception) keep their plain gradient there. fastig
-applies the rule to those as well (see :mod:`fastig.attr._relu_rules`); on models whose ReLUs are all ``nn.ReLU``
+applies the rule to those as well (see :mod:`fastig.attr.rules`); on models whose ReLUs are all ``nn.ReLU``
 modules the numbers are Captum's. The model is never modified (no hooks are registered).
 """
 
@@ -15,13 +22,12 @@ import torch
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output
-from fastig.attr._relu_rules import relu_rules
 from fastig.attr.gradients import input_gradients
 from fastig.attr.integrated_gradients import IntegratedGradients
 
 
 class _ModifiedReluGradient(Attribution):
-    _rule = "guided"
+    own_rules = "guided"
 
     def __init__(self, model: torch.nn.Module) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -39,9 +45,8 @@ class _ModifiedReluGradient(Attribution):
         *,
         internal_batch_size: int | None = None,
     ) -> Any:
-        xs, is_tuple = format_inputs(inputs)
-        with relu_rules(self._rule):
-            grads = input_gradients(self.model, xs, xs[0].shape[0], target, additional_forward_args, internal_batch_size)
+        xs, is_tuple = format_inputs(inputs)  # the entry point applies own_rules around this call
+        grads = input_gradients(self.model, xs, xs[0].shape[0], target, additional_forward_args, internal_batch_size)
         return format_output(grads, is_tuple)
 
 
@@ -52,7 +57,7 @@ class GuidedBackprop(_ModifiedReluGradient):
     Drop-in for ``captum.attr.GuidedBackprop`` (plus ``internal_batch_size``); also covers functional ReLUs.
     """
 
-    _rule = "guided"
+    own_rules = "guided"
 
 
 class Deconvolution(_ModifiedReluGradient):
@@ -62,7 +67,7 @@ class Deconvolution(_ModifiedReluGradient):
     Drop-in for ``captum.attr.Deconvolution`` (plus ``internal_batch_size``); also covers functional ReLUs.
     """
 
-    _rule = "deconv"
+    own_rules = "deconv"
 
 
 class GuidedNonLinearityIG(IntegratedGradients):
@@ -70,19 +75,17 @@ class GuidedNonLinearityIG(IntegratedGradients):
 
     Every gradient along the path flows backward through ReLUs with the guided-backprop rule (only positive
     gradients, only where the ReLU's input was positive) and through max-pooling with only the positive part of
-    the output gradient. Everything else is IntegratedGradients: the same ``attribute()`` arguments (``n_steps``,
+    the output gradient: ``IntegratedGradients(model).attribute(x, rules="gnl")``, the same numbers. Everything
+    else is IntegratedGradients: the same ``attribute()`` arguments (``n_steps``,
     ``method``, ``internal_batch_size``, ``return_convergence_delta``, ``idgi``, ...), batching and quadrature.
     The forward pass is unchanged, so the convergence delta compares the guided attributions with the true
     f(input) - f(baseline) (guided gradients are not a gradient field: completeness does not hold exactly).
     """
 
+    own_rules = "gnl"  # IntegratedGradients.attribute, run by the entry point under these rules
+    takes_rules = False
+
     def __init__(self, forward_func: torch.nn.Module, multiply_by_inputs: bool = True) -> None:
         if not isinstance(forward_func, torch.nn.Module):
             raise TypeError(f"GuidedNonLinearityIG needs a torch.nn.Module, got {type(forward_func).__name__}")
         super().__init__(forward_func, multiply_by_inputs)
-
-    def attribute(self, *args: Any, **kwargs: Any) -> Any:
-        with relu_rules("guided", positive_maxpool=True):
-            return super().attribute(*args, **kwargs)
-
-    attribute.__doc__ = IntegratedGradients.attribute.__doc__
