@@ -98,6 +98,13 @@ def test_rules_compose_from_a_mapping_or_a_rules_object(model):
         assert torch.equal(IntegratedGradients(model).attribute(x, target=2, n_steps=5, rules=same), named)
     plain = IntegratedGradients(model).attribute(x, target=2, n_steps=5)
     assert torch.equal(IntegratedGradients(model).attribute(x, target=2, n_steps=5, rules={}), plain)
+    assert backward_rules.active() is None
+    with backward_rules.applied({"max_pool": "positive"}):
+        assert backward_rules.active() == backward_rules.Rules(max_pool="positive")
+        with backward_rules.applied("deconv"):
+            assert backward_rules.active() == backward_rules.RULE_SETS["deconv"]
+        assert backward_rules.active().relu == "gradient"
+    assert backward_rules.active() is None
 
 
 # --- path methods: PAIR's algorithms fed the closed-form guided gradient ------------------------------------
@@ -226,23 +233,22 @@ def test_gnl_rules_on_ig_equal_guided_non_linearity_ig_exactly():
 # --- the mechanism: removal, refusals, errors ---------------------------------------------------------------
 
 
+class Failing(OneHidden):
+    def forward(self, x):
+        super().forward(x)  # through the ReLU under the rules, then fail
+        raise RuntimeError("boom")
+
+
 def test_rules_are_removed_after_an_exception(model):
-    class Failing(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inner = model
-
-        def forward(self, x):
-            self.inner(x)
-            raise RuntimeError("boom")
-
     x = inputs()
-    for method in (Saliency(Failing()), IntegratedGradients(Failing())):
+    failing = Failing().double()
+    for method in (Saliency(failing), IntegratedGradients(failing)):
         with pytest.raises(RuntimeError, match="boom"):
             method.attribute(x, target=1, rules="deconv")
         with pytest.raises(RuntimeError, match="boom"):
             with backward_rules.applied("gnl"):
                 method.attribute(x, target=1)
+        assert backward_rules.active() is None
         torch.testing.assert_close(Saliency(model).attribute(x, target=1, abs=False), plain_gradient(model, x, 1))
     y = torch.tensor([-1.0, 2.0], requires_grad=True)
     (g,) = torch.autograd.grad(F.relu(y), y, grad_outputs=torch.tensor([5.0, -3.0]))
@@ -272,6 +278,15 @@ def test_unknown_rules_are_one_clear_error(model, rules, message):
     with pytest.raises(UnknownNameError, match=message):
         IntegratedGradients(model).attribute(inputs(), target=0, rules=rules)
     assert len(str(pytest.raises(UnknownNameError, backward_rules.resolve, rules).value).splitlines()) == 1
+
+
+def test_classes_that_take_rules_document_them():
+    from fastig.attr import LatentIntegratedGradients
+
+    for cls in (IntegratedGradients, GuidedIntegratedGradients, BlurIntegratedGradients, LatentIntegratedGradients,
+                Saliency, InputXGradient, GradientShap):
+        assert cls.takes_rules and "attribute(..., rules=...)" in cls.__doc__, cls
+    assert "rules=" not in Occlusion.__doc__
 
 
 def test_functional_form_takes_rules(model):

@@ -69,6 +69,8 @@ class Attribution:
         super().__init_subclass__(**kwargs)
         if "attribute" in cls.__dict__:
             cls.attribute = entry_point(cls.__dict__["attribute"])
+        if cls.takes_rules and cls.__dict__.get("__doc__") and "rules=" not in cls.__doc__:
+            cls.__doc__ += _RULES_DOC  # documented once, here, for every class that takes them
 
     def __init__(self, forward_func: Callable) -> None:
         if not callable(forward_func):
@@ -118,6 +120,12 @@ def entry_point(attribute: Callable) -> Callable:
 
 
 _calls = threading.local()
+
+_RULES_DOC = """
+    ``attribute(..., rules=...)`` (fastig only): modified backward rules for the model's ReLUs and max-poolings --
+    ``"guided"``, ``"deconv"``, ``"gnl"``, a :class:`fastig.attr.rules.Rules` or a mapping of its fields (see
+    :mod:`fastig.attr.rules`); None (default) keeps the plain gradients.
+    """
 
 
 def rules_of_call(method: Any, rules: Any) -> Any:

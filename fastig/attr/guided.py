@@ -27,7 +27,7 @@ from fastig.attr.integrated_gradients import IntegratedGradients
 
 
 class _ModifiedReluGradient(Attribution):
-    own_rules = "guided"
+    """The input gradient, run by the entry point under the subclass's ``own_rules``."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         if not isinstance(model, torch.nn.Module):
@@ -45,7 +45,7 @@ class _ModifiedReluGradient(Attribution):
         *,
         internal_batch_size: int | None = None,
     ) -> Any:
-        xs, is_tuple = format_inputs(inputs)  # the entry point applies own_rules around this call
+        xs, is_tuple = format_inputs(inputs)
         grads = input_gradients(self.model, xs, xs[0].shape[0], target, additional_forward_args, internal_batch_size)
         return format_output(grads, is_tuple)
 
@@ -76,8 +76,8 @@ class GuidedNonLinearityIG(IntegratedGradients):
     Every gradient along the path flows backward through ReLUs with the guided-backprop rule (only positive
     gradients, only where the ReLU's input was positive) and through max-pooling with only the positive part of
     the output gradient: ``IntegratedGradients(model).attribute(x, rules="gnl")``, the same numbers. Everything
-    else is IntegratedGradients: the same ``attribute()`` arguments (``n_steps``,
-    ``method``, ``internal_batch_size``, ``return_convergence_delta``, ``idgi``, ...), batching and quadrature.
+    else is IntegratedGradients: the same ``attribute()`` arguments (``n_steps``, ``method``,
+    ``internal_batch_size``, ``return_convergence_delta``, ``idgi``, ...), batching and quadrature.
     The forward pass is unchanged, so the convergence delta compares the guided attributions with the true
     f(input) - f(baseline) (guided gradients are not a gradient field: completeness does not hold exactly).
     """

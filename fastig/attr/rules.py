@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Mapping
 from typing import Any, Iterator, Union
 
@@ -103,8 +104,22 @@ def applied(rules: RulesLike | None) -> Iterator[None]:
     if rules is None or rules.is_plain:
         yield
         return
-    with _RuleMode(rules):
-        yield
+    _in_force.stack = getattr(_in_force, "stack", []) + [rules]
+    try:
+        with _RuleMode(rules):
+            yield
+    finally:
+        _in_force.stack = _in_force.stack[:-1]
+
+
+def active() -> Rules | None:
+    """The rules in force in this thread (the innermost :func:`applied` block), None when gradients are plain: for
+    code that relies on exact gradients (completeness holds for true gradients only, not for guided ones)."""
+    stack = getattr(_in_force, "stack", [])
+    return stack[-1] if stack else None
+
+
+_in_force = threading.local()
 
 
 _RELUS = {F.relu, torch.relu, torch.Tensor.relu}
