@@ -43,6 +43,9 @@ OPTIONS: dict[str, Option] = {
         Option("--iterations", "n_iter", int, "meaningful perturbation: optimizer iterations"),
         Option("--idgi", "idgi", bool, "path methods: IDGI accumulation (Yang et al. 2023) instead of the Riemann sum"),
         Option("--output", "output", ("logit", "probability"), "path methods: explain the target logit or its softmax"),
+        Option("--rules", "rules", RULE_NAMES, "gradient and path methods: modified backward rules (guided: "
+               "guided-backprop ReLUs; deconv: deconvnet ReLUs; gnl: guided ReLUs and positive max-pool gradients, "
+               "as gnl_ig)"),
         Option("--fraction", "fraction", float, "guided IG: fraction of features moved per step (default 0.25)"),
         Option("--max-dist", "max_dist", float, "guided IG: max deviation from the straight line, in alpha (default 0.02)"),
         Option("--max-sigma", "max_sigma", float, "blur IG: blur of the baseline, Gaussian sigma in pixels (default 50)"),
@@ -58,9 +61,6 @@ OPTIONS: dict[str, Option] = {
                "embedding: the decoder's first 1x1 conv of the soft codes)"),
         Option("--gap-steps", "gap_steps", int, "latent IG: pixel-space steps joining the input and the baseline to "
                "their decodings (default: steps / 4, rounded up)"),
-        Option("--rules", "rules", RULE_NAMES, "gradient and path methods: modified backward rules (guided: "
-               "guided-backprop ReLUs; deconv: deconvnet ReLUs; gnl: guided ReLUs and positive max-pool gradients, "
-               "as gnl_ig)"),
         Option("--dvae-size", "dvae_size", int, "latent IG: image side the dVAE sees, a multiple of 8 (default: the "
                "model's input size)"),
     ]

@@ -141,9 +141,7 @@ def rules_of_call(method: Any, rules: Any) -> Any:
                          "a gradient or path method (IntegratedGradients, Saliency, ...)")
     if not accepts_rules(method):
         raise InputError(f"rules: {name} does not take rules= (modified backward rules apply to the gradient and "
-                         "path methods: IntegratedGradients, GuidedIntegratedGradients, BlurIntegratedGradients, "
-                         "LatentIntegratedGradients, Saliency, InputXGradient, GradientShap, NoiseTunnel around "
-                         "them)")
+                         "path methods: IntegratedGradients, Saliency, ...; see fastig.attr.rules)")
     return rules
 
 
