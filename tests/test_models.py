@@ -564,3 +564,19 @@ def test_the_cli_run_refuses_non_finite_weights(tmp_path):
                                       "--out", str(tmp_path / "out")])
     assert result.exit_code == 2, result.output
     assert "non-finite" in result.output and "conv1.weight" in result.output
+
+
+def test_fastig_evaluate_refuses_non_finite_weights(tmp_path):
+    """The store's model is rebuilt with the given weights before any metric runs: NaN weights are refused there."""
+    from fastig.io.store import Store
+    from fastig.metrics import evaluate_store
+
+    state = _resnet18_state()
+    state["layer1.0.bn1.running_var"][0] = float("inf")
+    torch.save(state, tmp_path / "inf.pth")
+    store = Store.create(tmp_path / "run" / "attributions.h5", model="resnet18", method="saliency", options={},
+                         shape=(224, 224))
+    with store:
+        store.write_rows(0, ["a.png"], [0], torch.zeros(1, 224, 224))
+    with pytest.raises(CheckpointError, match=r"inf.pth.*refused.*layer1.0.bn1.running_var"):
+        evaluate_store(store.path, ["completeness"], weights=tmp_path / "inf.pth")
