@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,82 +31,11 @@ from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
 from fastig.attr._path_common import PathAttribution, check_flag
 from fastig.attr.guided import GuidedBackprop
-from fastig.attr.second_order import resolve_layer
+from fastig.attr._layers import capture, check_layer, substitute
 from fastig.core import progress, quadrature
 from fastig.core.engine import CPU_BATCH_BYTES, Engine, integrate
 from fastig.core.paths import StraightLine
 from fastig.core.targets import Target, format_additional_args
-
-
-def check_layer(forward_func: Callable, layer: Any) -> torch.nn.Module:
-    """The layer as a module: a module (of ``forward_func`` when that is a module) or a dotted submodule name."""
-    if isinstance(layer, (list, tuple)):
-        raise TypeError("a list of layers is not supported: give one layer (a torch.nn.Module)")
-    if isinstance(forward_func, torch.nn.Module):
-        return resolve_layer(forward_func, layer)
-    if not isinstance(layer, torch.nn.Module):
-        raise TypeError(f"layer must be a torch.nn.Module, got {type(layer).__name__}")
-    return layer
-
-
-def _as_tuple(values: Any, what: str) -> tuple[torch.Tensor, ...]:
-    values = tuple(values) if isinstance(values, (tuple, list)) else (values,)
-    if not values or not all(isinstance(v, torch.Tensor) for v in values):
-        raise TypeError(f"the layer's {what} must be a tensor or a tuple of tensors")
-    return values
-
-
-@contextmanager
-def capture(layer: torch.nn.Module, to_input: bool = False) -> Iterator[list]:
-    """Record the layer's output (``to_input``: its positional inputs) during one forward pass as leaf tensors.
-
-    Yields a list that holds, after the pass, one tuple of leaves (detached copies that require grad); the rest of
-    the network gets clones of them, so in-place operations after the layer leave the recorded values intact.
-    """
-    found: list[tuple[torch.Tensor, ...]] = []
-
-    def leaves_of(values, what):
-        if found:
-            raise ValueError(f"the layer {type(layer).__name__} is called more than once per forward pass; "
-                             "choose a layer that is used once")
-        tensors = _as_tuple(values, what)
-        leaves = tuple(t.detach().requires_grad_(t.is_floating_point() or t.is_complex()) for t in tensors)
-        found.append(leaves)
-        return tuple(leaf.clone() for leaf in leaves)
-
-    def on_output(_module, _inputs, output):
-        clones = leaves_of(output, "output")
-        return clones if isinstance(output, (tuple, list)) else clones[0]
-
-    def on_input(_module, inputs):
-        return leaves_of(inputs, "input")
-
-    handle = layer.register_forward_pre_hook(on_input) if to_input else layer.register_forward_hook(on_output)
-    try:
-        yield found
-    finally:
-        handle.remove()
-    if not found:
-        raise ValueError(f"the layer {type(layer).__name__} was not called during the forward pass")
-
-
-@contextmanager
-def substitute(layer: torch.nn.Module, values: tuple[torch.Tensor, ...], to_input: bool = False) -> Iterator[None]:
-    """During the block, the layer's output (``to_input``: its positional inputs) is replaced by clones of
-    ``values`` (clones, so that in-place operations after the layer cannot touch them)."""
-
-    def on_output(_module, _inputs, output):
-        clones = tuple(v.clone() for v in values)
-        return clones if isinstance(output, (tuple, list)) else clones[0]
-
-    def on_input(_module, _inputs):
-        return tuple(v.clone() for v in values)
-
-    handle = layer.register_forward_pre_hook(on_input) if to_input else layer.register_forward_hook(on_output)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def layer_values(forward_func: Callable, layer: torch.nn.Module, inputs: tuple, args: tuple,
