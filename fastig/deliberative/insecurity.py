@@ -65,7 +65,7 @@ def entropy_difficulty(logits: torch.Tensor) -> torch.Tensor:
     return -(log_p.exp() * log_p).sum(1) / math.log(logits.shape[1])
 
 
-_SCORES = {"cs": confidence_difficulty, "entropy": entropy_difficulty}
+SCORES = {"cs": confidence_difficulty, "entropy": entropy_difficulty}  # logits -> [N] difficulty
 
 
 class DifficultyScore(torch.nn.Module):
@@ -76,7 +76,7 @@ class DifficultyScore(torch.nn.Module):
         self.classifier, self.kind = classifier, kind
 
     def forward(self, *inputs):
-        return _SCORES[self.kind](self.classifier(*inputs))
+        return SCORES[self.kind](self.classifier(*inputs))
 
 
 # --- K maps from one forward pass --------------------------------------------------------------------------
@@ -252,7 +252,7 @@ class InsecurityMaps:
         def class_scores(outputs, rows):  # rows: each output row's image in the batch
             picked = outputs.gather(1, classes[rows].to(outputs.device))
             if shared_pass:
-                picked = torch.cat([picked, _SCORES[self.difficulty](outputs).unsqueeze(1)], 1)
+                picked = torch.cat([picked, SCORES[self.difficulty](outputs).unsqueeze(1)], 1)
             return picked
 
         if self.attribution == "ig":
@@ -287,7 +287,7 @@ class InsecurityMaps:
                 scores = self.difficulty_module(x).reshape(-1)
             progress.pulse()
         else:
-            scores = _SCORES[self.difficulty](logits)
+            scores = SCORES[self.difficulty](logits)
         size = tuple(x.shape[2:])
         results = []
         for i in range(x.shape[0]):
