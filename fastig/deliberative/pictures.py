@@ -16,7 +16,7 @@ _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _GAP = 6
 _SHARED = (40, 220, 40)  # parts / objects the pair shares
 _OTHER = (255, 255, 255)
-_MASK = (0, 200, 255)
+_MASK = (255, 140, 0)  # the mask's outline (orange)
 
 
 def _caption(tile: np.ndarray, lines: Sequence[str], width: int) -> np.ndarray:
@@ -72,9 +72,15 @@ def hard_image_picture(image: np.ndarray, title: str, ambiguities: list[dict], f
     up = (lambda a: cv2.resize(a.astype(np.float32), (image.shape[1], image.shape[0]),
                                interpolation=cv2.INTER_NEAREST)) if scale > 1 else (lambda a: a)
     scaled_parts = None if parts is None else (parts[0] * scale + scale // 2, parts[1])
-    first = image if scaled_parts is None else _mark_parts(image, *scaled_parts, shared=set())
-    cards = [_caption(first, ["input, ground truth", "(dots: visible parts)" if parts is not None else "",
-                              ""], width)]
+    if scaled_parts is not None:
+        first, note = _mark_parts(image, *scaled_parts, shared=set()), "dots: visible parts"
+    elif labels is not None:
+        first, note = image, "outlines: annotated objects"
+        for label in np.unique(labels[labels > 0]):
+            first = _outline(first, up(labels) == label, _OTHER)
+    else:
+        first, note = image, ""
+    cards = [_caption(first, ["input, ground truth", note, ""], width)]
     for amb in ambiguities:
         heat = render_heatmap(up(amb["map"]), image, sign="positive", alpha=0.6)
         heat = _outline(heat, up(amb["mask"]) > 0.5, _MASK)
