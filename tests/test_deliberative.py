@@ -192,9 +192,9 @@ class SharedRegionNet(torch.nn.Module):
         return torch.flatten(self.act(self.pool(x.abs())), 1) @ self.weights.T
 
 
-@pytest.mark.parametrize("attribution", ["gradient", "ig", "2ndg"])
-def test_top_insecurity_lies_in_the_shared_region(attribution):
-    shared, only_a, only_b = [0, 1, 6, 7], [28, 29, 34, 35], [4, 5, 10, 11]
+def shared_region_example(shared, only_a, only_b):
+    """The toy model, a 12x12 image (background 0.2, the shared cells 1.0, the class-specific cells 3.0) and a
+    hardness predictor whose difficulty rises with every class score (so its map is positive everywhere)."""
     model = SharedRegionNet(shared, only_a, only_b).eval()
     x = torch.full((1, 1, 12, 12), 0.2)
     cells = x[0, 0].reshape(6, 2, 6, 2)
@@ -202,7 +202,13 @@ def test_top_insecurity_lies_in_the_shared_region(attribution):
         cells[cell // 6, :, cell % 6, :] = value
     head = torch.nn.Sequential(torch.nn.Linear(4, 1), torch.nn.Sigmoid(), torch.nn.Flatten(0))
     torch.nn.init.constant_(head[0].weight, 0.1)
-    hp = HardnessPredictor(model, head).eval()  # difficulty rises with every class score: a positive map everywhere
+    return model, x, HardnessPredictor(model, head).eval()
+
+
+@pytest.mark.parametrize("attribution", ["gradient", "ig", "2ndg"])
+def test_top_insecurity_lies_in_the_shared_region(attribution):
+    shared, only_a, only_b = [0, 1, 6, 7], [28, 29, 34, 35], [4, 5, 10, 11]
+    model, x, hp = shared_region_example(shared, only_a, only_b)
     result = InsecurityMaps(model, "act", attribution=attribution, difficulty="hp", hardness_predictor=hp,
                             top_k=4, ig_steps=8).attribute(x)[0]
     pair = result.pairs.tolist().index(sorted([0, 1], key=lambda c: result.classes.tolist().index(c)))

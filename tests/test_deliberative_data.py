@@ -265,8 +265,8 @@ def test_object_curves_follow_the_released_iou():
             ious.append(np.sum(mask * shared) / np.sum(mask + shared - mask * shared))
             if shared.sum():
                 recalls.append(np.sum(mask * shared) / shared.sum())
-            if np.sum(mask * (labels > 0)):
-                precisions.append(np.sum(mask * shared) / np.sum(mask * (labels > 0)))
+                if np.sum(mask * (labels > 0)):
+                    precisions.append(np.sum(mask * shared) / np.sum(mask * (labels > 0)))
         assert iou[k] == pytest.approx(np.mean(ious), rel=1e-12)
         assert recall[k] == pytest.approx(np.mean(recalls), rel=1e-12)
         assert precision[k] == pytest.approx(np.mean(precisions), rel=1e-12)

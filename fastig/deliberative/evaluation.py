@@ -12,7 +12,8 @@ compared with the parts (objects) the two classes share, as the released code's 
   the recall; pairs with an empty ``mask & all`` are left out of the precision.
 - objects (ADE): ``shared`` the pixels of the objects the pair shares; IoU = |mask & shared| / |mask | shared|
   (the released code's measure, every pair counted), and, as for parts, recall = |mask & shared| / |shared| and
-  precision = |mask & shared| / |mask & labelled pixels|.
+  precision = |mask & shared| / |mask & labelled pixels| (pairs whose shared objects are not in the image left
+  out of both).
 
 An image's value is the mean over its pairs (NaN when no pair counts); the curves are the NaN-ignoring mean over
 images. Part locations are mapped into the input with the same resize and center crop as the image
@@ -92,37 +93,56 @@ def _in_mask_counts(member: np.ndarray, order: np.ndarray, counts: np.ndarray) -
     return cumulative[counts]
 
 
+def _curves(maps: np.ndarray, pairs: np.ndarray, shared_of, labelled: np.ndarray
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(recall, precision, IoU) over :data:`FRACTIONS`, averaged over the pairs as the module docstring says.
+
+    ``shared_of(a, b)``: the flat bool mask of what classes a and b share in this image, or None when the class-pair
+    table gives them nothing (counted with recall and IoU 0); ``labelled``: the flat mask of every part / object."""
+    n = len(FRACTIONS)
+    iou_sum, recall_sum, recall_count = np.zeros(n), np.zeros(n), 0
+    precision_sum, precision_count = np.zeros(n), np.zeros(n)
+    for values, (a, b) in zip(maps, pairs):
+        shared = shared_of(int(a), int(b))
+        if shared is None:
+            recall_count += 1
+            continue
+        order, counts = _order(values.reshape(-1))
+        hits = _in_mask_counts(shared, order, counts)
+        union = counts + shared.sum() - hits
+        iou_sum += np.where(union > 0, hits / np.maximum(union, 1), 0.0)
+        if not shared.any():  # what the pair shares is not in the image: left out of recall and precision
+            continue
+        recall_sum += hits / shared.sum()
+        recall_count += 1
+        in_labelled = _in_mask_counts(labelled, order, counts)
+        has = in_labelled > 0
+        precision_sum[has] += hits[has] / in_labelled[has]
+        precision_count += has
+    nothing = np.full(n, np.nan)
+    iou = iou_sum / len(pairs) if len(pairs) else nothing
+    recall = recall_sum / recall_count if recall_count else nothing
+    precision = np.where(precision_count > 0, precision_sum / np.maximum(precision_count, 1), np.nan)
+    return recall, precision, iou
+
+
 def part_curves(maps: np.ndarray, pairs: np.ndarray, part_xy: np.ndarray, visible: np.ndarray, table
                 ) -> tuple[np.ndarray, np.ndarray]:
     """One image's (recall, precision) over :data:`FRACTIONS` from its insecurity maps [P, H, W], their class
     pairs [P, 2], the parts' input coordinates [15, 2] and visibility [15] (see the module docstring)."""
     h, w = maps.shape[1:]
     flat_index = part_xy[:, 1] * w + part_xy[:, 0]
-    everything = np.zeros(h * w, dtype=bool)
-    everything[flat_index[visible]] = True
-    recall_sum, recall_count = np.zeros(len(FRACTIONS)), 0
-    precision_sum, precision_count = np.zeros(len(FRACTIONS)), np.zeros(len(FRACTIONS))
-    for values, (a, b) in zip(maps, pairs):
-        shared_parts = table.shared(int(a), int(b))
-        if len(shared_parts) == 0:
-            recall_count += 1  # counted, with recall 0
-            continue
-        shared = np.zeros(h * w, dtype=bool)
-        keep = shared_parts[visible[shared_parts]]
-        shared[flat_index[keep]] = True
-        if not shared.any():
-            continue
-        order, counts = _order(values.reshape(-1))
-        hits = _in_mask_counts(shared, order, counts)
-        recall_sum += hits / shared.sum()
-        recall_count += 1
-        labelled = _in_mask_counts(everything, order, counts)
-        has = labelled > 0
-        precision_sum[has] += hits[has] / labelled[has]
-        precision_count += has
-    recall = recall_sum / recall_count if recall_count else np.full(len(FRACTIONS), np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        precision = np.where(precision_count > 0, precision_sum / np.maximum(precision_count, 1), np.nan)
+
+    def pixels(parts):
+        mask = np.zeros(h * w, dtype=bool)
+        mask[flat_index[parts[visible[parts]]]] = True
+        return mask
+
+    def shared_of(a, b):
+        parts = table.shared(a, b)
+        return pixels(parts) if len(parts) else None
+
+    recall, precision, _ = _curves(maps, pairs, shared_of, pixels(np.arange(len(part_xy))))
     return recall, precision
 
 
@@ -131,32 +151,12 @@ def object_curves(maps: np.ndarray, pairs: np.ndarray, labels: np.ndarray, table
     """One image's (recall, precision, IoU) over :data:`FRACTIONS` from its insecurity maps [P, H, W], their class
     pairs and the annotation [H, W] in the input's geometry (see the module docstring)."""
     flat_labels = labels.reshape(-1)
-    labelled = flat_labels > 0
-    n = len(FRACTIONS)
-    iou_sum, recall_sum, recall_count = np.zeros(n), np.zeros(n), 0
-    precision_sum, precision_count = np.zeros(n), np.zeros(n)
-    for values, (a, b) in zip(maps, pairs):
-        objects = table.shared(int(a), int(b))
-        if len(objects) == 0:
-            recall_count += 1
-            continue
-        shared = np.isin(flat_labels, objects)
-        order, counts = _order(values.reshape(-1))
-        hits = _in_mask_counts(shared, order, counts)
-        union = counts + shared.sum() - hits
-        iou_sum += np.where(union > 0, hits / np.maximum(union, 1), 0.0)
-        if shared.any():
-            recall_sum += hits / shared.sum()
-            recall_count += 1
-        in_labelled = _in_mask_counts(labelled, order, counts)
-        has = in_labelled > 0
-        precision_sum[has] += hits[has] / in_labelled[has]
-        precision_count += has
-    pairs_counted = len(pairs)
-    iou = iou_sum / pairs_counted if pairs_counted else np.full(n, np.nan)
-    recall = recall_sum / recall_count if recall_count else np.full(n, np.nan)
-    precision = np.where(precision_count > 0, precision_sum / np.maximum(precision_count, 1), np.nan)
-    return recall, precision, iou
+
+    def shared_of(a, b):
+        objects = table.shared(a, b)
+        return np.isin(flat_labels, objects) if len(objects) else None
+
+    return _curves(maps, pairs, shared_of, flat_labels > 0)
 
 
 def mean_curve(per_image: np.ndarray) -> np.ndarray:

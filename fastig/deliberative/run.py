@@ -106,12 +106,8 @@ def open_dataset(root) -> Cub200 | Ade20k:
                        "ADE20K tree (sceneCategories.txt, or an ADEChallengeData2016 folder)")
 
 
-def _image_path(dataset, index: int) -> Path:
-    return dataset.paths[index] if isinstance(dataset, Cub200) else dataset.images[index]
-
-
 def _image_id(dataset, index: int) -> str:
-    return str(_image_path(dataset, index).relative_to(dataset.root))
+    return str(dataset.image_path(index).relative_to(dataset.root))
 
 
 # --- models ------------------------------------------------------------------------------------------------
@@ -263,7 +259,7 @@ def run(settings: Settings, out, overwrite: bool = False, show_progress: bool = 
 
 
 def _load(dataset, index: int, preprocess: Preprocess) -> tuple[torch.Tensor, tuple[int, int]]:
-    rgb = read_image(_image_path(dataset, index))
+    rgb = read_image(dataset.image_path(index))
     return preprocess(rgb), rgb.shape[:2]
 
 

@@ -30,7 +30,7 @@ import cv2
 import numpy as np
 
 from fastig.core import progress
-from fastig.io.cub200 import read_rows
+from fastig.io.cub200 import Split, read_rows
 from fastig.io.datasets import DatasetError
 
 N_OBJECTS = 150
@@ -52,7 +52,7 @@ def read_label_map(path: Path) -> np.ndarray:
 
 
 @dataclass
-class Ade20k:
+class Ade20k(Split):
     """An ADEChallengeData2016 tree, read by :meth:`read`. ``images``/``annotations``/``labels``/``is_train`` are
     per image (training images first); ``labels`` index ``class_names`` (scenes)."""
 
@@ -99,16 +99,8 @@ class Ade20k:
         is_train = np.array([train for *_, train in rows], dtype=bool)
         return cls(root, names, images, annotations, labels, is_train, list(classes), object_names)
 
-    def __len__(self) -> int:
-        return len(self.names)
-
-    @property
-    def test_indices(self) -> np.ndarray:
-        return np.flatnonzero(~self.is_train)
-
-    @property
-    def train_indices(self) -> np.ndarray:
-        return np.flatnonzero(self.is_train)
+    def image_path(self, index: int) -> Path:
+        return self.images[index]
 
     def display_name(self, label: int) -> str:
         return self.class_names[label].replace("_", " ")

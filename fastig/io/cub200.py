@@ -89,8 +89,28 @@ def _ints(rows: list[list[str]], path: Path, layout: str, columns) -> list[list[
     return out
 
 
+class Split:
+    """What both dataset readers share: the train/test split (``is_train`` [N]) and each image's file."""
+
+    is_train: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.is_train)
+
+    @property
+    def test_indices(self) -> np.ndarray:
+        return np.flatnonzero(~self.is_train)
+
+    @property
+    def train_indices(self) -> np.ndarray:
+        return np.flatnonzero(self.is_train)
+
+    def image_path(self, index: int) -> Path:
+        raise NotImplementedError
+
+
 @dataclass
-class Cub200:
+class Cub200(Split):
     """A CUB-200-2011 tree, read by :meth:`read`. ``labels`` are 0-based; ``parts`` is [N, 15, 3]: x, y (pixels of
     the original image) and visibility (1 visible, 0 not) of each part of each image."""
 
@@ -140,16 +160,8 @@ class Cub200:
         parts = _part_locations(root / "parts" / "part_locs.txt", index, len(part_names))
         return cls(root, ids, paths, labels, is_train, class_names, part_names, parts)
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def test_indices(self) -> np.ndarray:
-        return np.flatnonzero(~self.is_train)
-
-    @property
-    def train_indices(self) -> np.ndarray:
-        return np.flatnonzero(self.is_train)
+    def image_path(self, index: int) -> Path:
+        return self.paths[index]
 
     def display_name(self, label: int) -> str:
         """A class name for pictures: "001.Black_footed_Albatross" -> "Black footed Albatross"."""
