@@ -2,9 +2,7 @@
 released code's loops, the input geometry against Preprocess, and the precision/recall/IoU curves against a
 per-pair, per-fraction reference of the released code's evaluation loop."""
 
-import shutil
 
-import cv2
 import numpy as np
 import pytest
 

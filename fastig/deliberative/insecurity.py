@@ -264,6 +264,7 @@ class InsecurityMaps:
             class_maps = (acts.unsqueeze(1) * grads[:, : self.top_k]).sum(2)
         class_maps = torch.where(class_maps < 0, torch.full_like(class_maps, CLASS_MAP_FLOOR), class_maps)
 
+        scores = None if self.difficulty == "hp" else SCORES[self.difficulty](logits)
         if shared_pass:
             score_grad = grads[:, self.top_k]
         elif self.attribution == "ig":
@@ -271,9 +272,9 @@ class InsecurityMaps:
                                                       self.ig_steps, lambda out, rows: out.reshape(-1, 1))
             score_grad = score_grad[:, 0]
         elif self.attribution == "gradient":
-            acts, _, score_grad = layer_gradients_of_scores(self.difficulty_module, self.difficulty_layer, x,
-                                                            lambda out: out.reshape(-1, 1))
-            score_grad = score_grad[:, 0]
+            acts, values, score_grad = layer_gradients_of_scores(self.difficulty_module, self.difficulty_layer, x,
+                                                                 lambda out: out.reshape(-1, 1))
+            score_grad, scores = score_grad[:, 0], values[:, 0]
         if self.attribution == "2ndg":
             first, quad = second_order_terms(self.difficulty_module, self.difficulty_layer, (x,))
             difficulty_map = first + 0.5 * quad.abs()
@@ -282,12 +283,10 @@ class InsecurityMaps:
         else:
             difficulty_map = (acts * score_grad.clamp(min=0)).sum(1)
 
-        if self.difficulty == "hp":
+        if scores is None:  # the hardness predictor's output at the images, where no pass above gave it
             with torch.no_grad():
                 scores = self.difficulty_module(x).reshape(-1)
             progress.pulse()
-        else:
-            scores = SCORES[self.difficulty](logits)
         size = tuple(x.shape[2:])
         results = []
         for i in range(x.shape[0]):

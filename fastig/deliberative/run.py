@@ -147,7 +147,7 @@ def _identity(settings: Settings, dataset) -> dict:
         identity["hardness"] = "unused"
     if settings.attribution != "ig":
         identity["ig_steps"] = "unused"
-    for name in ("batch_size", "pictures", "picture_fraction", "device"):  # do not change the numbers
+    for name in ("batch_size", "pictures", "picture_fraction"):  # they do not change the numbers
         identity.pop(name)
     identity["fastig"] = fastig.__version__
     return identity
@@ -245,17 +245,15 @@ def run(settings: Settings, out, overwrite: bool = False, show_progress: bool = 
         stages.advance()
         black = ((torch.zeros(1, 3, 1, 1) - torch.tensor(preprocess.mean).reshape(1, 3, 1, 1))
                  / torch.tensor(preprocess.std).reshape(1, 3, 1, 1))
-        pictures = []
         with progress.task("insecurity maps", total=len(hard), unit="images") as task:
             for position in range(0, len(hard), settings.batch_size):
                 batch = [(p, int(i)) for p, i in enumerate(hard[position:position + settings.batch_size], position)
                          if _load_npz(parts / f"hard-{p:06d}.npz") is None]
                 if batch:
-                    pictures += _hard_batch(batch, dataset, maps, table, geometry, preprocess, black, parts, out,
-                                            settings, device)
+                    _hard_batch(batch, dataset, maps, table, geometry, preprocess, black, parts, out, settings, device)
                 task.advance(min(settings.batch_size, len(hard) - position))
         stages.advance()
-    return _write_store(out, parts, dataset, scores, hard, settings, pictures)
+    return _write_store(out, parts, dataset, scores, hard, settings)
 
 
 def _load(dataset, index: int, preprocess: Preprocess) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -298,11 +296,11 @@ def _pair_table(parts: Path, dataset):
     return ObjectTable.build(presence)
 
 
-def _hard_batch(batch, dataset, maps, table, geometry, preprocess, black, parts, out, settings, device) -> list[Path]:
+def _hard_batch(batch, dataset, maps, table, geometry, preprocess, black, parts, out, settings, device) -> None:
+    """Insecurity maps, evaluation and pictures of a batch of hard images; one part file per image."""
     loaded = [_load(dataset, index, preprocess) for _, index in batch]
     x = torch.stack([t for t, _ in loaded]).to(device)
     results = maps.attribute(x, baselines=black.expand(1, 3, *x.shape[2:]).to(device), batch_size=len(batch))
-    written = []
     for (position, index), (tensor, (h, w)), result in zip(batch, loaded, results):
         insecurity = result.maps.double().numpy()
         pairs = result.pairs.numpy()
@@ -321,9 +319,8 @@ def _hard_batch(batch, dataset, maps, table, geometry, preprocess, black, parts,
                                                                                              table)
             truth = {"labels": labels}
         if position < settings.pictures:
-            written.append(_picture(out, position, index, dataset, tensor, result, table, truth, preprocess, settings))
+            _picture(out, position, index, dataset, tensor, result, table, truth, preprocess, settings)
         _save_npz(parts / f"hard-{position:06d}.npz", **arrays)
-    return written
 
 
 def _picture(out, position, index, dataset, tensor, result, table, truth, preprocess, settings) -> Path:
@@ -345,8 +342,7 @@ def _picture(out, position, index, dataset, tensor, result, table, truth, prepro
     return save_png(out / "pictures" / f"hard_{position + 1:04d}.png", picture)
 
 
-def _write_store(out: Path, parts: Path, dataset, scores: dict, hard: np.ndarray, settings: Settings,
-                 pictures: list[Path]) -> Summary:
+def _write_store(out: Path, parts: Path, dataset, scores: dict, hard: np.ndarray, settings: Settings) -> Summary:
     rows = [_load_npz(parts / f"hard-{p:06d}.npz") for p in range(len(hard))]
     if any(r is None for r in rows):
         raise DeliberateError(f"some hard images have no results in {parts}; rerun to finish them")
