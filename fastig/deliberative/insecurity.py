@@ -240,29 +240,37 @@ class InsecurityMaps:
     # -- one batch of images -------------------------------------------------------------------------------
 
     def _batch(self, x: torch.Tensor, baseline: torch.Tensor) -> list[Insecurities]:
-        with torch.no_grad():
-            logits = self.model(x)
-        progress.pulse()
-        if logits.dim() != 2 or logits.shape[1] < self.top_k:
-            raise ValueError(f"the model must return [N, classes] logits with at least top_k={self.top_k} classes, "
-                             f"got shape {tuple(logits.shape)}")
-        probabilities, classes = torch.softmax(logits, 1).topk(self.top_k, dim=1)
         shared_pass = self.difficulty != "hp" and self.attribution != "2ndg"  # difficulty from the classifier's pass
+        top: dict[str, torch.Tensor] = {}
 
-        def class_scores(outputs, rows):  # rows: each output row's image in the batch
-            picked = outputs.gather(1, classes[rows].to(outputs.device))
+        def pick(outputs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
+            """Each row's class logits (and its difficulty score, when it comes from the same pass)."""
+            picked = outputs.gather(1, classes.to(outputs.device))
             if shared_pass:
                 picked = torch.cat([picked, SCORES[self.difficulty](outputs).unsqueeze(1)], 1)
             return picked
 
-        if self.attribution == "ig":
-            acts, start, grads = _path_gradients(self.model, self.layer, x, baseline, self.ig_steps, class_scores)
+        def top_classes(logits: torch.Tensor) -> torch.Tensor:
+            if logits.dim() != 2 or logits.shape[1] < self.top_k:
+                raise ValueError(f"the model must return [N, classes] logits with at least top_k={self.top_k} "
+                                 f"classes, got shape {tuple(logits.shape)}")
+            top["logits"] = logits.detach()
+            top["probabilities"], top["classes"] = torch.softmax(top["logits"], 1).topk(self.top_k, dim=1)
+            return top["classes"]
+
+        if self.attribution == "ig":  # the classes are needed before the path: one more forward pass
+            with torch.no_grad():
+                top_classes(self.model(x))
+            progress.pulse()
+            acts, start, grads = _path_gradients(self.model, self.layer, x, baseline, self.ig_steps,
+                                                 lambda out, rows: pick(out, top["classes"][rows]))
             class_maps = ((acts - start).unsqueeze(1) * grads[:, : self.top_k]).sum(2)
-        else:
+        else:  # the top classes from the same forward pass as their gradients
             acts, _, grads = layer_gradients_of_scores(self.model, self.layer, x,
-                                                       lambda out: class_scores(out, slice(None)))
+                                                       lambda out: pick(out, top_classes(out)))
             class_maps = (acts.unsqueeze(1) * grads[:, : self.top_k]).sum(2)
         class_maps = torch.where(class_maps < 0, torch.full_like(class_maps, CLASS_MAP_FLOOR), class_maps)
+        logits, probabilities, classes = top["logits"], top["probabilities"], top["classes"]
 
         scores = None if self.difficulty == "hp" else SCORES[self.difficulty](logits)
         if shared_pass:
