@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
+from fastig.attr._layers import capture, check_layer, substitute
 from fastig.attr._path_common import PathAttribution, check_flag
 from fastig.attr.guided import GuidedBackprop
-from fastig.attr._layers import capture, check_layer, substitute
 from fastig.core import progress, quadrature
 from fastig.core.engine import CPU_BATCH_BYTES, Engine, integrate
 from fastig.core.paths import StraightLine
