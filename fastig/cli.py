@@ -313,6 +313,96 @@ def demo(out_dir, method_names):
     run_demo(out_dir, list(method_names) or None, echo=click.echo)
 
 
+# --- deliberative explanations -------------------------------------------------------------------------------
+
+
+def _weights_option(value: str) -> str:
+    if value != "none" and not Path(value).is_file():
+        raise click.BadParameter(f"no such file {value!r} (give a checkpoint file or 'none' for random weights)")
+    return value
+
+
+@cli.command()
+@click.option("--model", "model_name", required=True, help="architecture (see `fastig models`), built with the "
+              "dataset's number of classes")
+@click.option("--weights", required=True, callback=lambda c, p, v: _weights_option(v),
+              help="the classifier's checkpoint (trained on the dataset), or 'none' for random weights (seeded)")
+@click.option("--layer", required=True, help="the layer of the maps, e.g. features.29 (VGG16 conv5_3 ReLU), layer4")
+@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="a CUB-200-2011 or ADE20K (ADEChallengeData2016) root")
+@click.option("--difficulty", type=click.Choice(["hp", "cs", "entropy"]), default="hp", show_default=True,
+              help="difficulty score: hardness predictor, 1 - confidence, or normalized entropy")
+@click.option("--hardness", default="none", show_default=True, callback=lambda c, p, v: _weights_option(v),
+              help="--difficulty hp: the hardness predictor's checkpoint (`fastig train-hardness`), or 'none'")
+@click.option("--attribution", type=click.Choice(["gradient", "ig", "2ndg"]), default="2ndg", show_default=True)
+@click.option("--hard", type=click.IntRange(min=1), default=100, show_default=True,
+              help="explain this many most difficult test images")
+@click.option("--top-k", type=click.IntRange(min=2), default=5, show_default=True, help="classes per image")
+@click.option("--ig-steps", type=click.IntRange(min=1), default=50, show_default=True, help="--attribution ig: steps")
+@click.option("--input-size", type=click.IntRange(min=8), default=None,
+              help="resize and crop images to this size (default: the model's, 256 -> 224)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="images per pass")
+@click.option("--pictures", type=click.IntRange(min=0), default=10, show_default=True,
+              help="write a picture for this many of the hardest images")
+@click.option("--seed", type=int, default=0, show_default=True, help="seed of random weights")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@click.option("--overwrite", is_flag=True, help="start over: delete the results in --out")
+def deliberate(model_name, weights, layer, dataset, difficulty, hardness, attribution, hard, top_k, ig_steps,
+               input_size, batch_size, pictures, seed, device, out_dir, overwrite):
+    """Deliberative explanations: insecurity maps of the hardest test images, evaluated against the dataset.
+
+    \b
+    fastig deliberate --model vgg16 --weights cub_vgg16.pth --layer features.29 --dataset CUB_200_2011/ \\
+        --difficulty hp --hardness hp.pt --attribution 2ndg --hard 100 --out runs/cub
+
+    Writes --out/deliberative.h5 (difficulty scores, the hard images' ambiguous pairs, maps and precision/recall
+    over the mask fraction r, the mean curves), curves_vs_r.png, precision_recall.png and pictures/. Re-running the
+    same command resumes; other settings are refused (use --overwrite or another --out).
+    """
+    from fastig.deliberative.run import Settings, run
+
+    _device(device)
+    settings = Settings(model=model_name, layer=layer, dataset=str(dataset), weights=weights,
+                        attribution=attribution, difficulty=difficulty, hardness=hardness, hard=hard, top_k=top_k,
+                        ig_steps=ig_steps, input_size=input_size, batch_size=batch_size, seed=seed,
+                        pictures=pictures, device=device)
+    summary = run(settings, out_dir, overwrite=overwrite)
+    click.echo(f"{summary.test_images} test images scored, {summary.hard_images} hard images explained")
+    for name, value in summary.areas.items():
+        click.echo(f"{name}: {value:.4f}")
+    click.echo(f"results: {summary.store}")
+
+
+@cli.command("train-hardness")
+@click.option("--model", "model_name", required=True, help="the classifier's architecture (see `fastig models`)")
+@click.option("--weights", required=True, callback=lambda c, p, v: _weights_option(v),
+              help="the classifier's checkpoint, or 'none' for random weights (seeded)")
+@click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="a CUB-200-2011 or ADE20K root (its training images are used)")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
+              help="Adam learning rate (the released code's)")
+@click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-3, show_default=True)
+@click.option("--input-size", type=click.IntRange(min=8), default=None, help="as for `fastig deliberate`")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="the checkpoint to write")
+def train_hardness_command(model_name, weights, dataset, epochs, batch_size, lr, weight_decay, input_size, seed,
+                           device, out_file):
+    """Train a hardness predictor (the `hp` difficulty score) for a classifier on a dataset's training images."""
+    from fastig.deliberative.run import train_on_dataset
+
+    _device(device)
+    history = train_on_dataset(model_name, weights, dataset, out_file, epochs, batch_size, lr, weight_decay, seed,
+                               input_size, device)
+    for epoch, loss in enumerate(history, 1):
+        click.echo(f"epoch {epoch}: loss {loss:.4f}")
+    click.echo(f"hardness predictor: {out_file}")
+
+
 def main() -> None:
     cli.main()
 

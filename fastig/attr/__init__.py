@@ -15,8 +15,11 @@ from fastig.attr.meaningful_perturbation import MeaningfulPerturbation
 from fastig.attr.prediction_difference import PredictionDifferenceAnalysis
 from fastig.attr.deeplift import DeepLift
 from fastig.attr.lrp import LRP
+from fastig.attr.layer import (GuidedGradCam, LayerActivation, LayerGradCam, LayerGradientXActivation,
+                               LayerIntegratedGradients)
 
 __all__ = ["IntegratedGradients", "GuidedIntegratedGradients", "BlurIntegratedGradients", "LatentIntegratedGradients", "Saliency", "InputXGradient", "GradientShap", "NoiseTunnel", "GuidedBackprop", "Deconvolution",
            "GuidedNonLinearityIG", "SecondOrderGradients",
            "Occlusion", "FeatureAblation", "ShapleyValueSampling", "Lime", "KernelShap", "MeaningfulPerturbation",
-           "PredictionDifferenceAnalysis", "DeepLift", "LRP"]
+           "PredictionDifferenceAnalysis", "DeepLift", "LRP",
+           "LayerActivation", "LayerGradientXActivation", "LayerGradCam", "LayerIntegratedGradients", "GuidedGradCam"]

@@ -14,7 +14,8 @@ second-order term its absolute value, and the Hessian is restricted to the per-l
 location curvature is ignored). The released code builds ``H_pp`` row by row with one backward pass per channel
 and location (14 x 14 x 512 = 100,352 passes per VGG image). Here each location costs one Hessian-vector product:
 with ``v`` equal to ``a`` at ``p`` and zero elsewhere, ``(H v)_p = H_pp a_p``, so ``a_p^T (H v)_p`` is the quadratic
-form exactly. The products of many (example, location) pairs run in one batched double-backward pass.
+form exactly. One forward pass serves all locations of its examples: the products of many (example, location)
+pairs run in one vectorized double-backward pass through the part of the network after the layer.
 
 Piecewise-linear networks: if everything after the layer is built from ReLUs, max-pooling, linear and conv
 layers (and the score is a logit), ``s`` is piecewise linear in ``a`` and its Hessian is zero almost everywhere, so
@@ -34,24 +35,12 @@ import torch.nn.functional as F
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs
-from fastig.attr.noise_tunnel import expand_target
+from fastig.attr._layers import batched_vjp, capture, resolve_layer
 from fastig.core.engine import CPU_BATCH_BYTES
 from fastig.core.targets import Target, format_additional_args
 
-
-def resolve_layer(model: torch.nn.Module, layer: torch.nn.Module | str) -> torch.nn.Module:
-    """A submodule of ``model``, given as the module itself or by its dotted name (``"layer4"``, ``"features.42"``)."""
-    if isinstance(layer, torch.nn.Module):
-        if not any(m is layer for m in model.modules()):
-            raise ValueError(f"layer {type(layer).__name__} is not a submodule of the model")
-        return layer
-    if isinstance(layer, str):
-        try:
-            return model.get_submodule(layer)
-        except AttributeError:
-            names = [n for n, _ in model.named_modules() if n]
-            raise ValueError(f"the model has no submodule {layer!r}; some names: {', '.join(names[:20])}") from None
-    raise TypeError(f"layer must be a torch.nn.Module or a submodule name, got {type(layer).__name__}")
+# Bytes of Hessian-vector-product directions per vectorized double-backward pass (as many again for the results).
+HVP_BYTES = 64 << 20
 
 
 def last_spatial_layer(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], args: tuple) -> torch.nn.Module:
@@ -75,24 +64,6 @@ def last_spatial_layer(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     return found[-1]
 
 
-class _Capture:
-    """Forward hook that replaces the layer's output with a leaf tensor, so derivatives w.r.t. it can be taken."""
-
-    def __init__(self, layer: torch.nn.Module):
-        self.layer = layer
-        self.leaf: torch.Tensor | None = None
-
-    def __call__(self, module, _inputs, output):
-        if not isinstance(output, torch.Tensor):
-            raise TypeError(f"the layer must return a tensor, got {type(output).__name__}")
-        if self.leaf is not None:
-            raise ValueError("the layer is called more than once per forward pass; choose a layer used once")
-        if output.dim() < 2:
-            raise ValueError(f"the layer output must be [N, C, ...], got shape {tuple(output.shape)}")
-        self.leaf = output.detach().requires_grad_()
-        return self.leaf
-
-
 def second_order_terms(
     model: torch.nn.Module,
     layer: torch.nn.Module,
@@ -101,64 +72,60 @@ def second_order_terms(
     additional_forward_args: Any = None,
     rows_per_pass: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first, quadratic), each [N, *spatial]: ``sum_d a_d max(g_d, 0)`` and the signed ``a_p^T H_pp a_p``."""
+    """(first, quadratic), each [N, *spatial]: ``sum_d a_d max(g_d, 0)`` and the signed ``a_p^T H_pp a_p``.
+
+    One forward pass per chunk of examples; its backward graph (built with ``create_graph``) gives the gradient and
+    then, for chunks of locations, the Hessian-vector products of all (example, location) rows in one vectorized
+    double-backward pass (:func:`~fastig.attr._layers.batched_vjp`). ``rows_per_pass`` caps the examples per
+    forward pass and the rows per double-backward pass; None sizes both from memory.
+    """
     n = inputs[0].shape[0]
     args = format_additional_args(additional_forward_args)
-
-    def run(rows: torch.Tensor, row_target: Target) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward on the given example rows; (layer activations as a leaf, explained scores)."""
-        capture = _Capture(layer)
-        handle = layer.register_forward_hook(capture)
-        try:
+    example_target = Target(target, n)
+    per_forward = min(n, _default_rows(inputs), rows_per_pass or n)
+    firsts, quads = [], []
+    with torch.enable_grad():
+        for start in range(0, n, per_forward):
+            rows = slice(start, min(start + per_forward, n))
             row_args = tuple(
                 a[rows] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in args
             )
-            scores = row_target.select(model(*(x[rows] for x in inputs), *row_args))
-        finally:
-            handle.remove()
-        if capture.leaf is None:
-            raise ValueError("the layer was not called during the forward pass")
-        return capture.leaf, scores
-
-    per_pass = rows_per_pass or _default_rows(inputs)
-
-    # First-order term: one forward/backward per batch of examples.
-    example_target = Target(target, n)
-    first_parts = []
-    with torch.enable_grad():
-        for start in range(0, n, per_pass):
-            stop = min(start + per_pass, n)
-            acts, scores = run(torch.arange(start, stop), example_target.for_batch(slice(start, stop), 1))
-            (grad,) = torch.autograd.grad(scores.sum(), acts)
-            first_parts.append((acts.detach() * grad.clamp(min=0)).sum(1))
-    first = torch.cat(first_parts)
-
-    # Second-order term: one Hessian-vector product per (example, location) row, many rows per double backward.
-    spatial = tuple(first.shape[1:])
-    n_loc = math.prod(spatial)
-    row_target = Target(expand_target(target, n_loc), n * n_loc)
-    quad = torch.empty(n * n_loc, dtype=first.dtype, device=first.device)
-    with torch.enable_grad():
-        for start in range(0, n * n_loc, per_pass):
-            pairs = torch.arange(start, min(start + per_pass, n * n_loc))
-            examples, locations = pairs // n_loc, pairs % n_loc
-            acts, scores = run(examples, row_target.for_batch(slice(start, start + len(pairs)), 1))
+            with capture(layer) as found:
+                scores = example_target.for_batch(rows, 1).select(model(*(x[rows] for x in inputs), *row_args))
+            if len(found[0]) != 1 or found[0][0].dim() < 2:
+                raise ValueError("the layer output must be one tensor [N, C, ...], got "
+                                 f"{[tuple(t.shape) for t in found[0]]}")
+            acts = found[0][0]
             (grad,) = torch.autograd.grad(scores.sum(), acts, create_graph=True)
-            flat = acts.detach().reshape(len(pairs), acts.shape[1], n_loc)
-            rows = torch.arange(len(pairs))
-            at_location = flat[rows, :, locations]  # [K, C]: a_p of each row
-            if not grad.requires_grad:  # the score is linear in the activations here: H = 0
-                quad[start : start + len(pairs)] = 0
-                continue
-            direction = torch.zeros_like(flat)
-            direction[rows, :, locations] = at_location
-            (hvp,) = torch.autograd.grad(grad, acts, grad_outputs=direction.reshape(acts.shape), allow_unused=True)
-            if hvp is None:
-                quad[start : start + len(pairs)] = 0
-                continue
-            hvp_at_location = hvp.reshape(len(pairs), acts.shape[1], n_loc)[rows, :, locations]
-            quad[start : start + len(pairs)] = (at_location * hvp_at_location).sum(1)
-    return first, quad.reshape((n,) + spatial)
+            firsts.append((acts.detach() * grad.detach().clamp(min=0)).sum(1))
+            quads.append(_quadratic_forms(grad, acts, rows_per_pass))
+    return torch.cat(firsts), torch.cat(quads)
+
+
+def _quadratic_forms(grad: torch.Tensor, acts: torch.Tensor, rows_per_pass: int | None) -> torch.Tensor:
+    """``a_p^T H_pp a_p`` [m, *spatial] for every example and location, from ``grad = ds/da`` (with its graph):
+    the Hessian-vector product with ``a`` at ``p`` (zero elsewhere) read at ``p``, for chunks of locations."""
+    m, c = acts.shape[:2]
+    spatial = tuple(acts.shape[2:])
+    n_loc = math.prod(spatial)
+    quad = torch.zeros(m, n_loc, dtype=acts.dtype, device=acts.device)
+    if not grad.requires_grad:  # the score is linear in the activations: H = 0
+        return quad.reshape((m,) + spatial)
+    flat = acts.detach().reshape(m, c, n_loc)
+    if rows_per_pass:
+        per_pass = max(1, rows_per_pass // m)
+    else:
+        per_pass = max(1, HVP_BYTES // max(flat.numel() * flat.element_size(), 1))
+    for start in range(0, n_loc, per_pass):
+        locations = torch.arange(start, min(start + per_pass, n_loc), device=acts.device)
+        chunk = torch.arange(len(locations), device=acts.device)
+        at_location = flat[:, :, locations].permute(2, 0, 1)  # [L, m, C]: a_p of each example at each location
+        directions = torch.zeros((len(locations),) + tuple(flat.shape), dtype=flat.dtype, device=flat.device)
+        directions[chunk, :, :, locations] = at_location
+        hvp = batched_vjp(grad, acts, directions.reshape((len(locations),) + tuple(acts.shape)))
+        hvp_at_location = hvp.reshape(directions.shape)[chunk, :, :, locations]
+        quad[:, start:start + len(locations)] = (at_location * hvp_at_location).sum(2).T
+    return quad.reshape((m,) + spatial)
 
 
 def _default_rows(inputs: tuple[torch.Tensor, ...]) -> int:
