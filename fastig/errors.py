@@ -15,3 +15,20 @@ class CheckpointError(FastigError):
 
 class ImageReadError(FastigError):
     """An image file that is missing, unreadable or not an image."""
+
+
+# Captum signals bad arguments with AssertionError (and missing features with NotImplementedError). These classes
+# keep fastig's one-line messages and the ValueError/TypeError a Python user expects, and derive from Captum's
+# exception too, so code written for Captum (``except AssertionError``) catches fastig's errors unchanged.
+
+
+class InvalidArgumentError(FastigError, ValueError, AssertionError):
+    """An argument with a wrong value (shape, size, range), where Captum raises AssertionError."""
+
+
+class InvalidTypeError(FastigError, TypeError, AssertionError):
+    """An argument of a wrong type, where Captum raises AssertionError."""
+
+
+class NotSupportedError(FastigError, NotImplementedError):
+    """A feature a method does not have (``attribute_future`` where Captum raises NotImplementedError too)."""

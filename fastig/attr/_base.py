@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from fastig.errors import NotSupportedError
+
 
 class Attribution:
     """Base of fastig's attribution classes.
@@ -23,3 +25,8 @@ class Attribution:
 
     def has_convergence_delta(self) -> bool:
         return self._has_convergence_delta
+
+    def attribute_future(self, *args, **kwargs):
+        """Captum's asynchronous form, for a ``forward_func`` returning ``torch.futures.Future``: only the classes
+        Captum implements it for have it (FeatureAblation, FeaturePermutation, ShapleyValueSampling)."""
+        raise NotSupportedError(f"attribute_future is not implemented for {type(self).__name__}")

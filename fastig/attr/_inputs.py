@@ -7,8 +7,12 @@ from typing import Any
 import torch
 
 
-def format_inputs(inputs: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
-    """(inputs as a tuple of tensors, whether the caller gave a tuple)."""
+def format_inputs(inputs: Any, same_batch: bool = True) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """(inputs as a tuple of tensors, whether the caller gave a tuple).
+
+    ``same_batch=False`` lets inputs after the first have another first dimension (the perturbation methods take
+    EmbeddingBag-style index lists and empty tensors beside the batch, as Captum does).
+    """
     is_tuple = isinstance(inputs, tuple)
     tensors = inputs if is_tuple else (inputs,)
     if not tensors:
@@ -21,7 +25,7 @@ def format_inputs(inputs: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise ValueError(f"inputs[{i}] contains NaN or infinite values")
     n = tensors[0].shape[0]
-    for i, x in enumerate(tensors[1:], 1):
+    for i, x in enumerate(tensors[1:] if same_batch else (), 1):
         if x.shape[0] != n:
             raise ValueError(f"all inputs need the same batch size: inputs[0] has {n}, inputs[{i}] has {x.shape[0]}")
     return tuple(tensors), is_tuple
