@@ -13,10 +13,10 @@ from fastig.attr.perturbation import FeatureAblation, FeaturePermutation, Occlus
 from fastig.attr.surrogate import KernelShap, Lime
 from fastig.attr.meaningful_perturbation import MeaningfulPerturbation
 from fastig.attr.prediction_difference import PredictionDifferenceAnalysis
-from fastig.attr.deeplift import DeepLift
+from fastig.attr.deeplift import DeepLift, DeepLiftShap
 from fastig.attr.lrp import LRP
 
 __all__ = ["IntegratedGradients", "GuidedIntegratedGradients", "BlurIntegratedGradients", "LatentIntegratedGradients", "Saliency", "InputXGradient", "GradientShap", "NoiseTunnel", "GuidedBackprop", "Deconvolution",
            "GuidedNonLinearityIG", "SecondOrderGradients",
            "Occlusion", "FeatureAblation", "FeaturePermutation", "ShapleyValueSampling", "Lime", "KernelShap", "MeaningfulPerturbation",
-           "PredictionDifferenceAnalysis", "DeepLift", "LRP"]
+           "PredictionDifferenceAnalysis", "DeepLift", "DeepLiftShap", "LRP"]
