@@ -18,5 +18,6 @@ from fastig.attr.lrp import LRP
 
 __all__ = ["IntegratedGradients", "GuidedIntegratedGradients", "BlurIntegratedGradients", "LatentIntegratedGradients", "Saliency", "InputXGradient", "GradientShap", "NoiseTunnel", "GuidedBackprop", "Deconvolution",
            "GuidedNonLinearityIG", "SecondOrderGradients",
-           "Occlusion", "FeatureAblation", "FeaturePermutation", "ShapleyValueSampling", "Lime", "KernelShap", "MeaningfulPerturbation",
+           "Occlusion", "FeatureAblation", "FeaturePermutation", "ShapleyValueSampling", "Lime", "KernelShap",
+           "MeaningfulPerturbation",
            "PredictionDifferenceAnalysis", "DeepLift", "DeepLiftShap", "LRP"]

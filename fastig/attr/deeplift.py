@@ -315,7 +315,9 @@ class DeepLiftShap(DeepLift):
         if internal_batch_size is not None and (
             isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
         ):
-            raise InvalidArgumentError(f"internal_batch_size must be a positive integer or None, got {internal_batch_size!r}")
+            raise InvalidArgumentError(
+                f"internal_batch_size must be a positive integer or None, got {internal_batch_size!r}"
+            )
         xs, is_tuple = self._inputs(inputs)
         distribution = baseline_distribution(baselines, inputs, xs, at_least=2)
         n, n_base = xs[0].shape[0], distribution[0].shape[0]
@@ -337,8 +339,9 @@ class DeepLiftShap(DeepLift):
             )
             parts.append(attributions)
             deltas.append(delta)
-        attributions = tuple(
-            torch.cat(chunks).reshape((n, n_base) + tuple(x.shape[1:])).mean(dim=1) for chunks, x in zip(zip(*parts), xs)
+        attributions = tuple(  # the mean over each example's baselines
+            torch.cat(chunks).reshape((n, n_base) + tuple(x.shape[1:])).mean(dim=1)
+            for chunks, x in zip(zip(*parts), xs)
         )
         result = format_output(attributions, is_tuple)
         return (result, torch.cat(deltas)) if return_convergence_delta else result

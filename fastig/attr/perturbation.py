@@ -180,7 +180,6 @@ def evaluate_copies(
         size = 1
     else:
         size = copies_per_batch(sample_inputs, n_copies, perturbations_per_eval)
-    checked = size == 1  # whether the output is known to grow with the batch
     start = 0
     with progress.task(description, n_copies, unit, show=show_progress) as done:
         while start < n_copies:
@@ -216,9 +215,8 @@ def evaluate_copies(
                     )
                 inputs = context = None
                 torch.set_rng_state(rng)
-                size, checked = 1, True  # the model aggregates: one copy per call, this batch again
+                size = 1  # the model aggregates: one copy per call, this batch again
                 continue
-            checked = True
             yield slice(start, stop), output.reshape(k, n_outputs), context
             done.advance(k)
             start = stop
@@ -252,8 +250,6 @@ def format_perturbation_baselines(baselines: Any, inputs: tuple[torch.Tensor, ..
     out = []
     for i, (b, x) in enumerate(zip(baselines, inputs)):
         if isinstance(b, (bool, int, float)):
-            if isinstance(b, bool) and x.dtype != torch.bool:
-                raise InvalidTypeError(f"baselines[{i}] is a bool but inputs[{i}] has dtype {x.dtype}")
             b = torch.tensor(b, device=x.device)
         elif isinstance(b, torch.Tensor):
             if b.dim() > x.dim() or any(bd not in (1, xd) for bd, xd in zip(reversed(b.shape), reversed(x.shape))):
@@ -489,7 +485,9 @@ class FeaturePermutation(FeatureAblation):
 
     _unit = "features"
 
-    def __init__(self, forward_func: Callable, perm_func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = permute_feature) -> None:
+    def __init__(
+        self, forward_func: Callable, perm_func: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = permute_feature
+    ) -> None:
         super().__init__(forward_func)
         if not callable(perm_func):
             raise InvalidTypeError(f"perm_func must be callable, got {type(perm_func).__name__}")
@@ -559,7 +557,7 @@ class FeaturePermutation(FeatureAblation):
         return build
 
     def _permuted(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        out = self.perm_func(x, mask.expand_as(x) if mask.dim() == 0 else mask)
+        out = self.perm_func(x, mask)
         if not isinstance(out, torch.Tensor) or out.shape != x.shape:
             raise InvalidArgumentError(
                 f"perm_func must return a tensor of its input's shape {tuple(x.shape)}, got "
@@ -804,7 +802,8 @@ class ShapleyValueSampling(Attribution):
         values = (totals / n_samples).T.contiguous()
         prefix = tuple(f_base.shape) or (1,)
         attributions = tuple(
-            a.float().reshape(prefix + tuple(x.shape[1:])) for a, x in zip(spread(values, ids, masks, xs, per_example), xs)
+            a.float().reshape(prefix + tuple(x.shape[1:]))
+            for a, x in zip(spread(values, ids, masks, xs, per_example), xs)
         )
         return format_output(attributions, is_tuple)
 

@@ -56,7 +56,9 @@ class Target:
             else:
                 raise InvalidTypeError("a target list must hold only ints or only tuples")
         else:
-            raise InvalidTypeError(f"target must be None, an int, a tuple, a list or a tensor, not {type(target).__name__}")
+            raise InvalidTypeError(
+                f"target must be None, an int, a tuple, a list or a tensor, not {type(target).__name__}"
+            )
 
     def for_batch(self, examples: slice, repeats: int) -> "Target":
         """The target of a batch holding ``repeats`` steps of ``examples`` (step-major)."""
@@ -82,11 +84,15 @@ class Target:
                 )
             for index, size in zip(self.common, output.shape[1:]):
                 if not -size <= index < size:
-                    raise InvalidArgumentError(f"target {index} is out of range for model output of shape {tuple(output.shape)}")
+                    raise InvalidArgumentError(
+                        f"target {index} is out of range for model output of shape {tuple(output.shape)}"
+                    )
             selected = output[(slice(None), *self.common)]
         elif self.per_example is not None:
             if output.dim() != 2:
-                raise InvalidArgumentError(f"per-example targets need a 2-D model output, got shape {tuple(output.shape)}")
+                raise InvalidArgumentError(
+                    f"per-example targets need a 2-D model output, got shape {tuple(output.shape)}"
+                )
             index = self.per_example.to(output.device)
             if index.numel() and (index.min() < 0 or index.max() >= output.shape[1]):
                 raise InvalidArgumentError(f"target out of range for model output with {output.shape[1]} classes")
