@@ -217,6 +217,15 @@ def test_adjacent_modules_captum_loses_the_sum_fastig_keeps_it():
     assert delta.abs().max() < 1e-5
     _, captum_delta = captum(adjacent, x, b, target=1, return_convergence_delta=True)
     assert captum_delta.abs().max() > 1e-4  # documents the Captum behaviour fastig avoids
+    # the other order, a max pool straight into a ReLU: Captum's pool reads the ReLU's plain gradient
+    torch.manual_seed(9)
+    conv, head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 4 * 4, 3)
+    pool_relu = nn.Sequential(conv, nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), head)
+    separated = nn.Sequential(conv, nn.MaxPool2d(2), nn.AvgPool2d(1), nn.ReLU(), nn.Flatten(), head)
+    got, delta = DeepLift(pool_relu).attribute(x, b, target=1, return_convergence_delta=True)
+    torch.testing.assert_close(got, captum(separated, x, b, target=1), atol=1e-6, rtol=1e-5)
+    assert delta.abs().max() < 1e-5
+    assert captum(pool_relu, x, b, target=1, return_convergence_delta=True)[1].abs().max() > 1e-4
 
 
 class ReusedReluBlock(nn.Module):

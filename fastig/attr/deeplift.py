@@ -319,7 +319,7 @@ class DeepLiftShap(DeepLift):
                 f"internal_batch_size must be a positive integer or None, got {internal_batch_size!r}"
             )
         xs, is_tuple = self._inputs(inputs)
-        distribution = baseline_distribution(baselines, inputs, xs, at_least=2)
+        distribution = baseline_distribution(baselines, inputs, xs, "DeepLiftShap", at_least=2)
         n, n_base = xs[0].shape[0], distribution[0].shape[0]
         rows = n * n_base
         # Captum's pairing: example i with every baseline, example-major

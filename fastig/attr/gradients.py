@@ -191,19 +191,19 @@ class GradientShap(Attribution):
                                  additional_forward_args)
 
 
-
-def baseline_distribution(baselines: Any, raw_inputs: Any, xs: tuple, at_least: int = 1) -> tuple:
+def baseline_distribution(baselines: Any, raw_inputs: Any, xs: tuple, method: str = "GradientShap",
+                          at_least: int = 1) -> tuple:
     """GradientShap's and DeepLiftShap's baselines: one tensor [R, ...] of reference rows per input (numbers are
-    allowed after the first tensor, for GradientShap), or a function returning them, called as Captum calls it:
-    without arguments, or with the inputs as given. ``at_least``: the fewest rows (DeepLiftShap: 2; all tensors)."""
-    name = "DeepLiftShap" if at_least > 1 else "GradientShap"
+    allowed after the first tensor when ``at_least`` is 1, as GradientShap allows them), or a function returning
+    them, called as Captum calls it: without arguments, or with the inputs as given. ``at_least``: the fewest rows
+    (DeepLiftShap: 2, every input a tensor with the same rows)."""
     if callable(baselines) and not isinstance(baselines, torch.Tensor):
         baselines = baselines() if not inspect.signature(baselines).parameters else baselines(raw_inputs)
     baselines = baselines if isinstance(baselines, tuple) else (baselines,)
     if len(baselines) != len(xs):
         raise InvalidArgumentError(f"got {len(baselines)} baselines for {len(xs)} inputs")
     if not isinstance(baselines[0], torch.Tensor):
-        raise InvalidTypeError(f"{name} needs the baseline distribution as a tensor [R, ...] (R reference rows), "
+        raise InvalidTypeError(f"{method} needs the baseline distribution as a tensor [R, ...] (R reference rows), "
                                f"got {type(baselines[0]).__name__}")
     out = []
     for i, (b, x) in enumerate(zip(baselines, xs)):

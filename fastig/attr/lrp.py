@@ -31,6 +31,12 @@ is the LRP-0 rule for it: a sum ``z = a + b`` passes ``R * a / z`` to ``a`` and 
 relevance is conserved through ResNet's shortcuts. Modules called several times (torchvision's ResNet blocks
 call one ReLU twice) also work: every call gets its own autograd node (Captum raises for a reused layer with a
 rule).
+
+The model's inputs. Between the inputs and the first layers (``forward(x1, x2)`` computing on ``x1 + x2``, a
+normalization written in ``forward``) fastig follows Captum by default: the first layers' input relevance goes
+back to the inputs as a gradient would (a conversion node at each first layer's input turns the gradient form
+into the relevance), so both operands of a sum get the relevance of the sum. ``attribute(..., split_inputs=True)``
+applies the LRP-0 split there too (see :meth:`LRP.attribute`).
 """
 
 from __future__ import annotations
@@ -226,20 +232,22 @@ class _InputRegion:
         return self.memo.get(node, (False, False))
 
     def layer_inputs(self, inputs: tuple) -> tuple:
+        if not self.convert:
+            return inputs
         out = []
         for t in inputs:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 to_input, to_layer = self.reach(t.grad_fn)
                 if to_input and to_layer:
                     self.bypass = True
-                elif to_input and self.convert:
+                elif to_input:
                     t = _ToRelevance.apply(t)
                     self.layers.add(t.grad_fn)
             out.append(t)
         return tuple(out)
 
     def layer_output(self, z: torch.Tensor) -> torch.Tensor:
-        if z.grad_fn is not None:
+        if self.convert and z.grad_fn is not None:
             self.layers.add(z.grad_fn)
         return z
 
@@ -435,7 +443,7 @@ class LRP(Attribution):
         with torch.enable_grad(), self._rules_applied(verbose, default, region):
             leaves = tuple(x.detach().requires_grad_() for x in xs)
             outputs = tgt.select(self.model(*region.mark_inputs(leaves), *args))
-            if region.reach(outputs.grad_fn)[0]:
+            if convert and region.reach(outputs.grad_fn)[0]:
                 region.bypass = True
             grads = torch.autograd.grad(outputs, leaves, torch.ones_like(outputs), allow_unused=True)
         grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads))
