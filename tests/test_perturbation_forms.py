@@ -3,7 +3,6 @@ float), futures, sparse and empty inputs, every baseline form, FeaturePermutatio
 show_progress — each compared with captum 0.9 in the same run."""
 
 import io
-import warnings
 
 import pytest
 import torch
