@@ -12,8 +12,10 @@ from captum.attr import DeepLift as CaptumDeepLift
 from captum.attr import DeepLiftShap as CaptumDeepLiftShap
 from torch import nn
 
-from fastig import models
+from fastig import methods, models
+from fastig.api import attribute
 from fastig.attr.deeplift import SUPPORTED_NON_LINEAR, DeepLift, DeepLiftShap
+from fastig.attr.gradients import default_baseline_distribution
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
 
@@ -396,3 +398,13 @@ def test_deeplift_shap_tuple_inputs_and_errors():
             warnings_off(CaptumDeepLiftShap(nn.Sequential(nn.Linear(5, 2))).attribute)(x, bad, target=0)
         with pytest.raises(AssertionError, match="baseline"):
             DeepLiftShap(nn.Sequential(nn.Linear(5, 2))).attribute(x, bad, target=0)
+
+
+def test_registered_deeplift_shap_is_captums_against_the_cli_baselines():
+    # `fastig attribute --method deeplift_shap`: DeepLiftShap against zeros and the fixed uniform-noise image
+    model = small_cnn()
+    torch.manual_seed(17)
+    x = torch.randn(2, 3, 8, 8)
+    got = attribute(model, x, target=1, method="deeplift_shap", **methods.get("deeplift_shap").demo)
+    expected = warnings_off(CaptumDeepLiftShap(model).attribute)(x, default_baseline_distribution(x), target=1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
