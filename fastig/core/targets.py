@@ -84,9 +84,8 @@ class Target:
                 )
             for index, size in zip(self.common, output.shape[1:]):
                 if not -size <= index < size:
-                    raise InvalidArgumentError(
-                        f"target {index} is out of range for model output of shape {tuple(output.shape)}"
-                    )
+                    raise InvalidArgumentError(f"target {index} is out of range for the model's output of shape "
+                                                f"[N, {', '.join(map(str, output.shape[1:]))}] ({size} classes)")
             selected = output[(slice(None), *self.common)]
         elif self.per_example is not None:
             if output.dim() != 2:
