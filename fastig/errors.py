@@ -20,3 +20,20 @@ class ImageReadError(FastigError):
 class InputError(FastigError, ValueError):
     """An input, baseline, target or option of an attribution that does not fit the model or the method, or asks
     for more work than fits (the message names the argument and what was expected)."""
+
+
+# Captum signals bad arguments with AssertionError (and missing features with NotImplementedError). These classes
+# keep fastig's one-line messages and the ValueError/TypeError a Python user expects, and derive from Captum's
+# exception too, so code written for Captum (``except AssertionError``) catches fastig's errors unchanged.
+
+
+class InvalidArgumentError(InputError, AssertionError):
+    """An argument with a wrong value (shape, size, range), where Captum raises AssertionError (an InputError)."""
+
+
+class InvalidTypeError(FastigError, TypeError, AssertionError):
+    """An argument of a wrong type, where Captum raises AssertionError."""
+
+
+class NotSupportedError(FastigError, NotImplementedError):
+    """A feature a method does not have (``attribute_future`` where Captum raises NotImplementedError too)."""

@@ -250,14 +250,17 @@ def _propagation(name):
     """Builders of the propagation-rule methods (fastig.attr.deeplift, fastig.attr.lrp)."""
 
     def build(model):
-        from fastig.attr import LRP, DeepLift
+        from fastig.attr import LRP, DeepLift, DeepLiftShap
 
-        return {"deeplift": DeepLift, "lrp": LRP}[name](model)
+        return {"deeplift": DeepLift, "deeplift_shap": DeepLiftShap, "lrp": LRP}[name](model)
 
     return build
 
 
 register(Method("deeplift", "DeepLIFT, Rescale rule (Captum-compatible; zero baseline; reused modules work)",
                 _propagation("deeplift")))
+register(Method("deeplift_shap", "DeepLIFT SHAP (Captum-compatible): DeepLift against zeros and a fixed "
+                "uniform-noise image, averaged", _propagation("deeplift_shap"), ("internal_batch_size",),
+                fixed={"baselines": _gradient_shap_baselines}))
 register(Method("lrp", "Layer-wise relevance propagation (Captum-compatible rules; --lrp-rule; conserves across "
                 "skip connections)", _propagation("lrp"), ("lrp_rule",)))

@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import copy
+import itertools
 import warnings
 
 import pytest
 import torch
 from captum.attr import DeepLift as CaptumDeepLift
+from captum.attr import DeepLiftShap as CaptumDeepLiftShap
 from torch import nn
 
-from fastig import models
-from fastig.attr.deeplift import DeepLift, SUPPORTED_NON_LINEAR
+from fastig import methods, models
+from fastig.api import attribute
+from fastig.attr.deeplift import SUPPORTED_NON_LINEAR, DeepLift, DeepLiftShap
+from fastig.attr.gradients import default_baseline_distribution
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning:captum")
 
 
+def warnings_off(method):
+    """Captum warns about the hooks it sets on every call."""
+    def call(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return method(*args, **kwargs)
+    return call
+
+
 def captum(model, *args, **kwargs):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return CaptumDeepLift(model).attribute(*args, **kwargs)
+    return warnings_off(CaptumDeepLift(model).attribute)(*args, **kwargs)
 
 
 def small_cnn(act=nn.ReLU, pool=None, softmax=False, separate=True):
@@ -37,16 +49,59 @@ def small_cnn(act=nn.ReLU, pool=None, softmax=False, separate=True):
 
 
 @pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.LeakyReLU, nn.Softplus])
-@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1)], ids=["maxpool2", "maxpool3s2"])
 @pytest.mark.parametrize("n", [1, 3])
-def test_matches_captum_on_small_cnns(act, pool, n):
-    model = small_cnn(act, pool)
+def test_matches_captum_on_small_cnns(act, n):
+    model = small_cnn(act)
     torch.manual_seed(n)
     x, b = torch.randn(n, 3, 8, 8), 0.1 * torch.randn(n, 3, 8, 8)
     expected, expected_delta = captum(model, x, b, target=2, return_convergence_delta=True)
     got, delta = DeepLift(model).attribute(x, b, target=2, return_convergence_delta=True)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(delta, expected_delta, atol=1e-5, rtol=1e-4)
+
+
+def maxpool_reference(conv, pool, head, x, b):
+    """DeepLift on head(pool(conv(x))) written out with loops in float64: Captum's max-pool rule (the input's max
+    position of each window gets ``w * (max(o, o_ref) - o_ref)``, the baseline's ``w * (o - max(o, o_ref))``)
+    with the credits of every window added, divided by the pool input's difference from its reference."""
+    conv, w = copy.deepcopy(conv).double(), head.weight.double()[0]
+    x64, b64 = x.double().requires_grad_(), b.double()
+    z, zr = conv(x64).detach(), conv(b64)
+    (_, channels, h, wd), k, s, p = z.shape, pool.kernel_size, pool.stride, pool.padding
+    out_h, out_w = (h + 2 * p - k) // s + 1, (wd + 2 * p - k) // s + 1
+    credit = torch.zeros_like(z)
+    for e, ch, oy, ox in itertools.product(range(z.shape[0]), range(channels), range(out_h), range(out_w)):
+        cells = [(r, q) for r in range(max(0, oy * s - p), min(h, oy * s - p + k))
+                 for q in range(max(0, ox * s - p), min(wd, ox * s - p + k))]
+        at_input = max(cells, key=lambda rc: z[e, ch, rc[0], rc[1]])
+        at_baseline = max(cells, key=lambda rc: zr[e, ch, rc[0], rc[1]])
+        o, o_ref = z[e, ch][at_input], zr[e, ch][at_baseline]
+        weight = w[(ch * out_h + oy) * out_w + ox]
+        credit[e, ch][at_input] += weight * (torch.maximum(o, o_ref) - o_ref)
+        credit[e, ch][at_baseline] += weight * (o - torch.maximum(o, o_ref))
+    (grad,) = torch.autograd.grad(conv(x64), x64, credit / (z - zr))
+    return (x64 - b64).detach() * grad
+
+
+@pytest.mark.parametrize("pool", [nn.MaxPool2d(2), nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(3, 1)],
+                         ids=["2x2", "3x3-stride2-overlap", "3x3-stride1-overlap"])
+def test_maxpool_rule_matches_loop_reference_and_sums_to_delta(pool):
+    # Overlapping windows: a position that is the max of several windows gets all their credits, so the
+    # attributions sum to f(x) - f(b). Captum unpools and keeps one credit per position: its delta is off there.
+    torch.manual_seed(7)
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    x, b = torch.randn(2, 2, 8, 8), 0.1 * torch.randn(2, 2, 8, 8)
+    head = nn.Linear(pool(conv(x)).flatten(1).shape[1], 1)
+    model = nn.Sequential(conv, pool, nn.Flatten(), head)
+    got, delta = DeepLift(model).attribute(x, b, target=0, return_convergence_delta=True)
+    torch.testing.assert_close(got.double(), maxpool_reference(conv, pool, head, x, b), atol=1e-5, rtol=1e-4)
+    f = (model(x) - model(b))[:, 0].detach()
+    assert delta.abs().max() < 1e-5 * max(1.0, f.abs().max().item())
+    expected, captum_delta = captum(model, x, b, target=0, return_convergence_delta=True)
+    if pool.kernel_size <= pool.stride:  # no overlap: Captum's rule is the same rule
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    else:
+        assert captum_delta.abs().max() > 1e-3 * f.abs().max()  # documents the credits Captum drops
 
 
 @pytest.mark.parametrize("baselines", [None, 0.5, "batch1"])
@@ -164,6 +219,15 @@ def test_adjacent_modules_captum_loses_the_sum_fastig_keeps_it():
     assert delta.abs().max() < 1e-5
     _, captum_delta = captum(adjacent, x, b, target=1, return_convergence_delta=True)
     assert captum_delta.abs().max() > 1e-4  # documents the Captum behaviour fastig avoids
+    # the other order, a max pool straight into a ReLU: Captum's pool reads the ReLU's plain gradient
+    torch.manual_seed(9)
+    conv, head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 4 * 4, 3)
+    pool_relu = nn.Sequential(conv, nn.MaxPool2d(2), nn.ReLU(), nn.Flatten(), head)
+    separated = nn.Sequential(conv, nn.MaxPool2d(2), nn.AvgPool2d(1), nn.ReLU(), nn.Flatten(), head)
+    got, delta = DeepLift(pool_relu).attribute(x, b, target=1, return_convergence_delta=True)
+    torch.testing.assert_close(got, captum(separated, x, b, target=1), atol=1e-6, rtol=1e-5)
+    assert delta.abs().max() < 1e-5
+    assert captum(pool_relu, x, b, target=1, return_convergence_delta=True)[1].abs().max() > 1e-4
 
 
 class ReusedReluBlock(nn.Module):
@@ -231,16 +295,17 @@ def test_resnet18_matches_captum_on_the_captum_friendly_copy(resnet18):
     x, b = torch.randn(2, 3, 32, 32), torch.zeros(2, 3, 32, 32)
     with pytest.raises(RuntimeError):  # Captum cannot run the stock model (one ReLU per block, called twice)
         captum(resnet18, x, b, target=7)
-    expected, expected_delta = captum(CaptumFriendlyResNet(resnet18), x, b, target=7, return_convergence_delta=True)
+    # the stem's overlapping 3x3 stride-2 max pool sums to delta here, and not in Captum
     got, delta = DeepLift(resnet18).attribute(x, b, target=7, return_convergence_delta=True)
+    f = resnet18(x)[:, 7] - resnet18(b)[:, 7]
+    assert delta.abs().max() < 1e-4 * max(1.0, f.abs().max().item())
+    # with a non-overlapping stem pool (same output size), every rule is Captum's: the numbers agree
+    stem_2x2 = copy.deepcopy(resnet18)
+    stem_2x2.maxpool = nn.MaxPool2d(2)
+    expected, expected_delta = captum(CaptumFriendlyResNet(stem_2x2), x, b, target=7, return_convergence_delta=True)
+    got, delta = DeepLift(stem_2x2).attribute(x, b, target=7, return_convergence_delta=True)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(delta, expected_delta, atol=1e-4, rtol=1e-3)
-    # Captum's unpooling drops credits where the 3x3 stride-2 max-pool windows overlap; accumulating them
-    # restores summation-to-delta
-    _, fixed_delta = DeepLift(resnet18, maxpool_accumulate=True).attribute(x, b, target=7,
-                                                                           return_convergence_delta=True)
-    f = resnet18(x)[:, 7] - resnet18(b)[:, 7]
-    assert fixed_delta.abs().max() < 1e-4 * max(1.0, f.abs().max().item())
 
 
 def test_model_is_restored_and_works_in_float64():
@@ -282,3 +347,64 @@ def test_centerpixel_ranks_the_center_pixel_first():
     assert (attributions.flatten(1).argmax(1) == center).all()
     expected = x.flatten(1) * model.linear.weight[target]
     torch.testing.assert_close(attributions.flatten(1), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_compute_convergence_delta_and_forward_func_match_captum():
+    model = small_cnn()
+    torch.manual_seed(14)
+    x, b = torch.randn(3, 3, 8, 8), 0.1 * torch.randn(3, 3, 8, 8)
+    fastig = DeepLift(model)
+    assert fastig.forward_func is model and CaptumDeepLift(model).forward_func is model
+    attributions, delta = fastig.attribute(x, b, target=[1, 4, 2], return_convergence_delta=True)
+    for start in (b, 0.0):
+        expected = CaptumDeepLift(model).compute_convergence_delta(attributions, start, x, target=[1, 4, 2])
+        got = fastig.compute_convergence_delta(attributions, start, x, target=[1, 4, 2])
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fastig.compute_convergence_delta(attributions, b, x, target=[1, 4, 2]), delta,
+                               atol=1e-5, rtol=1e-4)  # the joint pass's delta is the same quantity
+
+
+@pytest.mark.parametrize("multiply_by_inputs", [True, False])
+def test_deeplift_shap_matches_captum(multiply_by_inputs):
+    model = small_cnn()
+    torch.manual_seed(15)
+    x, distribution = torch.randn(2, 3, 8, 8), 0.2 * torch.randn(3, 3, 8, 8)
+    expected, expected_delta = warnings_off(CaptumDeepLiftShap(model, multiply_by_inputs).attribute)(
+        x, distribution, target=[3, 1], return_convergence_delta=True)
+    got, delta = DeepLiftShap(model, multiply_by_inputs).attribute(x, distribution, target=[3, 1],
+                                                                    return_convergence_delta=True)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(delta, expected_delta, atol=1e-5, rtol=1e-4)
+    assert delta.shape == (6,)  # one per (example, baseline) pair, as in Captum
+    # chunked joint passes, a callable distribution: the same numbers
+    chunked = DeepLiftShap(model, multiply_by_inputs).attribute(x, lambda: distribution, target=[3, 1],
+                                                                internal_batch_size=4)
+    torch.testing.assert_close(chunked, got, atol=1e-6, rtol=1e-5)
+
+
+def test_deeplift_shap_tuple_inputs_and_errors():
+    torch.manual_seed(16)
+    model = TwoInputs()
+    x, y, scale = torch.randn(2, 5), torch.randn(2, 3), torch.rand(2, 1) + 0.5
+    distribution = (torch.randn(4, 5), torch.randn(4, 3))
+    # (Captum's DeepLiftShap needs extra arguments as a tuple; fastig takes them either way)
+    expected = warnings_off(CaptumDeepLiftShap(model).attribute)((x, y), distribution, target=2,
+                                                                 additional_forward_args=(scale,))
+    got = DeepLiftShap(model).attribute((x, y), distribution, target=2, additional_forward_args=scale)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-5)
+    for bad in (distribution[0][:1], 0.5):  # Captum asserts a tensor of more than one baseline
+        with pytest.raises(AssertionError):
+            warnings_off(CaptumDeepLiftShap(nn.Sequential(nn.Linear(5, 2))).attribute)(x, bad, target=0)
+        with pytest.raises(AssertionError, match="baseline"):
+            DeepLiftShap(nn.Sequential(nn.Linear(5, 2))).attribute(x, bad, target=0)
+
+
+def test_registered_deeplift_shap_is_captums_against_the_cli_baselines():
+    # `fastig attribute --method deeplift_shap`: DeepLiftShap against zeros and the fixed uniform-noise image
+    model = small_cnn()
+    torch.manual_seed(17)
+    x = torch.randn(2, 3, 8, 8)
+    got = attribute(model, x, target=1, method="deeplift_shap", **methods.get("deeplift_shap").demo)
+    expected = warnings_off(CaptumDeepLiftShap(model).attribute)(x, default_baseline_distribution(x), target=1)
+    torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)

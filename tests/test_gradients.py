@@ -132,6 +132,31 @@ def test_gradient_shap_tuple_inputs_args_and_callable_baselines():
     assert_close(ours, theirs)
 
 
+class DrawReferences:
+    """A callable object as the baseline distribution (Captum calls it with the inputs)."""
+
+    def __call__(self, inputs):
+        return inputs.flip(0) * 0.5
+
+
+@pytest.mark.parametrize("baselines", [lambda: torch.linspace(-1, 1, 5 * 3 * 8 * 8).reshape(5, 3, 8, 8),
+                                       lambda inputs: inputs * 0.25, DrawReferences()],
+                         ids=["no-arguments", "of-the-inputs", "callable-object"])
+def test_gradient_shap_callable_baselines_match_captum(baselines):
+    model, x = SmallCNN().eval(), torch.randn(3, 3, 8, 8)
+    ours, theirs = _both_gradient_shap(model, x, baselines, n_samples=3, stdevs=0.1, target=[0, 2, 1])
+    assert_close(ours, theirs)
+
+
+def test_gradient_shap_compute_convergence_delta_matches_captum():
+    model, x = SmallCNN().eval(), torch.randn(2, 3, 8, 8)
+    attributions = GradientShap(model).attribute(x, torch.zeros(3, 3, 8, 8), n_samples=4, target=3)
+    for start in (torch.zeros(2, 3, 8, 8), 0.5, torch.rand(1, 3, 8, 8)):
+        expected = CaptumGradientShap(model).compute_convergence_delta(attributions, start, x, target=3)
+        got = GradientShap(model).compute_convergence_delta(attributions, start, x, target=3)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_gradient_shap_float64_and_single_reference():
     model = SmallCNN().double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)

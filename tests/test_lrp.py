@@ -226,3 +226,44 @@ def test_centerpixel_ranks_the_center_pixel_first():
         assert (relevance.flatten(1).argmax(1) == 113 * 227 + 113).all(), rule
     relevance = LRP(model).attribute(x, target=target)
     torch.testing.assert_close(relevance.flatten(1), x.flatten(1) * model.linear.weight[target], atol=1e-6, rtol=1e-4)
+
+
+class AddedInputs(nn.Module):
+    """forward(x1, x2) on x1 + x2, then a normalization written in forward, then layers with rules."""
+
+    def __init__(self, late_input=False):
+        super().__init__()
+        torch.manual_seed(14)
+        self.fc1, self.relu, self.fc2 = nn.Linear(5, 6), nn.ReLU(), nn.Linear(6, 3)
+        self.late_input = late_input
+
+    def forward(self, x1, x2):
+        hidden = self.relu(self.fc1((x1 + x2 - 0.5) / 0.25))
+        return self.fc2(hidden + x2[:, :1] if self.late_input else hidden)
+
+
+def test_inputs_the_model_adds_get_captums_relevance_or_a_split():
+    model = AddedInputs()
+    assert LRP(model).forward_func is model
+    torch.manual_seed(15)
+    x1, x2 = torch.rand(3, 5), torch.rand(3, 5)
+    expected = CaptumLRP(model).attribute((x1, x2), target=1)
+    got = LRP(model).attribute((x1, x2), target=1)
+    for g, e in zip(got, expected):  # Captum: relevance passes back like a gradient, each operand gets the sum's
+        torch.testing.assert_close(g, e.detach(), atol=1e-6, rtol=1e-5)
+    # split_inputs=True: the first layer's input relevance R_a (a = (x1 + x2 - 0.5) / 0.25), divided by
+    # contribution through the sum and the affine map: x_i * R_a / (4 (x1 + x2 - 0.5)), float64 reference
+    a = (x1 + x2 - 0.5) / 0.25
+    r_a = got[0] * 0.25  # Captum's gradient form: R_x = R_a * da/dx = 4 R_a
+    split = LRP(model).attribute((x1, x2), target=1, split_inputs=True)
+    for x, s in zip((x1, x2), split):
+        torch.testing.assert_close(s.double(), (x * r_a / (0.25 * a)).double(), atol=1e-5, rtol=1e-4)
+
+
+def test_an_input_that_skips_the_first_layers_is_split_with_a_warning():
+    model = AddedInputs(late_input=True)
+    x1, x2 = torch.rand(2, 5), torch.rand(2, 5)
+    with pytest.warns(UserWarning, match="split"):
+        got = LRP(model).attribute((x1, x2), target=0)
+    for g, s in zip(got, LRP(model).attribute((x1, x2), target=0, split_inputs=True)):
+        torch.testing.assert_close(g, s)

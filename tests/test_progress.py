@@ -58,4 +58,4 @@ def test_show_progress_on_a_perturbation_class_names_the_method_and_the_work(cap
     Occlusion(model).attribute(torch.rand(1, 3, 8, 8), sliding_window_shapes=(3, 4, 4), strides=4, target=0,
                                perturbations_per_eval=2, show_progress=True)
     err = capsys.readouterr().err
-    assert "Occlusion" in err and "4/4 perturbations (100%)" in err
+    assert "Occlusion" in err and "4/4 windows (100%)" in err

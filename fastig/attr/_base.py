@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from fastig.attr import rules as backward_rules
-from fastig.errors import FastigError, InputError
+from fastig.errors import FastigError, InputError, NotSupportedError
 
 
 class TrainingModeWarning(UserWarning):
@@ -56,9 +56,9 @@ class Attribution:
     The constructor checks that ``forward_func`` is callable and keeps it; classes built on an ``nn.Module`` check
     that themselves. ``has_convergence_delta()`` answers from the class attribute ``_has_convergence_delta``.
     ``multiplies_by_inputs`` is left to each class (a constant, or a property when a constructor flag decides it):
-    methods that do not state it keep not having it. Every subclass's ``attribute()`` goes through
-    :func:`entry_point` (see the module docstring), which reads ``takes_rules`` (whether ``attribute()`` accepts
-    ``rules=``) and ``own_rules`` (the rule set the class always backpropagates with).
+    methods that do not state it keep not having it. Every subclass's ``attribute()`` (and ``attribute_future()``)
+    goes through :func:`entry_point` (see the module docstring), which reads ``takes_rules`` (whether
+    ``attribute()`` accepts ``rules=``) and ``own_rules`` (the rule set the class always backpropagates with).
     """
 
     _has_convergence_delta = False
@@ -67,8 +67,9 @@ class Attribution:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        if "attribute" in cls.__dict__:
-            cls.attribute = entry_point(cls.__dict__["attribute"])
+        for name in ("attribute", "attribute_future"):
+            if name in cls.__dict__:
+                setattr(cls, name, entry_point(cls.__dict__[name]))
         if cls.takes_rules and cls.__dict__.get("__doc__") and "rules=" not in cls.__doc__:
             cls.__doc__ += _RULES_DOC  # documented once, here, for every class that takes them
 
@@ -79,6 +80,11 @@ class Attribution:
 
     def has_convergence_delta(self) -> bool:
         return self._has_convergence_delta
+
+    def attribute_future(self, *args, **kwargs):
+        """Captum's asynchronous form, for a ``forward_func`` returning ``torch.futures.Future``: only the classes
+        Captum implements it for have it (FeatureAblation, FeaturePermutation, ShapleyValueSampling)."""
+        raise NotSupportedError(f"attribute_future is not implemented for {type(self).__name__}")
 
 
 def entry_point(attribute: Callable) -> Callable:

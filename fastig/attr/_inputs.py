@@ -10,8 +10,12 @@ import torch
 from fastig.errors import InputError
 
 
-def format_inputs(inputs: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
-    """(inputs as a tuple of tensors, whether the caller gave a tuple)."""
+def format_inputs(inputs: Any, same_batch: bool = True) -> tuple[tuple[torch.Tensor, ...], bool]:
+    """(inputs as a tuple of tensors, whether the caller gave a tuple).
+
+    ``same_batch=False`` lets inputs after the first have another first dimension (the perturbation methods take
+    EmbeddingBag-style index lists and empty tensors beside the batch, as Captum does).
+    """
     is_tuple = isinstance(inputs, tuple)
     tensors = inputs if is_tuple else (inputs,)
     if not tensors:
@@ -21,12 +25,12 @@ def format_inputs(inputs: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
             raise TypeError(f"inputs[{i}] must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0:
             raise InputError(f"inputs[{i}] is a scalar; inputs need a leading batch dimension")
-        if x.shape[0] == 0:
+        if x.shape[0] == 0 and (same_batch or i == 0):  # other inputs may be empty where the batch is inputs[0]
             raise InputError(f"inputs[{i}] holds no example (shape {tuple(x.shape)}); give at least one")
         if x.is_floating_point() and not torch.isfinite(x).all():
             raise InputError(f"inputs[{i}] contains NaN or infinite values")
     n = tensors[0].shape[0]
-    for i, x in enumerate(tensors[1:], 1):
+    for i, x in enumerate(tensors[1:] if same_batch else (), 1):
         if x.shape[0] != n:
             raise InputError(f"all inputs need the same batch size: inputs[0] has {n}, inputs[{i}] has {x.shape[0]}")
     return tuple(tensors), is_tuple

@@ -12,6 +12,7 @@ from fastig.attr._inputs import format_baselines, format_inputs, row_sums
 from fastig.core import quadrature
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
+from fastig.errors import InvalidArgumentError
 
 OUTPUTS = ("logit", "probability")
 
@@ -60,6 +61,24 @@ def check_number(name: str, value: Any, low: float, high: float | None = None, l
     return value
 
 
+def convergence_delta(
+    forward_func: Callable, attributions: Any, start_point: Any, end_point: Any, target: Any = None,
+    additional_forward_args: Any = None,
+) -> torch.Tensor:
+    """Captum's ``compute_convergence_delta``: ``sum(attributions) - (f(end_point) - f(start_point))`` per example,
+    with two plain forward passes (in engine batches)."""
+    ends, _ = format_inputs(end_point)
+    starts = format_baselines(start_point, ends)
+    attrs, _ = format_inputs(attributions)
+    for a, e in zip(attrs, ends):
+        if a.shape[0] != e.shape[0]:
+            raise InvalidArgumentError(f"attributions have {a.shape[0]} examples but end_point has {e.shape[0]}")
+    return PathAttribution._delta(
+        Engine(forward_func), attrs, ends, starts, Target(target, ends[0].shape[0]),
+        format_additional_args(additional_forward_args),
+    )
+
+
 class PathAttribution(Attribution):
     """Base of the path methods: the model, and the completeness gap they all report."""
 
@@ -86,16 +105,8 @@ class PathAttribution(Attribution):
         output: str = "logit",
     ) -> torch.Tensor:
         """sum(attributions) - (f(end_point) - f(start_point)) per example, as Captum defines it."""
-        ends, _ = format_inputs(end_point)
-        starts = format_baselines(start_point, ends)
-        attrs, _ = format_inputs(attributions)
-        for a, e in zip(attrs, ends):
-            if a.shape[0] != e.shape[0]:
-                raise ValueError(f"attributions have {a.shape[0]} examples but end_point has {e.shape[0]}")
-        engine = Engine(explained_function(self.forward_func, output))
-        return self._delta(
-            engine, attrs, ends, starts, Target(target, ends[0].shape[0]), format_additional_args(additional_forward_args)
-        )
+        return convergence_delta(explained_function(self.forward_func, output), attributions, start_point, end_point,
+                                 target, additional_forward_args)
 
     @staticmethod
     def _delta(engine, attributions, inputs, baselines, target, args, f_start=None, f_end=None) -> torch.Tensor:

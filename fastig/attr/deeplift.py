@@ -10,22 +10,29 @@ DeepLIFT multipliers instead of the local gradient:
 - Softmax: the same, then minus its mean (Captum subtracts the mean over the whole batch, which makes an example's
   attribution depend on the other examples; fastig subtracts it per example: the numbers agree for one example);
 - MaxPool1d/2d/3d: Captum's rule, which routes ``grad_out`` times the difference of the pooled outputs through
-  the max positions of both the input and the baseline and divides by ``delta_in`` (``maxpool_accumulate``
-  fixes its overlapping-window loss).
+  the max positions of both the input and the baseline and divides by ``delta_in``; where windows overlap
+  (ResNet's 3x3 stride-2 pool) a position that is the max of several windows gets the credits of all of them.
 
 Linear layers (Conv, Linear, BatchNorm in eval mode, average pools, additions) keep their ordinary gradients, which
 is what the Rescale rule asks of them. The gradient of the explained outputs of *both* halves of the batch flows
 back, as in Captum (the baseline half matters at max pools).
 
-Better than Captum where the model reuses a module: Captum stores a module's input and output on the module,
-so a module called twice in one forward pass (torchvision's ResNet blocks call one ``nn.ReLU`` twice) makes it
-fail with a RuntimeError. Here every call builds its own autograd node with its own saved tensors, so reuse is
-correct. Captum also loses multipliers where two supported modules follow each other directly (a ReLU whose
-output tensor goes straight into a MaxPool): its ReLU hook reads the gradient at its output *before* the max-pool
-hook has replaced it, so on such models (ResNet's stem: ``relu -> maxpool``) Captum's sum(attributions) misses
-f(inputs) - f(baselines); fastig applies the rules as documented and the sum matches. Where no two supported
-modules are adjacent, fastig and Captum agree to the last bit in tests. Functional non-linearities (``F.relu`` in a model's ``forward``) are not modules and keep their ordinary
-gradients, as in Captum.
+Where fastig and Captum differ, fastig keeps summation-to-delta (sum(attributions) = f(inputs) - f(baselines))
+and Captum does not; everywhere else the numbers agree (to float32 rounding in tests):
+
+- a module called twice in one forward pass (torchvision's ResNet blocks call one ``nn.ReLU`` twice): Captum
+  stores a module's input and output on the module and fails with a RuntimeError; here every call builds its
+  own autograd node with its own saved tensors;
+- overlapping max-pool windows: Captum unpools the credits, which keeps one window's credit per position and
+  drops the others (its delta is off by a few percent of f(inputs) - f(baselines)); fastig adds them;
+- two supported modules that follow each other directly (``relu -> maxpool`` as in ResNet's stem,
+  ``maxpool -> relu``): Captum's tensor hooks on the shared tensor run in registration order, so one module
+  reads the *ordinary* gradient of the other instead of its DeepLIFT multipliers (a ReLU feeding a pool makes the
+  pool fall back to its plain gradient, which sums correctly only where the baseline is constant over each
+  window, e.g. an all-zero image); fastig applies both modules' rules.
+
+Functional non-linearities (``F.relu`` in a model's ``forward``) are not modules and keep their ordinary gradients,
+as in Captum.
 """
 
 from __future__ import annotations
@@ -40,7 +47,11 @@ from torch import nn
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, format_output, row_sums
+from fastig.attr._path_common import convergence_delta
+from fastig.attr.gradients import baseline_distribution
+from fastig.attr.noise_tunnel import expand_additional_args, expand_target
 from fastig.core.targets import Target, args_for_batch, format_additional_args
+from fastig.errors import InvalidArgumentError
 
 
 def _halves_diff(t: torch.Tensor) -> torch.Tensor:
@@ -84,7 +95,6 @@ class _Rescale(torch.autograd.Function):
         return grad, None, None, None
 
 
-_UNPOOL = {1: F.max_unpool1d, 2: F.max_unpool2d, 3: F.max_unpool3d}
 _POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
@@ -92,28 +102,25 @@ class _RescaleMaxPool(torch.autograd.Function):
     """Max pooling forward; Captum's DeepLIFT max-pool multipliers backward."""
 
     @staticmethod
-    def forward(ctx, z, module, dims, eps, accumulate):
+    def forward(ctx, z, module, dims, eps):
         y, indices = _POOL[dims](
             z, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode, True
         )
         ctx.save_for_backward(z, y, indices)
-        ctx.module, ctx.dims, ctx.eps, ctx.accumulate = module, dims, eps, accumulate
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
         z, y, indices = ctx.saved_tensors
-        m = ctx.module
         out, out_ref = y.chunk(2)
         cross_max = torch.max(out, out_ref)
         # the input half credits its max positions with (max(out, out_ref) - out_ref), the baseline half its own
         # max positions with (out - max(out, out_ref)); the two halves' results are summed (Captum's rule)
         delta_out = torch.cat([cross_max - out_ref, out - cross_max])
-        credit = grad_out * delta_out
-        if ctx.accumulate:  # a position that is the max of several windows gets all their credits
-            unpooled = _scatter_add(credit, indices, z)
-        else:  # Captum: unpooling writes one window's credit per position (the last one wins)
-            unpooled = _UNPOOL[ctx.dims](credit, indices, m.kernel_size, m.stride, m.padding, list(z.shape))
+        # a position that is the max of several (overlapping) windows gets all their credits (Captum unpools,
+        # which keeps one of them)
+        unpooled = _scatter_add(grad_out * delta_out, indices, z)
         first, second = unpooled.chunk(2)
         summed = first + second
         summed = torch.cat([summed, summed])
@@ -123,7 +130,7 @@ class _RescaleMaxPool(torch.autograd.Function):
         if near.any():
             # the ordinary max-pool gradient: grad_out added at each window's max position
             grad = torch.where(near, _scatter_add(grad_out, indices, z), grad)
-        return grad, None, None, None, None
+        return grad, None, None, None
 
 
 def _scatter_add(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -153,14 +160,14 @@ def _function_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return {nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh}[kind]
 
 
-def _rescale_forward(module: nn.Module, eps: float, accumulate: bool) -> Callable:
+def _rescale_forward(module: nn.Module, eps: float) -> Callable:
     if type(module) in _MAXPOOL_DIMS:
         dims = _MAXPOOL_DIMS[type(module)]
 
         def forward(z):
             if module.return_indices:
                 raise ValueError("DeepLift does not support MaxPool modules with return_indices=True")
-            return _RescaleMaxPool.apply(z, module, dims, eps, accumulate)
+            return _RescaleMaxPool.apply(z, module, dims, eps)
 
         return forward
     fn = _function_of(module)
@@ -169,7 +176,7 @@ def _rescale_forward(module: nn.Module, eps: float, accumulate: bool) -> Callabl
 
 
 @contextlib.contextmanager
-def rescale_rules(model: nn.Module, eps: float, maxpool_accumulate: bool = False) -> Iterator[None]:
+def rescale_rules(model: nn.Module, eps: float) -> Iterator[None]:
     """While active, the supported non-linear modules of ``model`` backpropagate DeepLIFT multipliers.
 
     Modules are matched by exact type, as in Captum. Each module's ``forward`` is shadowed by an instance
@@ -179,7 +186,7 @@ def rescale_rules(model: nn.Module, eps: float, maxpool_accumulate: bool = False
     try:
         for module in model.modules():
             if type(module) in SUPPORTED_NON_LINEAR and "forward" not in vars(module):
-                module.forward = _rescale_forward(module, eps, maxpool_accumulate)
+                module.forward = _rescale_forward(module, eps)
                 patched.append(module)
         yield
     finally:
@@ -188,35 +195,31 @@ def rescale_rules(model: nn.Module, eps: float, maxpool_accumulate: bool = False
 
 
 class DeepLift(Attribution):
-    """DeepLIFT (Rescale rule) attributions, with Captum's constructor, ``attribute()`` and numbers.
+    """DeepLIFT (Rescale rule) attributions, with Captum's constructor, ``attribute()``,
+    ``compute_convergence_delta()`` and numbers (see the module docstring for where fastig keeps
+    summation-to-delta and Captum does not).
 
     Args:
-        model: the ``nn.Module`` to explain.
+        model: the ``nn.Module`` to explain (also ``forward_func``, as in Captum).
         multiply_by_inputs: multiply the multipliers by ``inputs - baselines`` (global attribution); when False the
             multipliers themselves are returned (local attribution). Ignored with ``custom_attribution_func``.
         eps: where ``|input - baseline|`` of a non-linearity is below ``eps``, its ordinary gradient is used
             instead of the ratio of differences.
-        maxpool_accumulate: (fastig only) where max-pool windows overlap (ResNet's 3x3 stride-2 pool), add the
-            credits of all windows that pick the same position. Captum unpools instead, which keeps only one
-            window's credit per position, so sum(attributions) misses f(inputs) - f(baselines) by what was
-            dropped; True restores the summation-to-delta property. Default False: Captum's numbers.
 
-    The convergence delta ``sum(attributions) - (f(inputs) - f(baselines))`` reuses the outputs of the joint
-    forward pass (Captum runs two more forward passes for it).
+    The convergence delta ``sum(attributions) - (f(inputs) - f(baselines))`` of ``return_convergence_delta=True``
+    reuses the outputs of the joint forward pass (Captum runs two more forward passes for it).
     """
 
     _has_convergence_delta = True
 
-    def __init__(
-        self, model: nn.Module, multiply_by_inputs: bool = True, eps: float = 1e-10, *, maxpool_accumulate: bool = False
-    ) -> None:
+    def __init__(self, model: nn.Module, multiply_by_inputs: bool = True, eps: float = 1e-10) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"DeepLift needs an nn.Module (its modules carry the rules), got {type(model).__name__}")
+            raise TypeError(f"{type(self).__name__} needs an nn.Module (its modules carry the rules), got "
+                            f"{type(model).__name__}")
         if not eps >= 0:
             raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-        self.model = model
+        self.model = self.forward_func = model
         self.eps = eps
-        self.maxpool_accumulate = maxpool_accumulate
         self._multiply_by_inputs = multiply_by_inputs
 
     @property
@@ -232,19 +235,41 @@ class DeepLift(Attribution):
         return_convergence_delta: bool = False,
         custom_attribution_func: Callable | None = None,
     ) -> Any:
+        xs, is_tuple = self._inputs(inputs)
+        bs = tuple(b.expand_as(x) for b, x in zip(format_baselines(baselines, xs), xs))
+        n = xs[0].shape[0]
+        attributions, delta = self._attribute_rows(
+            xs, bs, Target(target, n), format_additional_args(additional_forward_args), custom_attribution_func,
+            return_convergence_delta,
+        )
+        result = format_output(attributions, is_tuple)
+        return (result, delta) if return_convergence_delta else result
+
+    def compute_convergence_delta(
+        self, attributions: Any, start_point: Any, end_point: Any, target: Any = None,
+        additional_forward_args: Any = None,
+    ) -> torch.Tensor:
+        """``sum(attributions) - (f(end_point) - f(start_point))`` per example, from two plain forward passes of
+        the model (Captum's ``compute_convergence_delta``)."""
+        return convergence_delta(self.model, attributions, start_point, end_point, target, additional_forward_args)
+
+    @staticmethod
+    def _inputs(inputs: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
         xs, is_tuple = format_inputs(inputs)
         for i, x in enumerate(xs):
             if not x.is_floating_point():
                 raise TypeError(f"inputs[{i}] must be a floating-point tensor, got {x.dtype}")
-        bs = tuple(b.expand_as(x) for b, x in zip(format_baselines(baselines, xs), xs))
-        n = xs[0].shape[0]
-        tgt = Target(target, n).for_batch(slice(0, n), 2)
-        args = args_for_batch(format_additional_args(additional_forward_args), n, slice(0, n), 2)
+        return xs, is_tuple
 
-        with torch.enable_grad(), rescale_rules(self.model, self.eps, self.maxpool_accumulate):
+    def _attribute_rows(self, xs, bs, target: Target, args: tuple, custom_attribution_func, want_delta: bool):
+        """Attributions (and deltas) of rows ``xs`` against baselines ``bs`` (same shapes): one joint pass."""
+        n = xs[0].shape[0]
+        tgt = target.for_batch(slice(0, n), 2)
+        joint_args = args_for_batch(args, n, slice(0, n), 2)
+        with torch.enable_grad(), rescale_rules(self.model, self.eps):
             leaves = tuple(x.detach().requires_grad_() for x in xs)
             joint = tuple(torch.cat([x, b.detach()]) for x, b in zip(leaves, bs))
-            outputs = tgt.select(self.model(*joint, *args))
+            outputs = tgt.select(self.model(*joint, *joint_args))
             multipliers = torch.autograd.grad(outputs, leaves, torch.ones_like(outputs), allow_unused=True)
         multipliers = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, multipliers))
 
@@ -254,14 +279,72 @@ class DeepLift(Attribution):
             attributions = tuple((x - b) * g for x, b, g in zip(xs, bs, multipliers))
         else:
             attributions = multipliers
-        result = format_output(attributions, is_tuple)
-        if not return_convergence_delta:
-            return result
+        if not want_delta:
+            return attributions, None
         with torch.no_grad():
             f_in, f_base = outputs.detach().chunk(2)
             attr_sum = row_sums(attributions)
-            delta = attr_sum - (f_in - f_base).to(attr_sum.dtype)
-        return result, delta
+            return attributions, attr_sum - (f_in - f_base).to(attr_sum.dtype)
+
+
+class DeepLiftShap(DeepLift):
+    """DeepLIFT SHAP (Lundberg & Lee 2017): DeepLift of every input against every row of a baseline distribution,
+    averaged over the baselines (the SHAP values of the linearized model).
+
+    Drop-in for ``captum.attr.DeepLiftShap``: same constructor, ``attribute()`` (``baselines`` a tensor [B, ...]
+    with B > 1, a tuple of them, or a function returning them) and numbers; the convergence delta has one entry
+    per (example, baseline) pair, example-major, as in Captum. Extra keyword ``internal_batch_size``: how many
+    (example, baseline) pairs go through one joint forward/backward pass (Captum runs all ``N * B`` at once;
+    None does the same); attributions do not depend on it.
+    """
+
+    def __init__(self, model: nn.Module, multiply_by_inputs: bool = True) -> None:
+        super().__init__(model, multiply_by_inputs=multiply_by_inputs)
+
+    def attribute(
+        self,
+        inputs: Any,
+        baselines: Any,
+        target: Any = None,
+        additional_forward_args: Any = None,
+        return_convergence_delta: bool = False,
+        custom_attribution_func: Callable | None = None,
+        *,
+        internal_batch_size: int | None = None,
+    ) -> Any:
+        if internal_batch_size is not None and (
+            isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
+        ):
+            raise InvalidArgumentError(
+                f"internal_batch_size must be a positive integer or None, got {internal_batch_size!r}"
+            )
+        xs, is_tuple = self._inputs(inputs)
+        distribution = baseline_distribution(baselines, inputs, xs, "DeepLiftShap", at_least=2)
+        n, n_base = xs[0].shape[0], distribution[0].shape[0]
+        rows = n * n_base
+        # Captum's pairing: example i with every baseline, example-major
+        expanded = tuple(x.repeat_interleave(n_base, dim=0) for x in xs)
+        references = tuple(b.repeat((n,) + (1,) * (b.dim() - 1)) for b in distribution)
+        target_rows = Target(expand_target(target, n_base), rows)
+        args_rows = format_additional_args(expand_additional_args(additional_forward_args, n_base))
+
+        size = rows if internal_batch_size is None else internal_batch_size
+        parts, deltas = [], []
+        for start in range(0, rows, size):
+            part = slice(start, min(start + size, rows))
+            attributions, delta = self._attribute_rows(
+                tuple(x[part] for x in expanded), tuple(b[part] for b in references),
+                target_rows.for_batch(part, 1), args_for_batch(args_rows, rows, part, 1), custom_attribution_func,
+                return_convergence_delta,
+            )
+            parts.append(attributions)
+            deltas.append(delta)
+        attributions = tuple(  # the mean over each example's baselines
+            torch.cat(chunks).reshape((n, n_base) + tuple(x.shape[1:])).mean(dim=1)
+            for chunks, x in zip(zip(*parts), xs)
+        )
+        result = format_output(attributions, is_tuple)
+        return (result, torch.cat(deltas)) if return_convergence_delta else result
 
 
 def _call_custom(func: Callable, multipliers: tuple, inputs: tuple, baselines: tuple) -> tuple:

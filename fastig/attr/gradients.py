@@ -7,6 +7,7 @@ keyword Captum lacks for these methods) caps the rows per model call; None lets 
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output
+from fastig.attr._path_common import convergence_delta
 from fastig.attr.integrated_gradients import IntegratedGradients
 from fastig.attr.noise_tunnel import (
     check_positive_int,
@@ -25,6 +27,7 @@ from fastig.attr.noise_tunnel import (
 )
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
+from fastig.errors import InvalidArgumentError, InvalidTypeError
 
 
 class _Rows:
@@ -145,7 +148,7 @@ class GradientShap(Attribution):
         xs, is_tuple = format_inputs(inputs)
         check_positive_int("n_samples", n_samples)
         stdevs = check_stdevs(stdevs, len(xs))
-        distribution = self._baseline_distribution(baselines, inputs, xs)
+        distribution = baseline_distribution(baselines, inputs, xs)
         n = xs[0].shape[0]
         rows = n * n_samples
 
@@ -181,32 +184,50 @@ class GradientShap(Attribution):
         )
         return result, delta
 
-    @staticmethod
-    def _baseline_distribution(baselines: Any, raw_inputs: Any, xs: tuple) -> tuple:
-        if callable(baselines) and not isinstance(baselines, torch.Tensor):
-            import inspect
+    def compute_convergence_delta(
+        self, attributions: Any, start_point: Any, end_point: Any, target: Any = None,
+        additional_forward_args: Any = None,
+    ) -> torch.Tensor:
+        """``sum(attributions) - (f(end_point) - f(start_point))`` per example (Captum's
+        ``compute_convergence_delta``, two plain forward passes)."""
+        return convergence_delta(self.forward_func, attributions, start_point, end_point, target,
+                                 additional_forward_args)
 
-            baselines = baselines() if not inspect.signature(baselines).parameters else baselines(raw_inputs)
-        baselines = baselines if isinstance(baselines, tuple) else (baselines,)
-        if len(baselines) != len(xs):
-            raise ValueError(f"got {len(baselines)} baselines for {len(xs)} inputs")
-        if not isinstance(baselines[0], torch.Tensor):
-            raise TypeError("GradientShap needs the baseline distribution as a tensor [R, ...] (R reference rows)")
-        out = []
-        for i, (b, x) in enumerate(zip(baselines, xs)):
-            if isinstance(b, torch.Tensor):
-                if b.dim() != x.dim() or b.shape[1:] != x.shape[1:] or b.shape[0] < 1:
-                    raise ValueError(
-                        f"baselines[{i}] has shape {tuple(b.shape)}: it must be [R, ...] with the input's "
-                        f"per-example shape {tuple(x.shape[1:])}"
-                    )
-                if b.is_floating_point() and not torch.isfinite(b).all():
-                    raise ValueError(f"baselines[{i}] contains NaN or infinite values")
-                b = b.to(device=x.device)
-            elif isinstance(b, bool) or not isinstance(b, (int, float)):
-                raise TypeError(f"baselines[{i}] must be a tensor or a number, got {type(b).__name__}")
-            out.append(b)
-        return tuple(out)
+
+def baseline_distribution(baselines: Any, raw_inputs: Any, xs: tuple, method: str = "GradientShap",
+                          at_least: int = 1) -> tuple:
+    """GradientShap's and DeepLiftShap's baselines: one tensor [R, ...] of reference rows per input (numbers are
+    allowed after the first tensor when ``at_least`` is 1, as GradientShap allows them), or a function returning
+    them, called as Captum calls it: without arguments, or with the inputs as given. ``at_least``: the fewest rows
+    (DeepLiftShap: 2, every input a tensor with the same rows)."""
+    if callable(baselines) and not isinstance(baselines, torch.Tensor):
+        baselines = baselines() if not inspect.signature(baselines).parameters else baselines(raw_inputs)
+    baselines = baselines if isinstance(baselines, tuple) else (baselines,)
+    if len(baselines) != len(xs):
+        raise InvalidArgumentError(f"got {len(baselines)} baselines for {len(xs)} inputs")
+    if not isinstance(baselines[0], torch.Tensor):
+        raise InvalidTypeError(f"{method} needs the baseline distribution as a tensor [R, ...] (R reference rows), "
+                               f"got {type(baselines[0]).__name__}")
+    out = []
+    for i, (b, x) in enumerate(zip(baselines, xs)):
+        if isinstance(b, torch.Tensor):
+            if b.dim() != x.dim() or b.shape[1:] != x.shape[1:] or b.shape[0] < at_least:
+                raise InvalidArgumentError(
+                    f"baselines[{i}] has shape {tuple(b.shape)}: it must be [R, ...] with R >= {at_least} and the "
+                    f"input's per-example shape {tuple(x.shape[1:])}"
+                    + (" (for a single baseline use DeepLift)" if at_least > 1 and b.shape[0] == 1 else "")
+                )
+            if b.shape[0] != baselines[0].shape[0] and at_least > 1:
+                raise InvalidArgumentError(f"baselines[{i}] has {b.shape[0]} rows, baselines[0] has "
+                                           f"{baselines[0].shape[0]}: every input needs the same reference rows")
+            if b.is_floating_point() and not torch.isfinite(b).all():
+                raise InvalidArgumentError(f"baselines[{i}] contains NaN or infinite values")
+            b = b.to(device=x.device)
+        elif at_least > 1 or isinstance(b, bool) or not isinstance(b, (int, float)):
+            raise InvalidTypeError(f"baselines[{i}] must be a tensor{'' if at_least > 1 else ' or a number'}, got "
+                                   f"{type(b).__name__}")
+        out.append(b)
+    return tuple(out)
 
 
 def default_baseline_distribution(inputs: Any) -> tuple[torch.Tensor, ...]:

@@ -31,11 +31,18 @@ is the LRP-0 rule for it: a sum ``z = a + b`` passes ``R * a / z`` to ``a`` and 
 relevance is conserved through ResNet's shortcuts. Modules called several times (torchvision's ResNet blocks
 call one ReLU twice) also work: every call gets its own autograd node (Captum raises for a reused layer with a
 rule).
+
+The model's inputs. Between the inputs and the first layers (``forward(x1, x2)`` computing on ``x1 + x2``, a
+normalization written in ``forward``) fastig follows Captum by default: the first layers' input relevance goes
+back to the inputs as a gradient would (a conversion node at each first layer's input turns the gradient form
+into the relevance), so both operands of a sum get the relevance of the sum. ``attribute(..., split_inputs=True)``
+applies the LRP-0 split there too (see :meth:`LRP.attribute`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -167,6 +174,84 @@ class _Relevance(torch.autograd.Function):
         return grad * factor, None, None
 
 
+class _ToRelevance(torch.autograd.Function):
+    """Identity forward; backward turns the gradient-form ``g`` into the relevance ``t * g`` (Captum's form)."""
+
+    @staticmethod
+    def forward(ctx, t):
+        ctx.save_for_backward(t)
+        return t.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (t,) = ctx.saved_tensors
+        return grad * t
+
+
+class _InputRegion:
+    """During one forward pass: which tensors are computed from the model's inputs alone (the operations before
+    the first layers), so that Captum's form can start at the first layers' inputs.
+
+    A tensor's autograd history is followed back until it meets a layer (a module with a rule, or Tanh) or a
+    model input; the answers are memoized per autograd node, so each node is visited once per pass.
+    ``convert``: give the first layers' inputs Captum's relevance form. ``bypass`` is set when an input also
+    reaches a later layer or the output without passing a first layer (Captum's form is then not defined).
+    """
+
+    def __init__(self, convert: bool) -> None:
+        self.convert = convert
+        self.inputs: set = set()
+        self.layers: set = set()
+        self.memo: dict = {}
+        self.bypass = False
+
+    def mark_inputs(self, leaves: tuple) -> tuple:
+        marked = tuple(x.view_as(x) for x in leaves)
+        self.inputs.update(m.grad_fn for m in marked)
+        return marked
+
+    def reach(self, node) -> tuple[bool, bool]:
+        """(leads to a model input, leads to a layer), without crossing a layer."""
+        stack = [node] if node is not None else []
+        while stack:  # depth-first, children before their parent
+            top = stack[-1]
+            if top in self.memo:
+                stack.pop()
+            elif top in self.inputs or top in self.layers:
+                self.memo[top] = (top in self.inputs, top in self.layers)
+                stack.pop()
+            else:
+                children = [child for child, _ in top.next_functions if child is not None]
+                pending = [child for child in children if child not in self.memo]
+                if pending:
+                    stack.extend(pending)
+                else:
+                    flags = [self.memo[child] for child in children]
+                    self.memo[top] = (any(f[0] for f in flags), any(f[1] for f in flags))
+                    stack.pop()
+        return self.memo.get(node, (False, False))
+
+    def layer_inputs(self, inputs: tuple) -> tuple:
+        if not self.convert:
+            return inputs
+        out = []
+        for t in inputs:
+            if isinstance(t, torch.Tensor) and t.requires_grad:
+                to_input, to_layer = self.reach(t.grad_fn)
+                if to_input and to_layer:
+                    self.bypass = True
+                elif to_input:
+                    t = _ToRelevance.apply(t)
+                    self.layers.add(t.grad_fn)
+            out.append(t)
+        return tuple(out)
+
+    def layer_output(self, z: torch.Tensor) -> torch.Tensor:
+        if self.convert and z.grad_fn is not None:
+            self.layers.add(z.grad_fn)
+        return z
+
+
 def _stabilized_ratio(z: torch.Tensor, z_rule: torch.Tensor, eps: float) -> torch.Tensor:
     sign = torch.where(z_rule >= 0, 1.0, -1.0).to(z_rule.dtype)  # sign(0) counts as +1, as in Captum
     return z / (z_rule + sign * eps)
@@ -194,12 +279,15 @@ def _with_weights(module: nn.Module, rule: PropagationRule, x: torch.Tensor) -> 
                     f"(eval) layers only, not {type(module).__name__}")
 
 
-def _rule_forward(module: nn.Module, rule: PropagationRule, original) -> Any:
+def _rule_forward(module: nn.Module, rule: PropagationRule, original, region: _InputRegion) -> Any:
     changes_weights = rule.zero_bias or (
         getattr(module, "weight", None) is not None and rule.modified_weights(module.weight) is not None
     )
 
     def forward(*inputs):
+        return region.layer_output(relevance_forward(*region.layer_inputs(inputs)))
+
+    def relevance_forward(*inputs):
         if isinstance(rule, IdentityRule):
             if len(inputs) != 1:
                 raise ValueError(f"IdentityRule needs a layer with one input, {type(module).__name__} has {len(inputs)}")
@@ -222,10 +310,15 @@ def _rule_forward(module: nn.Module, rule: PropagationRule, original) -> Any:
     return forward
 
 
-def _tanh_forward(z: torch.Tensor) -> torch.Tensor:
-    y = torch.tanh(z)
-    ratio = torch.where(z == 0, torch.ones_like(z), y / torch.where(z == 0, torch.ones_like(z), z))
-    return _Relevance.apply(z, y.detach(), ratio.detach())  # relevance passes unchanged: g_in = g_out * tanh(z) / z
+def _tanh_forward(region: _InputRegion) -> Any:
+    def forward(z: torch.Tensor) -> torch.Tensor:
+        (z,) = region.layer_inputs((z,))
+        y = torch.tanh(z)
+        ratio = torch.where(z == 0, torch.ones_like(z), y / torch.where(z == 0, torch.ones_like(z), z))
+        # relevance passes unchanged: g_in = g_out * tanh(z) / z
+        return region.layer_output(_Relevance.apply(z, y.detach(), ratio.detach()))
+
+    return forward
 
 
 class LRP(Attribution):
@@ -247,7 +340,7 @@ class LRP(Attribution):
             raise TypeError(f"LRP needs an nn.Module (its layers carry the rules), got {type(model).__name__}")
         if rules is not None and not isinstance(rules, dict):
             raise TypeError(f"rules must be a dict, got {type(rules).__name__}")
-        self.model = model
+        self.model = self.forward_func = model
         self.rules = {key: as_rule(value) for key, value in (rules or {}).items()}
         names = {name for name, _ in model.named_modules()}
         for key in self.rules:
@@ -280,7 +373,7 @@ class LRP(Attribution):
         )
 
     @contextlib.contextmanager
-    def _rules_applied(self, verbose: bool, default: PropagationRule | None) -> Iterator[None]:
+    def _rules_applied(self, verbose: bool, default: PropagationRule | None, region: _InputRegion) -> Iterator[None]:
         patched = []
         try:
             for name, module in self.model.named_modules():
@@ -288,9 +381,9 @@ class LRP(Attribution):
                     continue
                 rule = self.rule_for(name, module, default)
                 if rule is not None:
-                    module.forward = _rule_forward(module, rule, type(module).forward.__get__(module))
+                    module.forward = _rule_forward(module, rule, type(module).forward.__get__(module), region)
                 elif type(module) is nn.Tanh:
-                    module.forward = _tanh_forward
+                    module.forward = _tanh_forward(region)
                 else:
                     continue
                 patched.append(module)
@@ -310,11 +403,21 @@ class LRP(Attribution):
         verbose: bool = False,
         *,
         lrp_rule: str | None = None,
+        split_inputs: bool = False,
     ) -> Any:
         """Relevance of every input element for the target output (and Captum's convergence delta if asked).
 
         ``lrp_rule`` (fastig only): a rule name that replaces the "default" rule for this call (the CLI's
         ``--lrp-rule``); ``rule`` attributes and name or class keys of ``rules`` still win.
+
+        ``split_inputs`` (fastig only) decides what the operations between the model's inputs and its first layers
+        (``forward(x1, x2)`` computing on ``x1 + x2``, a scaling or a normalization written in ``forward``) do
+        with relevance. False (default, Captum's numbers): the relevance of a first layer's input is passed back
+        to the model's inputs as a gradient would be, so each operand of a sum gets the relevance of the sum.
+        True: it is divided by contribution (LRP-0, the rule fastig applies to skip connections), so ``x1`` gets
+        ``R * x1 / (x1 + x2)`` and the inputs' relevances add up to what the first layers received. Where an
+        input also reaches a later layer or the output directly, Captum's form is not defined: fastig splits
+        (with a warning).
         """
         default = as_rule(lrp_rule) if lrp_rule is not None else None
         xs, is_tuple = format_inputs(inputs)
@@ -323,15 +426,29 @@ class LRP(Attribution):
                 raise TypeError(f"inputs[{i}] must be a floating-point tensor, got {x.dtype}")
         tgt = Target(target, xs[0].shape[0])
         args = format_additional_args(additional_forward_args)
-        with torch.enable_grad(), self._rules_applied(verbose, default):
-            leaves = tuple(x.detach().requires_grad_() for x in xs)
-            outputs = tgt.select(self.model(*leaves, *args))
-            grads = torch.autograd.grad(outputs, leaves, torch.ones_like(outputs), allow_unused=True)
-        relevance = tuple(x * (torch.zeros_like(x) if g is None else g) for x, g in zip(xs, grads))
+        relevance, outputs, bypass = self._relevance(xs, tgt, args, verbose, default, convert=not split_inputs)
+        if bypass and not split_inputs:
+            warnings.warn("LRP: an input reaches a layer past the first ones (or the output) directly, where "
+                          "Captum's unsplit input relevance is not defined; relevance is split by contribution "
+                          "(split_inputs=True)", stacklevel=2)
+            relevance, outputs, _ = self._relevance(xs, tgt, args, False, default, convert=False)
         result = format_output(relevance, is_tuple)
         if not return_convergence_delta:
             return result
         return result, self.compute_convergence_delta(relevance, outputs.detach())
+
+    def _relevance(self, xs, tgt, args, verbose, default, convert: bool):
+        """(relevance of each input, explained outputs, whether an input bypasses the first layers)."""
+        region = _InputRegion(convert)
+        with torch.enable_grad(), self._rules_applied(verbose, default, region):
+            leaves = tuple(x.detach().requires_grad_() for x in xs)
+            outputs = tgt.select(self.model(*region.mark_inputs(leaves), *args))
+            if convert and region.reach(outputs.grad_fn)[0]:
+                region.bypass = True
+            grads = torch.autograd.grad(outputs, leaves, torch.ones_like(outputs), allow_unused=True)
+        grads = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, grads))
+        relevance = grads if convert else tuple(x * g for x, g in zip(xs, grads))
+        return relevance, outputs, region.bypass
 
     def compute_convergence_delta(self, attributions: Any, output: torch.Tensor) -> torch.Tensor:
         """``output - sum(attributions)`` per example (Captum's sign): the relevance absorbed on the way."""

@@ -25,9 +25,19 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_baselines, format_inputs, format_output
-from fastig.attr.perturbation import check_perturbations_per_eval, evaluate_copies, format_feature_mask, forward_outputs
+from fastig.attr._inputs import format_inputs, format_output
+from fastig.attr.perturbation import (
+    mixed,
+    check_n_samples,
+    check_perturbations_per_eval,
+    evaluate_copies,
+    format_feature_mask,
+    format_perturbation_baselines,
+    model_output,
+)
+from fastig.core import progress
 from fastig.core.targets import Target, format_additional_args
+from fastig.errors import InvalidArgumentError
 
 # -- least-squares surrogates ------------------------------------------------------------------------------------
 
@@ -345,10 +355,9 @@ class Lime(Attribution):
     def _attribute(self, inputs, baselines, target, additional_forward_args, feature_mask, n_samples,
                    perturbations_per_eval, return_input_shape, show_progress, n_segments, extra_kwargs):
         check_perturbations_per_eval(perturbations_per_eval)
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        xs, is_tuple = format_inputs(inputs)
-        bs = format_baselines(baselines, xs)
+        check_n_samples(n_samples)
+        xs, is_tuple = format_inputs(inputs, same_batch=False)
+        bs = format_perturbation_baselines(baselines, xs)
         feature_mask = _mask_or_superpixels(feature_mask, n_segments, xs)
         masks, n_features = _lime_feature_mask(feature_mask, xs)
         if n_features > 10000:
@@ -356,56 +365,81 @@ class Lime(Attribution):
                           "or n_segments", stacklevel=3)
         args = format_additional_args(additional_forward_args)
         n = xs[0].shape[0]
-        if n > 1:
-            forward_outputs(self.forward_func, xs, Target(target, n), args, n)  # Captum's check: one output per example
+        name = type(self).__name__
+        if n > 1:  # Captum's rule: one output per example (a surrogate each), or one for the batch (one surrogate)
+            test = model_output(self.forward_func, xs, Target(target, n), args)
+            if test.numel() == 1:
+                if perturbations_per_eval not in (None, 1):
+                    raise InvalidArgumentError(
+                        f"perturbations_per_eval={perturbations_per_eval}: the model returns one value for the whole "
+                        "batch, so every model call can hold only one perturbed copy; use 1 (or None)"
+                    )
+                coef = self._fit_one(xs, is_tuple, bs, masks, n_features, Target(target, n), args, n_samples, 1,
+                                     extra_kwargs, test, name, show_progress).reshape(-1)
+                if not return_input_shape:
+                    return coef.reshape(1, -1)
+                return format_output(tuple(coef.to(x.device)[m].expand_as(x)[0:1].float() for m, x in zip(masks, xs)),
+                                     is_tuple)
+            if test.numel() != n:
+                raise InvalidArgumentError(
+                    f"the model returned {test.numel()} outputs for a batch of {n}; {name} needs one scalar per "
+                    "example or one for the whole batch (give a target to choose an output)"
+                )
         coefs, attributions = [], []
-        for i in range(n):
-            ex = tuple(x[i : i + 1] for x in xs)
-            ex_b = tuple(_example(b, i, n) for b in bs)
-            ex_m = tuple(_example(m, i, n) for m in masks)
-            ex_args = tuple(_example(a, i, n) for a in args)
-            coef = self._fit_one(ex, is_tuple, ex_b, ex_m, n_features, _example(target, i, n), ex_args,
-                                 n_samples, perturbations_per_eval, show_progress, extra_kwargs).reshape(-1)
-            coefs.append(coef.reshape(1, -1))
-            attributions.append(tuple(coef.to(x.device)[m].expand_as(x).float() for m, x in zip(ex_m, ex)))
+        with progress.task(name, n, "examples", show=show_progress) as done:
+            for i in range(n):
+                ex = tuple(x[i : i + 1] for x in xs)
+                ex_b = tuple(_example(b, i, n) for b in bs)
+                ex_m = tuple(_example(m, i, n) for m in masks)
+                ex_args = tuple(_example(a, i, n) for a in args)
+                coef = self._fit_one(ex, is_tuple, ex_b, ex_m, n_features, Target(_example(target, i, n), 1), ex_args,
+                                     n_samples, perturbations_per_eval, extra_kwargs, None,
+                                     f"example {i + 1}", False).reshape(-1)
+                coefs.append(coef.reshape(1, -1))
+                attributions.append(tuple(coef.to(x.device)[m].expand_as(x).float() for m, x in zip(ex_m, ex)))
+                done.advance()
         if not return_input_shape:
             return coefs[0] if n == 1 else torch.cat(coefs)
         return format_output(tuple(torch.cat(parts) for parts in zip(*attributions)), is_tuple)
 
     def _fit_one(self, xs, is_tuple, bs, masks, n_features, target, args, n_samples, perturbations_per_eval,
-                 show_progress, extra_kwargs) -> torch.Tensor:
-        """Sample, evaluate, weigh and fit the surrogate for one example; returns its coefficients."""
+                 extra_kwargs, initial, label, show_progress) -> torch.Tensor:
+        """Sample, evaluate, weigh and fit the surrogate for one example (or for the whole batch when the model
+        returns one value for it: ``initial``); returns its coefficients."""
         user_inputs = xs if is_tuple else xs[0]
         kwargs = dict(baselines=bs if is_tuple else bs[0], feature_mask=masks if is_tuple else masks[0],
                       num_interp_features=n_features, **extra_kwargs)
         samples = self._draw(user_inputs, kwargs, n_samples)  # [S, F] long
         original = _flatten(xs)
         batched_similarity = getattr(self.similarity_func, "batched", None)
-        similarities = []
 
         def build(start: int, stop: int):
+            k = stop - start
             bits = samples[start:stop].to(xs[0].device).bool()
             copies = []
             for x, b, m in zip(xs, bs, masks):
-                keep = bits[:, m.reshape(-1)].reshape((-1,) + tuple(m.shape[1:]))
-                copies.append(torch.where(keep, x, b))
+                keep = bits[:, m.reshape(-1)].reshape((k,) + tuple(m.shape))
+                copies.append(mixed(x, b, ~keep))
             if batched_similarity is not None:
-                flat = torch.cat([c.reshape(c.shape[0], -1) for c in copies], 1)
-                similarities.append(batched_similarity(original, flat, samples[start:stop]).reshape(-1))
+                flat = torch.cat([c.reshape(k, -1) for c in copies], 1)
+                similarity = batched_similarity(original, flat, samples[start:stop]).reshape(-1)
             else:
-                for j in range(stop - start):
-                    one = tuple(c[j : j + 1] for c in copies)
+                similarity = []
+                for j in range(k):
+                    one = tuple(c[j * len(x) : (j + 1) * len(x)] for c, x in zip(copies, xs))
                     sim = self.similarity_func(user_inputs, one if is_tuple else one[0],
                                                samples[start + j : start + j + 1], **kwargs)
-                    similarities.append(sim.reshape(-1) if isinstance(sim, torch.Tensor) else torch.tensor([float(sim)]))
-            return tuple(copies), None
+                    similarity.append(sim.reshape(-1) if isinstance(sim, torch.Tensor) else torch.tensor([float(sim)]))
+                similarity = torch.cat([s.float().cpu() for s in similarity])
+            return tuple(copies), similarity
 
-        outputs = []
-        for _, out, _ in evaluate_copies(self.forward_func, build, samples.shape[0], xs, Target(target, 1), args,
-                                         perturbations_per_eval, show_progress, type(self).__name__):
+        outputs, similarities = [], []
+        for _, out, similarity in evaluate_copies(self.forward_func, build, samples.shape[0], xs, target, args,
+                                                  perturbations_per_eval, show_progress, label, unit="samples",
+                                                  initial=initial):
             outputs.append(out.reshape(-1))
-        data = TensorDataset(samples.float(), torch.cat(outputs).float().cpu(),
-                             torch.cat([s.float().cpu() for s in similarities]))
+            similarities.append(similarity.float().cpu())
+        data = TensorDataset(samples.float(), torch.cat(outputs).float().cpu(), torch.cat(similarities))
         self.interpretable_model.fit(DataLoader(data, batch_size=samples.shape[0]))
         return self.interpretable_model.representation().detach().float().cpu()
 
@@ -457,7 +491,7 @@ class KernelShap(Lime):
         *,
         n_segments: int | None = None,
     ) -> Any:
-        xs, _ = format_inputs(inputs)
+        xs, _ = format_inputs(inputs, same_batch=False)
         feature_mask = _mask_or_superpixels(feature_mask, n_segments, xs)
         _, n_features = _lime_feature_mask(feature_mask, xs)
         sizes = torch.arange(n_features, dtype=torch.float)

@@ -1,5 +1,8 @@
 """Targets and additional forward arguments, in Captum's conventions, sliced per engine batch.
 
+A bad target raises :class:`fastig.errors.InvalidArgumentError` / ``InvalidTypeError``: a ValueError / TypeError
+that is also the AssertionError Captum raises for it.
+
 A batch holds ``k`` path steps of a contiguous range of examples, step-major. Captum repeats targets and tensor
 arguments once per step (``torch.cat([arg] * n_steps)``); here the same happens per batch, for the batch's
 examples only.
@@ -11,7 +14,7 @@ from typing import Any
 
 import torch
 
-from fastig.errors import InputError
+from fastig.errors import InvalidArgumentError, InvalidTypeError
 
 
 class Target:
@@ -31,29 +34,31 @@ class Target:
                 self.per_example = target.long()
                 return
             else:
-                raise InputError(
+                raise InvalidArgumentError(
                     f"target tensor must hold one integer or one integer per example ({n}), "
                     f"got shape {tuple(target.shape)} and dtype {target.dtype}"
                 )
         if isinstance(target, bool):
-            raise TypeError("target must be an int, a tuple, a list or an integer tensor, not a bool")
+            raise InvalidTypeError("target must be an int, a tuple, a list or an integer tensor, not a bool")
         if isinstance(target, int):
             self.common = (target,)
         elif isinstance(target, tuple):
             if not all(isinstance(t, int) for t in target):
-                raise TypeError(f"a tuple target must hold integers, got {target!r}")
+                raise InvalidTypeError(f"a tuple target must hold integers, got {target!r}")
             self.common = target
         elif isinstance(target, list):
             if len(target) != n:
-                raise InputError(f"target list has {len(target)} entries but there are {n} examples")
+                raise InvalidArgumentError(f"target list has {len(target)} entries but there are {n} examples")
             if all(isinstance(t, int) and not isinstance(t, bool) for t in target):
                 self.per_example = torch.tensor(target, dtype=torch.long)
             elif all(isinstance(t, tuple) for t in target):
                 self.tuples = list(target)
             else:
-                raise TypeError("a target list must hold only ints or only tuples")
+                raise InvalidTypeError("a target list must hold only ints or only tuples")
         else:
-            raise TypeError(f"target must be None, an int, a tuple, a list or a tensor, not {type(target).__name__}")
+            raise InvalidTypeError(
+                f"target must be None, an int, a tuple, a list or a tensor, not {type(target).__name__}"
+            )
 
     def for_batch(self, examples: slice, repeats: int) -> "Target":
         """The target of a batch holding ``repeats`` steps of ``examples`` (step-major)."""
@@ -70,31 +75,33 @@ class Target:
     def select(self, output: torch.Tensor) -> torch.Tensor:
         """The scalar per row of ``output`` that is explained, as a 1-D tensor."""
         if not isinstance(output, torch.Tensor):
-            raise TypeError(f"the model must return a tensor, got {type(output).__name__}")
+            raise InvalidTypeError(f"the model must return a tensor, got {type(output).__name__}")
         if self.common is not None:
             if len(self.common) > output.dim() - 1:
-                raise InputError(
+                raise InvalidArgumentError(
                     f"target {self.common} has more indices than the model output's non-batch dimensions "
                     f"(output shape {tuple(output.shape)})"
                 )
             for index, size in zip(self.common, output.shape[1:]):
                 if not -size <= index < size:
-                    raise InputError(f"target {index} is out of range for the model's output of shape "
-                                     f"[N, {', '.join(map(str, output.shape[1:]))}] ({size} classes)")
+                    raise InvalidArgumentError(f"target {index} is out of range for the model's output of shape "
+                                                f"[N, {', '.join(map(str, output.shape[1:]))}] ({size} classes)")
             selected = output[(slice(None), *self.common)]
         elif self.per_example is not None:
             if output.dim() != 2:
-                raise InputError(f"per-example targets need a 2-D model output, got shape {tuple(output.shape)}")
+                raise InvalidArgumentError(
+                    f"per-example targets need a 2-D model output, got shape {tuple(output.shape)}"
+                )
             index = self.per_example.to(output.device)
             if index.numel() and (index.min() < 0 or index.max() >= output.shape[1]):
-                raise InputError(f"target out of range for model output with {output.shape[1]} classes")
+                raise InvalidArgumentError(f"target out of range for model output with {output.shape[1]} classes")
             selected = output.gather(1, index.reshape(-1, 1))
         elif self.tuples is not None:
             selected = torch.stack([output[(i, *t)] for i, t in enumerate(self.tuples)])
         else:
             selected = output
         if selected.dim() > 1 and selected[0].numel() != 1:
-            raise InputError(
+            raise InvalidArgumentError(
                 f"the model output has shape {tuple(output.shape)}: give a target to choose the scalar to explain"
             )
         return selected.reshape(selected.shape[0])
