@@ -70,11 +70,15 @@ class Curve(Protocol):
     integrand (d gamma / d alpha, signed so that the attributions explain ``sign * (f(1) - f(0))``), or None for
     the gradient itself. ``sign``: +1 when the attributions sum to f(alpha=1) - f(alpha=0), -1 when they sum to
     f(0) - f(1) (Blur IG runs from the input at 0 to the blurred input at 1), None when the integrand has no
-    completeness relation (IG with ``multiply_by_inputs=False``).
+    completeness relation (IG with ``multiply_by_inputs=False``). ``complete``: whether the integral of the
+    integrand is exactly ``sign * (f(1) - f(0))``, so that the completeness gap can be a stopping criterion (not
+    for Blur IG, whose path derivative is PAIR's forward difference: its integral misses f's change by the
+    difference quotient's error, which no number of steps removes).
     """
 
     n: int
     sign: float | None
+    complete: bool
 
     def points(self, rows: torch.Tensor, alphas: torch.Tensor) -> tuple[torch.Tensor, ...]: ...
 
@@ -89,6 +93,7 @@ class StraightCurve:
         self.inputs, self.baselines, self.multiply = inputs, baselines, multiply
         self.n = inputs[0].shape[0]
         self.sign = 1.0 if multiply else None
+        self.complete = multiply
 
     def _baseline(self, b: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         return b.expand((len(rows),) + tuple(b.shape[1:])) if b.shape[0] == 1 else b[rows]
@@ -114,6 +119,7 @@ class BlurCurve:
     that the attributions explain f(input) - f(most blurred), as Blur IG's)."""
 
     sign = -1.0
+    complete = False
 
     def __init__(self, inputs: tuple[torch.Tensor, ...], max_sigma: float, grad_step: float):
         from fastig.core.paths import gaussian_blur
@@ -146,7 +152,8 @@ class AdaptiveInfo:
     and any interior probes); ``cost``: ``passes + forward_cost * forward_passes``, in forward+backward passes.
     ``error``: the error estimate reached, the larger of ``map_error`` (estimated relative L2 distance of the
     attributions to the integral) and ``completeness`` (``|sum(attr) - f difference|`` over the total variation
-    of f along the path; 0 where the method has no completeness relation). ``converged``: error <= tolerance
+    of f along the path; 0 where the method has no exact completeness relation: IG with
+    ``multiply_by_inputs=False``, Blur IG; see :class:`Curve`). ``converged``: error <= tolerance
     (False: ``max_steps`` was spent first). ``alphas``/``weights``: the points used (increasing, on [0, 1]) and
     their weights (IDGI: the f difference each point's direction is multiplied by).
     """
@@ -223,7 +230,8 @@ def integrate_adaptive(
     width = sum(math.prod(s) for s in shapes)
     group = max(1, min(n, NODE_MEMORY_BYTES // max(1, max_steps * width * torch.finfo(dtype).bits // 8)))
     states = [
-        _Example(e, curve.sign, idgi, probe_alphas, probe_f[e].tolist(), min(INITIAL_STEPS, max_steps))
+        _Example(e, curve.sign, curve.complete or idgi, idgi, probe_alphas, probe_f[e].tolist(),
+                 min(INITIAL_STEPS, max_steps))
         for e in range(n)
     ]
     totals = torch.zeros((n, width), dtype=dtype, device=sample[0].device)
@@ -272,8 +280,8 @@ def integrate_adaptive(
 class _Example:
     """One example's points, f values and integrand vectors, its error estimate and its refinement plan."""
 
-    def __init__(self, row: int, sign: float | None, idgi: bool, probe_alphas, probe_f, initial: int):
-        self.row, self.sign, self.idgi, self.initial = row, sign, idgi, initial
+    def __init__(self, row: int, sign: float | None, complete: bool, idgi: bool, probe_alphas, probe_f, initial: int):
+        self.row, self.sign, self.complete, self.idgi, self.initial = row, sign, complete, idgi, initial
         # f known without a gradient: both ends and the interior probes, sorted
         order = sorted(range(len(probe_alphas)), key=lambda j: probe_alphas[j])
         self.probe_alphas = [probe_alphas[j] for j in order]
@@ -357,7 +365,7 @@ class _Example:
         self.map_error = min(self.map_error, UNKNOWN)
         relative = [e / norm if norm > 0 else (0.0 if e == 0 else UNKNOWN) for e in errors]
         # completeness, in total and per gap (Riemann: the rule's share of each gap against f's change there)
-        if self.sign is None:
+        if not self.complete:
             self.completeness = 0.0
         else:
             points_f = sorted(zip(self.probe_alphas + t, self.probe_f + f))
@@ -444,12 +452,11 @@ def _forward(engine: Engine, curve: Curve, target: Target, args: tuple, alpha: f
     return engine.outputs(points, target, args).detach()
 
 
-def _gradients(engine, curve, target, args, rows, alphas, idgi, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """f [k] and the integrand vectors [k, D] (all inputs flattened and joined) at the requested points:
-    ``grad * tangent`` (the gradient alone without a tangent), or IDGI's ``grad * grad / ||grad||^2``."""
+def _evaluated(engine, curve, target, args, rows, alphas, idgi, dtype):
+    """Per engine batch: (its slice of the requests, f there [m] float64 on the CPU, the integrand vectors [m, D]
+    with all inputs flattened and joined): ``grad * tangent`` (the gradient alone without a tangent), or IDGI's
+    ``grad * grad / ||grad||^2``."""
     path = _Requests(curve, rows, alphas)
-    f = torch.empty(len(rows), dtype=torch.float64)
-    vectors: torch.Tensor | None = None
     for batch in engine.batches(path, rows_target(target, rows), rows_args(args, target.n, rows)):
         e = batch.examples
         grads = [g[0].to(dtype).flatten(1) for g in batch.grads]
@@ -462,11 +469,36 @@ def _gradients(engine, curve, target, args, rows, alphas, idgi, dtype) -> tuple[
             if tangents is not None:
                 grads = [g * t.to(device=g.device, dtype=dtype).flatten(1) for g, t in zip(grads, tangents)]
             vec = torch.cat(grads, 1)
+        yield e, batch.outputs[0].detach().to(torch.float64).cpu(), vec
+
+
+def _gradients(engine, curve, target, args, rows, alphas, idgi, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """f [k] and the integrand vectors [k, D] at the requested points (see :func:`_evaluated`)."""
+    f = torch.empty(len(rows), dtype=torch.float64)
+    vectors: torch.Tensor | None = None
+    for e, f_part, vec in _evaluated(engine, curve, target, args, rows, alphas, idgi, dtype):
         if vectors is None:
             vectors = torch.empty((len(rows), vec.shape[1]), dtype=dtype, device=vec.device)
         vectors[e] = vec
-        f[e] = batch.outputs[0].detach().to(torch.float64).cpu()
+        f[e] = f_part
     return f, vectors
+
+
+def integrate_schedule(engine: Engine, curve: Curve, target: Target, args: tuple, rule: quadrature.Rule
+                       ) -> tuple[torch.Tensor, ...]:
+    """``sum_k weights[k] * integrand(alphas[k])`` per example along ``curve`` for a fixed rule (the same points for
+    every example), accumulated batch by batch (no more than one batch of integrand vectors is held)."""
+    n, k = curve.n, len(rule.alphas)
+    rows = torch.arange(n).repeat(k)  # step-major, as the engine's own batches
+    alphas = torch.tensor(rule.alphas, dtype=torch.float64).repeat_interleave(n)
+    weights = torch.as_tensor(rule.weights, dtype=torch.float64).repeat_interleave(n)
+    sample = curve.points(rows[:1], alphas[:1])
+    shapes = [tuple(p.shape[1:]) for p in sample]
+    dtype = _ops.accumulation_dtype(sample[0].dtype)
+    totals = torch.zeros((n, sum(math.prod(s) for s in shapes)), dtype=dtype, device=sample[0].device)
+    for e, _, vec in _evaluated(engine, curve, target, args, rows, alphas, False, dtype):
+        totals.index_add_(0, rows[e].to(vec.device), vec * weights[e].to(device=vec.device, dtype=dtype).reshape(-1, 1))
+    return tuple(part.reshape((n,) + s) for part, s in zip(totals.split([math.prod(s) for s in shapes], 1), shapes))
 
 
 # --- fitted schedules (RiemannOpt-style) ---------------------------------------------------------------------
