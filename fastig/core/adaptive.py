@@ -7,22 +7,27 @@ integrand is a step function with many small jumps (every unit that switches on 
 any n-point rule falls as 1/n, set by the jumps and their positions, and no rule of higher order helps. What
 does help is putting the points where the jumps are, and knowing when to stop. Per example:
 
-1. **Probe** (forward passes only, each costing :data:`FORWARD_COST` of a forward+backward pass): f at both ends
-   (needed for the completeness check and for the convergence delta anyway) and, with ``probes > 0``, at that many
-   interior points; the first gradients go where the probe says f changes most.
-2. **Evaluate** gradients at the planned points (all examples' requests packed into full engine batches).
-3. **Estimate the error**, at no extra cost, from what the passes gave: with the nearest-node rule
+1. **Evaluate** gradients at the planned points, first at both ends (alpha 0 and 1: every gap then has evidence
+   at both its ends, and f there, which the completeness check and the convergence delta need, comes with
+   them); the requests of all examples are packed into full engine batches. A forward pass gives f at every
+   point a gradient is taken; with ``probes > 0`` f is also probed, forward only (each pass costing
+   :data:`FORWARD_COST` of a forward+backward pass), at that many interior points, where it checks the rule
+   inside the gaps it falls in (a gap whose two ends agree can still hide a rise and a fall of f).
+2. **Estimate the error**, at no extra cost, from what the passes gave: with the nearest-node rule
    (:func:`~fastig.core.quadrature.nearest_node_weights`) a jump inside the gap between two points costs at
    most half the jump times the gap, and for jumps at unknown places the expected error of a gap is
    ``||V_{k+1} - V_k|| * gap / sqrt(12)`` (``V`` the integrand vector at the points: the difference of the two
    one-sided rules on the gap, scaled). Summed in quadrature over gaps and divided by ``||attribution||`` this
    is the *map error* estimate, which the benchmarks check against thousand-step references. Because f is known
    at every point a gradient was taken (its forward pass gives it) the *completeness gap* is measured too, per
-   gap and in total: ``|sum(attr) - (f(1) - f(0))|`` relative to the total variation of f along the path.
-4. **Refine**: split the gaps whose error (the larger of the two, each relative to its own scale) is largest,
+   gap and in total: ``|sum(attr) - (f(1) - f(0))|`` relative to the total variation of f along the path. A nested check calibrates the estimate: the last round's points are a subset of the
+   current ones, so the change of the map since then is about the last round's error; where it exceeds what
+   was estimated then, the current estimate is scaled up by the same factor. No estimate from fewer than
+   :data:`MIN_STEPS` points is trusted, unless it is at rounding level (f linear along the path).
+3. **Refine**: split the gaps whose error (the larger of the two, each relative to its own scale) is largest,
    into as many parts as minimise the number of new points that bring the predicted error under the tolerance
    (the points of one gap then share its error equally), at most doubling the points per round and never past
-   ``max_steps``. Repeat from 2 until both the map error and the completeness gap meet the tolerance.
+   ``max_steps``. Repeat from 1 until both the map error and the completeness gap meet the tolerance.
 
 Examples finish after different numbers of rounds; the requests of the examples still running are packed
 together into full batches. Everything is deterministic for the same inputs (no random draws).
@@ -52,14 +57,16 @@ from fastig.core.targets import Target
 # digits CNN 0.58 (batch 64, overhead-bound). The benchmarks measure it again and use their own figure.
 FORWARD_COST = 0.45
 
-INITIAL_STEPS = 2  # gradients per example before the first error estimate (at alpha 1/4 and 3/4)
+# fewest gradients whose error estimate is trusted (unless it is exactly zero: a path on which f is linear): on
+# fewer points a gap can hold a whole rise and fall of the integrand that its two ends do not see
+MIN_STEPS = 8
 GROWTH = 1.0  # at most this fraction of the points already taken is added per round (1.0: at most doubling)
 # node vectors kept per example (all of them: inserting a point changes its neighbours' weights); examples are
 # refined in groups that keep at most this many bytes of node vectors at ``max_steps``
 NODE_MEMORY_BYTES = 1 << 30
 INTERIOR_SPREAD = 1 / math.sqrt(12)  # RMS of (jump position - gap midpoint) / gap, for a uniform position
-END_SPREAD = 1 / math.sqrt(3)  # RMS of (jump position - end) / gap: the end gaps extend one point to 0 or 1
-UNKNOWN = 1e30  # the error of a gap that cannot be estimated yet (fewer than two points)
+ONE_SIDED_SPREAD = 1 / math.sqrt(3)  # RMS of (jump position - left end) / gap: a rule taking one end (IDGI)
+UNKNOWN = 1e30  # an error that cannot be estimated yet
 
 
 class Curve(Protocol):
@@ -211,49 +218,47 @@ def integrate_adaptive(
     """Attributions along ``curve`` to within ``tolerance`` (see the module docstring), per example.
 
     Returns the attributions (a tuple shaped like the curve's inputs, in the accumulation dtype), f at alpha = 0
-    and at alpha = 1 ([n] each, for the convergence delta) and the :class:`AdaptiveInfo`. With ``idgi=True`` the
-    attributions are IDGI's over the chosen points: each point's ``g * g / ||g||^2`` times the f difference of
-    the segment it leads (the first point also the segment from 0 to it), so they sum to ``sign * (f(1) -
-    f(0))`` up to points whose gradient is zero. Warns with :class:`ToleranceNotReached` when ``max_steps`` is
-    spent before the tolerance is met.
+    and at alpha = 1 ([n] each, for the convergence delta; both ends are among the points) and the
+    :class:`AdaptiveInfo`. With ``idgi=True`` the attributions are IDGI's over the chosen points (each point's
+    ``g * g / ||g||^2`` times the f difference to the next point), summing to ``sign * (f(1) - f(0))`` up to
+    points whose gradient is zero. ``probes``: forward-only passes at that many equally spaced interior alphas,
+    whose f values check the rule inside the gaps they fall in. Warns with :class:`ToleranceNotReached` when
+    ``max_steps`` is spent before the tolerance is met.
     """
     tolerance, max_steps = quadrature.check_auto_steps(tolerance, max_steps)
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
         raise ValueError(f"probes must be an integer >= 0, got {probes!r}")
     n = curve.n
-    probe_alphas = [0.0, 1.0] + [(j + 1) / (probes + 1) for j in range(probes)]
-    probe_outputs = [_forward(engine, curve, target, args, a) for a in probe_alphas]
-    probe_f = torch.stack([o.to(torch.float64).cpu() for o in probe_outputs], 1)  # [n, P + 2]
+    probe_alphas = [(j + 1) / (probes + 1) for j in range(probes)]
+    probe_f = torch.stack([_forward(engine, curve, target, args, a).to(torch.float64).cpu() for a in probe_alphas], 1) \
+        if probes else torch.zeros((n, 0), dtype=torch.float64)
     sample = curve.points(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64))
     shapes = [tuple(p.shape[1:]) for p in sample]
     dtype = _ops.accumulation_dtype(sample[0].dtype)
     width = sum(math.prod(s) for s in shapes)
     group = max(1, min(n, NODE_MEMORY_BYTES // max(1, max_steps * width * torch.finfo(dtype).bits // 8)))
-    states = [
-        _Example(e, curve.sign, curve.complete or idgi, idgi, probe_alphas, probe_f[e].tolist(),
-                 min(INITIAL_STEPS, max_steps))
-        for e in range(n)
-    ]
+    exact = 64 * torch.finfo(dtype).eps  # an error this small is rounding: the path is linear
+    states = [_Example(e, curve.sign, curve.complete or idgi, idgi, probe_alphas, probe_f[e].tolist(), exact)
+              for e in range(n)]
     totals = torch.zeros((n, width), dtype=dtype, device=sample[0].device)
     for g0 in range(0, n, group):
         running = states[g0 : g0 + group]
-        requests = {s.row: s.initial_alphas() for s in running}
+        requests = {s.row: [0.0, 1.0] for s in running}  # both ends first: every gap then has evidence at its ends
         while requests:
             rows = torch.tensor([r for r, alphas in requests.items() for _ in alphas], dtype=torch.long)
             alphas = torch.tensor([a for r in requests for a in requests[r]], dtype=torch.float64)
-            f, vectors = _gradients(engine, curve, target, args, rows, alphas, idgi, dtype)
+            f, slopes, vectors = _gradients(engine, curve, target, args, rows, alphas, idgi, dtype)
             for k, (r, a) in enumerate(zip(rows.tolist(), alphas.tolist())):
-                states[r].insert(a, float(f[k]), vectors[k])
+                states[r].insert(a, float(f[k]), float(slopes[k]), vectors[k])
             requests = {}
             for s in running:
-                if s.done:
-                    continue
-                s.estimate()
-                new = s.plan(tolerance, max_steps)
-                if new:
-                    requests[s.row] = new
-                else:
-                    s.done = True
+                if not s.done:
+                    s.estimate()
+                    new = s.plan(tolerance, max_steps)
+                    if new:
+                        requests[s.row] = new
+                    else:
+                        s.done = True
         for s in running:
             totals[s.row] = s.attribution()
             s.vectors = []  # free the group's node vectors before the next group starts
@@ -262,7 +267,7 @@ def integrate_adaptive(
         max_steps=max_steps,
         forward_cost=forward_cost,
         passes=torch.tensor([len(s.alphas) for s in states]),
-        forward_passes=torch.full((n,), len(probe_alphas)),
+        forward_passes=torch.full((n,), probes),
         map_error=torch.tensor([s.map_error for s in states], dtype=torch.float64),
         completeness=torch.tensor([s.completeness for s in states], dtype=torch.float64),
         alphas=[torch.tensor(s.alphas, dtype=torch.float64) for s in states],
@@ -274,62 +279,44 @@ def integrate_adaptive(
         warnings.warn(f"n_steps='auto': {len(missed)} of {n} examples did not reach tolerance {tolerance:g} within "
                       f"max_steps={max_steps}; their error estimates: {shown}", ToleranceNotReached, stacklevel=3)
     attributions = tuple(part.reshape((n,) + s) for part, s in zip(totals.split([math.prod(s) for s in shapes], 1), shapes))
-    return attributions, probe_outputs[0], probe_outputs[1], info
+    ends = torch.tensor([[s.f[0], s.f[-1]] for s in states], dtype=dtype, device=sample[0].device)
+    return attributions, ends[:, 0], ends[:, 1], info
 
 
 class _Example:
-    """One example's points, f values and integrand vectors, its error estimate and its refinement plan."""
+    """One example's points (always including both ends), f values, slopes and integrand vectors; its error
+    estimate and its refinement plan."""
 
-    def __init__(self, row: int, sign: float | None, complete: bool, idgi: bool, probe_alphas, probe_f, initial: int):
-        self.row, self.sign, self.complete, self.idgi, self.initial = row, sign, complete, idgi, initial
-        # f known without a gradient: both ends and the interior probes, sorted
-        order = sorted(range(len(probe_alphas)), key=lambda j: probe_alphas[j])
-        self.probe_alphas = [probe_alphas[j] for j in order]
-        self.probe_f = [probe_f[j] for j in order]
+    def __init__(self, row: int, sign: float | None, complete: bool, idgi: bool, probe_alphas, probe_f, exact: float):
+        self.row, self.sign, self.complete, self.idgi, self.exact = row, sign, complete, idgi, exact
+        self.probe_alphas, self.probe_f = list(probe_alphas), list(probe_f)  # f known without a gradient
         self.alphas: list[float] = []
         self.f: list[float] = []
+        self.slopes: list[float] = []  # the scalar integrand: sum of the features of grad * tangent = sign * df/dalpha
         self.vectors: list[torch.Tensor] = []
         self.done = False
         self.map_error = math.inf
         self.completeness = math.inf
         self.final_weights = torch.empty(0, dtype=torch.float64)
-        self._gaps: list[float] = []  # relative error per gap (end gap, interior gaps, end gap)
+        self._gaps: list[float] = []  # relative error of each gap between neighbouring points
+        self._previous: tuple[torch.Tensor, float] | None = None  # last round's attribution and raw estimate
+        self.calibration = 1.0
 
-    def initial_alphas(self) -> list[float]:
-        """``initial`` points at the midpoints of equal parts of the probe's f change: where f changes most, more
-        points (without interior probes: equal parts of [0, 1])."""
-        a, f = self.probe_alphas, self.probe_f
-        change = [abs(f[j + 1] - f[j]) for j in range(len(a) - 1)]
-        total = sum(change)
-        # half of the mass spread uniformly keeps points everywhere even where f looks flat
-        mass = [0.5 * (a[j + 1] - a[j]) + (0.5 * change[j] / total if total > 0 else 0.5 * (a[j + 1] - a[j]))
-                for j in range(len(change))]
-        cumulative = [0.0]
-        for m in mass:
-            cumulative.append(cumulative[-1] + m)
-        out = []
-        for i in range(self.initial):
-            u = (i + 0.5) / self.initial * cumulative[-1]
-            j = min(bisect.bisect_right(cumulative, u) - 1, len(mass) - 1)
-            out.append(a[j] + (a[j + 1] - a[j]) * (u - cumulative[j]) / mass[j])
-        return out
-
-    def insert(self, alpha: float, f: float, vector: torch.Tensor) -> None:
+    def insert(self, alpha: float, f: float, slope: float, vector: torch.Tensor) -> None:
         k = bisect.bisect_left(self.alphas, alpha)
         self.alphas.insert(k, alpha)
         self.f.insert(k, f)
+        self.slopes.insert(k, slope)
         self.vectors.insert(k, vector)
 
     # -- the rule and its error ---------------------------------------------------------------------------
 
     def weights(self) -> torch.Tensor:
-        """Nearest-node weights; IDGI: the f difference of the segment(s) each point's direction covers."""
+        """Nearest-node weights; IDGI: the f difference to the next point (the last point only ends a segment)."""
         if not self.idgi:
             return quadrature.nearest_node_weights(self.alphas)
-        f0, f1 = self.probe_f[0], self.probe_f[-1]
-        ends = [f0] + self.f[1:] + [f1]  # point k leads the segment up to point k+1; the first also covers [0, t_1]
-        return torch.tensor([(self.sign or 1.0) * (ends[k + 1] - ends[k]) for k in range(len(self.alphas))],
-                            dtype=torch.float64)
+        f, sign = self.f, self.sign or 1.0
+        return torch.tensor([sign * (f[k + 1] - f[k]) for k in range(len(f) - 1)] + [0.0], dtype=torch.float64)
 
     def attribution(self) -> torch.Tensor:
         self.final_weights = self.weights()
@@ -338,49 +325,53 @@ class _Example:
 
     def estimate(self) -> None:
         """The map error and completeness gap of the current points, and the relative error of every gap."""
-        t, f, n = self.alphas, self.f, len(self.alphas)
+        t, f, h, n = self.alphas, self.f, self.slopes, len(self.alphas)
         stacked = torch.stack(self.vectors)
-        w = self.weights()
-        total = (w.to(stacked.dtype).reshape(-1, 1) * stacked).sum(0)
+        total = (self.weights().to(stacked.dtype).reshape(-1, 1) * stacked).sum(0)
         norm = float(total.norm())
-        jumps = (stacked[1:] - stacked[:-1]).norm(dim=1).double().tolist() if n > 1 else []
-        f0, f1 = self.probe_f[0], self.probe_f[-1]
-        # the measure each gap's jumps are weighted with: its length (Riemann) or its f change (IDGI's df)
-        if self.idgi:
-            ends = [f0] + f + [f1]
-            measure = [abs(ends[k + 1] - ends[k]) for k in range(n + 1)]
-            spread_inner = END_SPREAD  # IDGI takes each segment's left gradient: a one-sided error
+        jumps = (stacked[1:] - stacked[:-1]).norm(dim=1).double().tolist()
+        gaps = [t[k + 1] - t[k] for k in range(n - 1)]
+        if self.idgi:  # IDGI takes each segment's left direction: jumps weigh with the segment's f variation
+            variation = [max(abs(f[k + 1] - f[k]), (abs(h[k]) + abs(h[k + 1])) / 2 * gaps[k]) for k in range(n - 1)]
+            errors = [ONE_SIDED_SPREAD * jumps[k] * variation[k] for k in range(n - 1)]
         else:
-            ends = [0.0] + t + [1.0]
-            measure = [ends[k + 1] - ends[k] for k in range(n + 1)]
-            spread_inner = INTERIOR_SPREAD
-        errors = [UNKNOWN] * (n + 1)
-        for k in range(1, n):
-            errors[k] = spread_inner * jumps[k - 1] * measure[k]
-        if n > 1:  # the end gaps: the jump density of the neighbouring gap, extrapolated
-            for end, inner in ((0, 1), (n, n - 1)):
-                density = jumps[inner - 1] ** 2 / measure[inner] if measure[inner] > 0 else 0.0
-                errors[end] = END_SPREAD * math.sqrt(density * measure[end]) * measure[end]
-        self.map_error = math.sqrt(sum(e * e for e in errors)) / norm if norm > 0 else (0.0 if max(errors) == 0 else math.inf)
-        self.map_error = min(self.map_error, UNKNOWN)
-        relative = [e / norm if norm > 0 else (0.0 if e == 0 else UNKNOWN) for e in errors]
-        # completeness, in total and per gap (Riemann: the rule's share of each gap against f's change there)
-        if not self.complete:
-            self.completeness = 0.0
-        else:
-            points_f = sorted(zip(self.probe_alphas + t, self.probe_f + f))
-            variation = sum(abs(b[1] - a[1]) for a, b in zip(points_f, points_f[1:]))
-            scale = max(variation, 1e-30)
-            self.completeness = abs(float(total.sum()) - self.sign * (f1 - f0)) / scale if variation > 0 else \
-                (0.0 if abs(float(total.sum())) == 0 else math.inf)
-            if not self.idgi:
-                h = stacked.sum(1).double().tolist()  # the scalar integrand sign * df/dalpha at each point
-                fe = [f0] + f + [f1]
-                share = [t[0] * h[0]] + [(t[k + 1] - t[k]) / 2 * (h[k] + h[k + 1]) for k in range(n - 1)] + \
-                        [(1 - t[-1]) * h[-1]]
-                gaps = [abs(share[k] - self.sign * (fe[k + 1] - fe[k])) / scale for k in range(n + 1)]
-                relative = [max(r, g) for r, g in zip(relative, gaps)]
+            errors = [INTERIOR_SPREAD * jumps[k] * gaps[k] for k in range(n - 1)]
+        raw = math.sqrt(sum(e * e for e in errors)) / norm if norm > 0 else (0.0 if max(errors) == 0 else UNKNOWN)
+        raw = min(raw, UNKNOWN)
+        # the nested check: the last round's points are a subset of these, so the change of the attribution since
+        # then is about the last round's error; where that exceeds what was estimated then (gaps that hid a rise
+        # and a fall), the estimate is scaled up by the same factor now. Until there is a last round, only an
+        # error at rounding level (a path on which f is linear) is trusted.
+        if self._previous is not None:
+            before, estimated = self._previous
+            change = float((total - before).norm()) / norm if norm > 0 else 0.0
+            self.calibration = max(1.0, change / estimated) if estimated > 0 else (1.0 if change <= self.exact else UNKNOWN)
+        elif raw > self.exact:
+            self.calibration = UNKNOWN
+        self._previous = (total, raw)
+        self.map_error = min(raw * self.calibration, UNKNOWN)
+        scale_up = 1.0 if self.calibration >= UNKNOWN else self.calibration
+        relative = [scale_up * e / norm if norm > 0 else (0.0 if e == 0 else UNKNOWN) for e in errors]
+        self.completeness = 0.0
+        if self.complete:
+            known = sorted(zip(t + self.probe_alphas, f + self.probe_f))
+            scale = sum(abs(b[1] - a[1]) for a, b in zip(known, known[1:]))  # f's variation along the path
+            gap = abs(float(total.sum()) - self.sign * (f[-1] - f[0]))
+            self.completeness = gap / scale if scale > 0 else (0.0 if gap == 0 else UNKNOWN)
+            if not self.idgi and scale > 0:  # per gap: the rule's share against f's change (also at any probe)
+                relative = [max(r, self._gap_completeness(k) / scale) for k, r in enumerate(relative)]
         self._gaps = relative
+
+    def _gap_completeness(self, k: int) -> float:
+        """Largest |rule's integral of the slope - sign * f change| from point k to any f-known alpha up to k+1."""
+        a, b = self.alphas[k], self.alphas[k + 1]
+        middle = (a + b) / 2
+        checks = [(b, self.f[k + 1])] + [(p, fp) for p, fp in zip(self.probe_alphas, self.probe_f) if a < p < b]
+        worst = 0.0
+        for alpha, f_there in checks:
+            share = self.slopes[k] * (min(alpha, middle) - a) + self.slopes[k + 1] * max(alpha - middle, 0.0)
+            worst = max(worst, abs(share - self.sign * (f_there - self.f[k])))
+        return worst
 
     def plan(self, tolerance: float, max_steps: int) -> list[float]:
         """New points: none once the error meets the tolerance or ``max_steps`` is reached; otherwise each gap is
@@ -388,7 +379,8 @@ class _Example:
         parts) brings the total under the tolerance with the fewest points, taking the largest gains first and at
         most ``GROWTH`` times the points already there."""
         n = len(self.alphas)
-        if max(self.map_error, self.completeness) <= tolerance or n >= max_steps:
+        error = max(self.map_error, self.completeness)
+        if n >= max_steps or (error <= tolerance and (n >= MIN_STEPS or error <= self.exact)):
             return []
         budget = min(max_steps - n, max(1, math.ceil(GROWTH * n)))
         parts = [1] * len(self._gaps)
@@ -396,18 +388,17 @@ class _Example:
         target = tolerance * tolerance
         added = 0
         # gains of the next cut of each gap: e^2 (1/p^2 - 1/(p+1)^2); a max-heap would do, the lists are short
-        while added < budget and (predicted > target or added == 0):
+        while added < budget and (predicted > target or added == 0 or n + added < MIN_STEPS):
             k = max(range(len(parts)), key=lambda j: self._gaps[j] ** 2 * (1 / parts[j] ** 2 - 1 / (parts[j] + 1) ** 2))
             gain = self._gaps[k] ** 2 * (1 / parts[k] ** 2 - 1 / (parts[k] + 1) ** 2)
-            if gain <= 0:
+            if gain <= 0 and added > 0 and n + added >= MIN_STEPS:
                 break
             parts[k] += 1
             predicted -= gain
             added += 1
-        edges = [0.0] + self.alphas + [1.0]
         new = []
         for k, p in enumerate(parts):
-            lo, hi = edges[k], edges[k + 1]
+            lo, hi = self.alphas[k], self.alphas[k + 1]
             new += [lo + (hi - lo) * j / p for j in range(1, p)]
         return [a for a in new if a not in self.alphas]
 
@@ -453,35 +444,35 @@ def _forward(engine: Engine, curve: Curve, target: Target, args: tuple, alpha: f
 
 
 def _evaluated(engine, curve, target, args, rows, alphas, idgi, dtype):
-    """Per engine batch: (its slice of the requests, f there [m] float64 on the CPU, the integrand vectors [m, D]
-    with all inputs flattened and joined): ``grad * tangent`` (the gradient alone without a tangent), or IDGI's
-    ``grad * grad / ||grad||^2``."""
+    """Per engine batch: (its slice of the requests, f there [m], the slope ``sum(grad * tangent)`` [m] (float64 on
+    the CPU), the integrand vectors [m, D] with all inputs flattened and joined): ``grad * tangent`` (the gradient
+    alone without a tangent), or IDGI's ``grad * grad / ||grad||^2``)."""
     path = _Requests(curve, rows, alphas)
     for batch in engine.batches(path, rows_target(target, rows), rows_args(args, target.n, rows)):
         e = batch.examples
         grads = [g[0].to(dtype).flatten(1) for g in batch.grads]
+        tangents = curve.tangents(rows[e], alphas[e])
+        products = grads if tangents is None else [g * t.to(device=g.device, dtype=dtype).flatten(1)
+                                                   for g, t in zip(grads, tangents)]
+        slopes = sum(p.sum(1) for p in products).to(torch.float64).cpu()
         if idgi:
             flat = torch.cat(grads, 1)
             norms = (flat * flat).sum(1, keepdim=True)
             vec = torch.where(norms > 0, flat * flat / torch.where(norms > 0, norms, torch.ones_like(norms)), 0.0)
         else:
-            tangents = curve.tangents(rows[e], alphas[e])
-            if tangents is not None:
-                grads = [g * t.to(device=g.device, dtype=dtype).flatten(1) for g, t in zip(grads, tangents)]
-            vec = torch.cat(grads, 1)
-        yield e, batch.outputs[0].detach().to(torch.float64).cpu(), vec
+            vec = torch.cat(products, 1)
+        yield e, batch.outputs[0].detach().to(torch.float64).cpu(), slopes, vec
 
 
-def _gradients(engine, curve, target, args, rows, alphas, idgi, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """f [k] and the integrand vectors [k, D] at the requested points (see :func:`_evaluated`)."""
-    f = torch.empty(len(rows), dtype=torch.float64)
+def _gradients(engine, curve, target, args, rows, alphas, idgi, dtype):
+    """f [k], slopes [k] and the integrand vectors [k, D] at the requested points (see :func:`_evaluated`)."""
+    f, slopes = torch.empty(len(rows), dtype=torch.float64), torch.empty(len(rows), dtype=torch.float64)
     vectors: torch.Tensor | None = None
-    for e, f_part, vec in _evaluated(engine, curve, target, args, rows, alphas, idgi, dtype):
+    for e, f_part, slope_part, vec in _evaluated(engine, curve, target, args, rows, alphas, idgi, dtype):
         if vectors is None:
             vectors = torch.empty((len(rows), vec.shape[1]), dtype=dtype, device=vec.device)
-        vectors[e] = vec
-        f[e] = f_part
-    return f, vectors
+        vectors[e], f[e], slopes[e] = vec, f_part, slope_part
+    return f, slopes, vectors
 
 
 def integrate_schedule(engine: Engine, curve: Curve, target: Target, args: tuple, rule: quadrature.Rule
@@ -496,7 +487,7 @@ def integrate_schedule(engine: Engine, curve: Curve, target: Target, args: tuple
     shapes = [tuple(p.shape[1:]) for p in sample]
     dtype = _ops.accumulation_dtype(sample[0].dtype)
     totals = torch.zeros((n, sum(math.prod(s) for s in shapes)), dtype=dtype, device=sample[0].device)
-    for e, _, vec in _evaluated(engine, curve, target, args, rows, alphas, False, dtype):
+    for e, _, _, vec in _evaluated(engine, curve, target, args, rows, alphas, False, dtype):
         totals.index_add_(0, rows[e].to(vec.device), vec * weights[e].to(device=vec.device, dtype=dtype).reshape(-1, 1))
     return tuple(part.reshape((n,) + s) for part, s in zip(totals.split([math.prod(s) for s in shapes], 1), shapes))
 
@@ -550,7 +541,7 @@ def fit_schedule(
     energies = []
     for e in range(curve.n):
         rows = torch.full((fit_steps,), e, dtype=torch.long)
-        _, vectors = _gradients(engine, curve, tgt, args, rows, grid, False, dtype)
+        _, _, vectors = _gradients(engine, curve, tgt, args, rows, grid, False, dtype)
         jumps = (vectors[1:] - vectors[:-1]).norm(dim=1).double() ** 2  # jump energy per grid gap [fit_steps - 1]
         energies.append(jumps / max(float(jumps.sum()), 1e-300))
     density = torch.stack(energies).median(0).values  # per interior grid gap
