@@ -76,6 +76,8 @@ class GuidedNonLinearityIG(IntegratedGradients):
     f(input) - f(baseline) (guided gradients are not a gradient field: completeness does not hold exactly).
     """
 
+    _exact_gradients = False  # n_steps="auto" then stops on the map error estimate alone
+
     def __init__(self, forward_func: torch.nn.Module, multiply_by_inputs: bool = True) -> None:
         if not isinstance(forward_func, torch.nn.Module):
             raise TypeError(f"GuidedNonLinearityIG needs a torch.nn.Module, got {type(forward_func).__name__}")

@@ -49,14 +49,18 @@ class IntegratedGradients(PathAttribution):
       the integrand changes most until the estimated relative L2 error of the map *and* the relative completeness
       gap are both at most ``tolerance`` (default 0.01), or ``max_steps`` gradients (default 256) are spent (a
       :class:`~fastig.core.adaptive.ToleranceNotReached` warning names those examples). ``method`` is not used:
-      the rule is the nearest-node rule on the chosen points (IDGI: IDGI over them). f at both ends costs two
-      forward passes, reused for the convergence delta. After the call ``last_info`` holds an
+      the rule is the nearest-node rule on the chosen points, which include both ends (IDGI: IDGI over them);
+      the convergence delta costs two forward passes at the ends, as with Captum's rules. After the call ``last_info`` holds an
       :class:`~fastig.core.adaptive.AdaptiveInfo`: passes, cost, error estimate, points and weights per example.
     - ``alphas=``: a fixed schedule, the same for every example: a sequence of points in [0, 1] (nearest-node
       weights), an ``(alphas, weights)`` pair, or the rule :func:`fastig.core.adaptive.fit_schedule` returns.
       Replaces ``n_steps``/``method``. With ``idgi=True`` the weights are not used (IDGI over the points, with 0
       and 1 added).
     """
+
+    # whether the path gradients are f's own (so that the attributions are complete in the limit and the
+    # completeness gap can stop n_steps="auto"); False for guided gradients (GuidedNonLinearityIG)
+    _exact_gradients = True
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
         super().__init__(forward_func)
@@ -101,9 +105,11 @@ class IntegratedGradients(PathAttribution):
         tgt, args, engine = self._setup(xs[0].shape[0], target, additional_forward_args, output, internal_batch_size)
 
         if rule is None:  # n_steps="auto"
-            totals, start, end, self.last_info = integrate_adaptive(
-                engine, StraightCurve(xs, bs, self._multiply_by_inputs), tgt, args, *check_auto_steps(tolerance, max_steps),
-                idgi=idgi)
+            curve = StraightCurve(xs, bs, self._multiply_by_inputs)
+            curve.complete = curve.complete and self._exact_gradients
+            totals, _, _, self.last_info = integrate_adaptive(
+                engine, curve, tgt, args, *check_auto_steps(tolerance, max_steps), idgi=idgi)
+            start = end = None  # the delta takes f exactly at the baseline and the input (two forward passes)
             attributions = tuple(total.to(x.dtype) for total, x in zip(totals, xs))
         elif idgi:
             alphas = sorted({0.0, *rule.alphas, 1.0})

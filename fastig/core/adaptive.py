@@ -7,9 +7,9 @@ integrand is a step function with many small jumps (every unit that switches on 
 any n-point rule falls as 1/n, set by the jumps and their positions, and no rule of higher order helps. What
 does help is putting the points where the jumps are, and knowing when to stop. Per example:
 
-1. **Evaluate** gradients at the planned points, first at both ends (alpha 0 and 1: every gap then has evidence
-   at both its ends, and f there, which the completeness check and the convergence delta need, comes with
-   them); the requests of all examples are packed into full engine batches. A forward pass gives f at every
+1. **Evaluate** gradients at the planned points, first at both ends (alpha 0 and 1, moved :data:`END_INSET`
+   inside: every gap then has evidence at both its ends, and f there, which the completeness check needs,
+   comes with them); the requests of all examples are packed into full engine batches. A forward pass gives f at every
    point a gradient is taken; with ``probes > 0`` f is also probed, forward only (each pass costing
    :data:`FORWARD_COST` of a forward+backward pass), at that many interior points, where it checks the rule
    inside the gaps it falls in (a gap whose two ends agree can still hide a rise and a fall of f).
@@ -67,6 +67,10 @@ NODE_MEMORY_BYTES = 1 << 30
 INTERIOR_SPREAD = 1 / math.sqrt(12)  # RMS of (jump position - gap midpoint) / gap, for a uniform position
 ONE_SIDED_SPREAD = 1 / math.sqrt(3)  # RMS of (jump position - left end) / gap: a rule taking one end (IDGI)
 UNKNOWN = 1e30  # an error that cannot be estimated yet
+# the end points are taken this far inside [0, 1]: the baseline is often a point where every ReLU sits exactly at
+# its kink (a zero input through a network without biases), where autograd returns relu's derivative 0 at 0, a
+# gradient that holds on no interval. f moves by about END_INSET * f' there, far below any tolerance.
+END_INSET = 1e-5
 
 
 class Curve(Protocol):
@@ -217,9 +221,9 @@ def integrate_adaptive(
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, AdaptiveInfo]:
     """Attributions along ``curve`` to within ``tolerance`` (see the module docstring), per example.
 
-    Returns the attributions (a tuple shaped like the curve's inputs, in the accumulation dtype), f at alpha = 0
-    and at alpha = 1 ([n] each, for the convergence delta; both ends are among the points) and the
-    :class:`AdaptiveInfo`. With ``idgi=True`` the attributions are IDGI's over the chosen points (each point's
+    Returns the attributions (a tuple shaped like the curve's inputs, in the accumulation dtype), f at the first
+    and the last point ([n] each; :data:`END_INSET` inside 0 and 1: not exactly f at the ends, which the
+    convergence delta needs) and the :class:`AdaptiveInfo`. With ``idgi=True`` the attributions are IDGI's over the chosen points (each point's
     ``g * g / ||g||^2`` times the f difference to the next point), summing to ``sign * (f(1) - f(0))`` up to
     points whose gradient is zero. ``probes``: forward-only passes at that many equally spaced interior alphas,
     whose f values check the rule inside the gaps they fall in. Warns with :class:`ToleranceNotReached` when
@@ -243,7 +247,8 @@ def integrate_adaptive(
     totals = torch.zeros((n, width), dtype=dtype, device=sample[0].device)
     for g0 in range(0, n, group):
         running = states[g0 : g0 + group]
-        requests = {s.row: [0.0, 1.0] for s in running}  # both ends first: every gap then has evidence at its ends
+        # both ends first: every gap then has evidence at its ends
+        requests = {s.row: [END_INSET, 1.0 - END_INSET] for s in running}
         while requests:
             rows = torch.tensor([r for r, alphas in requests.items() for _ in alphas], dtype=torch.long)
             alphas = torch.tensor([a for r in requests for a in requests[r]], dtype=torch.float64)
@@ -311,12 +316,20 @@ class _Example:
 
     # -- the rule and its error ---------------------------------------------------------------------------
 
+    def end_values(self) -> tuple[float, float]:
+        """f at alpha 0 and 1, extrapolated from the end points (END_INSET inside) along their slopes."""
+        t, f, h, sign = self.alphas, self.f, self.slopes, self.sign or 1.0
+        return f[0] - t[0] * h[0] / sign, f[-1] + (1 - t[-1]) * h[-1] / sign
+
     def weights(self) -> torch.Tensor:
-        """Nearest-node weights; IDGI: the f difference to the next point (the last point only ends a segment)."""
+        """Nearest-node weights; IDGI: the f difference to the next point (the first point also covers [0, t_0],
+        the last one [t_last, 1])."""
         if not self.idgi:
             return quadrature.nearest_node_weights(self.alphas)
-        f, sign = self.f, self.sign or 1.0
-        return torch.tensor([sign * (f[k + 1] - f[k]) for k in range(len(f) - 1)] + [0.0], dtype=torch.float64)
+        f0, f1 = self.end_values()
+        ends = [f0] + self.f[1:] + [f1]
+        sign = self.sign or 1.0
+        return torch.tensor([sign * (ends[k + 1] - ends[k]) for k in range(len(self.f))], dtype=torch.float64)
 
     def attribution(self) -> torch.Tensor:
         self.final_weights = self.weights()
@@ -354,9 +367,10 @@ class _Example:
         relative = [scale_up * e / norm if norm > 0 else (0.0 if e == 0 else UNKNOWN) for e in errors]
         self.completeness = 0.0
         if self.complete:
-            known = sorted(zip(t + self.probe_alphas, f + self.probe_f))
+            f0, f1 = self.end_values()
+            known = sorted(zip([0.0] + t + self.probe_alphas + [1.0], [f0] + f + self.probe_f + [f1]))
             scale = sum(abs(b[1] - a[1]) for a, b in zip(known, known[1:]))  # f's variation along the path
-            gap = abs(float(total.sum()) - self.sign * (f[-1] - f[0]))
+            gap = abs(float(total.sum()) - self.sign * (f1 - f0))
             self.completeness = gap / scale if scale > 0 else (0.0 if gap == 0 else UNKNOWN)
             if not self.idgi and scale > 0:  # per gap: the rule's share against f's change (also at any probe)
                 relative = [max(r, self._gap_completeness(k) / scale) for k, r in enumerate(relative)]
@@ -498,7 +512,7 @@ def integrate_schedule(engine: Engine, curve: Curve, target: Target, args: tuple
 def fit_schedule(
     forward_func: Callable,
     inputs: torch.Tensor,
-    n_steps: int,
+    n_steps: int | Sequence[int],
     *,
     baselines=None,
     target=None,
@@ -508,7 +522,7 @@ def fit_schedule(
     max_sigma: float = 50.0,
     grad_step: float = 0.01,
     internal_batch_size: int | None = None,
-) -> quadrature.Rule:
+) -> quadrature.Rule | list[quadrature.Rule]:
     """A fixed non-uniform schedule of ``n_steps`` points, fitted on a few ``inputs`` and meant for the rest
     (``attribute(..., alphas=fit_schedule(...))``), in the spirit of RiemannOpt (Swain & Singhi 2024): sample the
     integrand on a fine uniform grid, find where the error of a rule comes from, and place the points to minimise
@@ -520,14 +534,16 @@ def fit_schedule(
     gradients of each input (normalised so that every input weighs the same), its median over the inputs taken
     per cell and lightly smoothed; the points are the midpoints of ``n_steps`` equal parts of the cumulative
     density and their weights the nearest-node weights. ``method``: ``"ig"`` (straight line from ``baselines``)
-    or ``"blur_ig"`` (alpha = sigma / max_sigma). Costs ``fit_steps`` gradients per input, once.
+    or ``"blur_ig"`` (alpha = sigma / max_sigma). Costs ``fit_steps`` gradients per input, once; a list of step
+    counts gives one rule per count from the same gradients.
     """
     from fastig.attr._inputs import format_baselines, format_inputs
     from fastig.core.targets import format_additional_args
 
     if method not in ("ig", "blur_ig"):
         raise ValueError(f"fit_schedule fits 'ig' or 'blur_ig' paths, got method={method!r}")
-    for name, value, low in (("n_steps", n_steps, 1), ("fit_steps", fit_steps, 4)):
+    counts = [n_steps] if isinstance(n_steps, int) and not isinstance(n_steps, bool) else list(n_steps)
+    for name, value, low in [("n_steps", c, 1) for c in counts] + [("fit_steps", fit_steps, 4)]:
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     xs, _ = format_inputs(inputs)
@@ -550,9 +566,11 @@ def fit_schedule(
     cells = torch.cat([density[:1], density, density[-1:]]) ** (1 / 3)  # [0, g_0], the grid gaps, [g_last, 1]
     edges = torch.cat([torch.zeros(1, dtype=torch.float64), grid, torch.ones(1, dtype=torch.float64)])
     cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(cells * (edges[1:] - edges[:-1]), 0)])
-    quantiles = (torch.arange(n_steps, dtype=torch.float64) + 0.5) / n_steps * cumulative[-1]
-    alphas = _interpolate(quantiles, cumulative, edges)
-    return quadrature.custom_rule(alphas.tolist())
+    rules = []
+    for count in counts:
+        quantiles = (torch.arange(count, dtype=torch.float64) + 0.5) / count * cumulative[-1]
+        rules.append(quadrature.custom_rule(_interpolate(quantiles, cumulative, edges).tolist()))
+    return rules[0] if isinstance(n_steps, int) else rules
 
 
 def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
