@@ -320,3 +320,25 @@ def test_warning_free_when_the_tolerance_is_met(cnn_case):
     with warnings.catch_warnings():
         warnings.simplefilter("error", ToleranceNotReached)
         IntegratedGradients(model).attribute(x, target=target, n_steps="auto", tolerance=0.05)
+
+
+def test_latent_ig_alphas_place_the_decoded_points():
+    """alphas= moves latent IG's decoded points: a subset of a uniform grid gives the same points as that grid,
+    uniform alphas give the uniform path, and n_steps='auto' is refused with its reason."""
+    from test_latent_ig import images, small_classifier, small_dvae
+
+    from fastig.attr import LatentIntegratedGradients
+
+    lig = LatentIntegratedGradients(small_classifier(), small_dvae())
+    x, b = images((2, 3, 16, 16)), images((2, 3, 16, 16), seed=7)
+    uniform = lig.path(x, b, n_steps=8, gap_steps=2)
+    chosen = lig.path(x, b, alphas=[0.25, 0.375, 0.875], gap_steps=2)
+    assert chosen.latent_alphas == [0.0, 0.25, 0.375, 0.875, 1.0]
+    every = slice(0, 2)
+    for k, t in enumerate(chosen.latent_alphas):
+        torch.testing.assert_close(chosen.points(slice(2 + k, 3 + k), every)[0],
+                                   uniform.points(slice(2 + round(8 * t), 3 + round(8 * t)), every)[0])
+    same = lig.attribute(x, b, target=1, alphas=[k / 8 for k in range(1, 8)], gap_steps=2)
+    torch.testing.assert_close(same, lig.attribute(x, b, target=1, n_steps=8, gap_steps=2))
+    with pytest.raises(ValueError, match="no n_steps='auto'"):
+        lig.attribute(x, b, target=1, n_steps="auto")
