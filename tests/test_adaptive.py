@@ -342,3 +342,37 @@ def test_latent_ig_alphas_place_the_decoded_points():
     torch.testing.assert_close(same, lig.attribute(x, b, target=1, n_steps=8, gap_steps=2))
     with pytest.raises(ValueError, match="no n_steps='auto'"):
         lig.attribute(x, b, target=1, n_steps="auto")
+
+
+# --- the command line and the store ---------------------------------------------------------------------------
+
+
+def test_cli_steps_auto_records_passes_and_error_per_image(tmp_path):
+    import cv2
+    import h5py
+    import numpy as np
+    from click.testing import CliRunner
+
+    from fastig.cli import cli
+
+    images = []
+    for k in range(2):
+        images += ["--image", str(tmp_path / f"img{k}.png")]
+        cv2.imwrite(images[-1], (np.random.default_rng(k).random((40, 50, 3)) * 255).astype(np.uint8))
+    out = tmp_path / "out"
+    run = lambda *args: CliRunner().invoke(cli, ["attribute", "--model", "centerpixel", *args])  # noqa: E731
+    result = run("--method", "ig", "--steps", "auto", "--tolerance", "0.05", "--max-steps", "16", *images,
+                 "--out", str(out), "--no-heatmaps")
+    assert result.exit_code == 0, result.output
+    with h5py.File(out / "attributions.h5") as f:
+        passes, error, cost = (f[f"inputs/{name}"][:] for name in ("passes", "error", "cost"))
+        assert passes.shape == (2,) and ((passes >= 2) & (passes <= 16)).all()
+        assert (cost == passes).all() and np.isfinite(error).all()
+        assert "auto" in f.attrs["options"]
+    for args, message in [
+        (("--method", "guided_ig", "--steps", "auto"), "--steps auto does not apply to --method guided_ig"),
+        (("--method", "ig", "--tolerance", "0.1"), "--tolerance applies with --steps auto"),
+        (("--method", "ig", "--steps", "many"), "'many' is neither an integer nor 'auto'"),
+    ]:
+        bad = run(*args, *images, "--out", str(tmp_path / "bad"))
+        assert bad.exit_code == 2 and message in bad.output, bad.output
