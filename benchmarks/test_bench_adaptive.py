@@ -24,12 +24,16 @@ Run: ``flock -x /tmp/fastig-cpu.lock pytest benchmarks/test_bench_adaptive.py -s
 the machine must be quiet) and ``flock -s /tmp/fastig-cpu.lock pytest benchmarks/test_bench_adaptive.py -s -k
 "not forward_cost"`` (counts passes, not seconds). Tables are printed; the figure and a JSON of all numbers go
 to ``out/bench-adaptive/``.
+
+A smaller run (for a loaded machine): ``FASTIG_BENCH_ADAPTIVE_IMAGES`` and ``FASTIG_BENCH_ADAPTIVE_REFERENCE``
+set the number of images and the reference's steps; its results go to ``out/bench-adaptive-<images>x<steps>/``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import time
 import warnings
 from pathlib import Path
@@ -48,13 +52,14 @@ from fastig.core.paths import gaussian_blur
 from fastig.core.targets import Target
 from fastig.metrics.insertion import deletion, insertion
 
-IMAGES = 32
+IMAGES = int(os.environ.get("FASTIG_BENCH_ADAPTIVE_IMAGES", 32))
 FIT_IMAGES = 4
-REFERENCE_STEPS = 2048
+REFERENCE_STEPS = int(os.environ.get("FASTIG_BENCH_ADAPTIVE_REFERENCE", 2048))
 STEPS = [4, 8, 16, 24, 32, 50, 64, 96, 128]
 TOLERANCES = [0.05, 0.03, 0.02, 0.014, 0.01, 0.007, 0.005, 0.0035, 0.0025]
 GOAL_COST = 16
-OUT = Path(__file__).resolve().parents[1] / "out" / "bench-adaptive"
+OUT = Path(__file__).resolve().parents[1] / "out" / (
+    "bench-adaptive" if (IMAGES, REFERENCE_STEPS) == (32, 2048) else f"bench-adaptive-{IMAGES}x{REFERENCE_STEPS}")
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
 
@@ -216,7 +221,8 @@ def study(name: str, forward_cost: float) -> dict:
             results[method].append((tolerance, *_scored(maps, reference, costs)))
     gl50 = dict((s, (e, c, m)) for s, e, c, m in results["gauss-legendre"])[50]
     e50 = gl50[0]
-    summary = {"model": label, "images": IMAGES, "reference_seconds": reference_seconds,
+    summary = {"model": label, "images": IMAGES, "reference_steps": REFERENCE_STEPS,
+               "reference_seconds": reference_seconds,
                "gl50_error_median": float(np.median(e50)), "methods": {}}
     maps_to_score = {"reference (2048 steps)": reference, "gauss-legendre 50": gl50[2]}
     for method, rows in results.items():
@@ -256,7 +262,8 @@ def _scored(maps, reference, costs):
 
 
 def _print(summary: dict) -> None:
-    print(f"\n== {summary['model']}: {summary['images']} images; GL-50 median error "
+    print(f"\n== {summary['model']}: {summary['images']} images, "
+          f"{summary['reference_steps']}-step reference; GL-50 median error "
           f"{summary['gl50_error_median']:.4f}; reference {summary['reference_seconds']:.0f} s")
     print(f"  {'method':22s} {'cost to reach':>13s} {'first setting':>14s} {'cost median':>12s} {'cost max':>9s} "
           f"{'err/GL50 med':>13s} {'images <= GL50':>15s}")
