@@ -17,8 +17,9 @@ Models: a small CNN trained here on scikit-learn's digits (8x8 upsampled to 32x3
 resnet50 with random weights on 32x32 crops of scikit-image's sample photos with a blurred-image baseline. Random
 bias-free ReLU networks with BatchNorm at its initial statistics are positively homogeneous, so from a zero
 baseline f is linear along the path and every rule is exact at one step (``test_zero_baseline_is_degenerate``
-shows it): the blurred baseline makes the resnet cases a real test. Sizes are chosen so that the whole run takes
-about 15 minutes on a 2-core CPU; the references (2048 x 32 passes per model) are most of it.
+shows it): the blurred baseline makes the resnet cases a real test. The references (2048 x 32 passes per model)
+are most of the time: the digits case took 7 CPU-minutes (30 minutes on the shared 2-core machine under load); the
+resnet cases at full size take far longer on a 2-core CPU (a GPU run, or the smaller run below).
 
 Run: ``flock -x /tmp/fastig-cpu.lock pytest benchmarks/test_bench_adaptive.py -s -k forward_cost`` (a timing:
 the machine must be quiet) and ``flock -s /tmp/fastig-cpu.lock pytest benchmarks/test_bench_adaptive.py -s -k
@@ -224,7 +225,7 @@ def study(name: str, forward_cost: float) -> dict:
     summary = {"model": label, "images": IMAGES, "reference_steps": REFERENCE_STEPS,
                "reference_seconds": reference_seconds,
                "gl50_error_median": float(np.median(e50)), "methods": {}}
-    maps_to_score = {"reference (2048 steps)": reference, "gauss-legendre 50": gl50[2]}
+    maps_to_score = {f"reference ({REFERENCE_STEPS} steps)": reference, "gauss-legendre 50": gl50[2]}
     for method, rows in results.items():
         curve = [{"setting": s, "error_median": float(np.median(e)), "ratio_median": float(np.median(e / e50)),
                   "cost_median": float(np.median(c)), "cost_max": float(np.max(c))} for s, e, c, _ in rows]
