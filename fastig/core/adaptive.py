@@ -159,8 +159,9 @@ class BlurCurve:
 class AdaptiveInfo:
     """What ``n_steps="auto"`` did, per example (tensors [n]; lists with one entry per example).
 
-    ``passes``: forward+backward passes (gradients); ``forward_passes``: forward-only passes (the probe: both ends
-    and any interior probes); ``cost``: ``passes + forward_cost * forward_passes``, in forward+backward passes.
+    ``passes``: forward+backward passes (gradients); ``forward_passes``: forward-only passes (the interior
+    probes of ``probes=``; none by default: f at every point comes with its gradient's forward pass); ``cost``:
+    ``passes + forward_cost * forward_passes``, in forward+backward passes.
     ``error``: the error estimate reached, the larger of ``map_error`` (estimated relative L2 distance of the
     attributions to the integral) and ``completeness`` (``|sum(attr) - f difference|`` over the total variation
     of f along the path; 0 where the method has no exact completeness relation: IG with
