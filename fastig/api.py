@@ -10,7 +10,8 @@ from fastig import methods
 from fastig.errors import InputError
 
 
-def attribute(model: Any, inputs: Any, target: Any = None, method: str = "ig", **options: Any) -> Any:
+def attribute(model: Any, inputs: Any, target: Any = None, method: str = "ig", *, return_info: bool = False,
+              **options: Any) -> Any:
     """Attribute ``model``'s output for ``target`` to ``inputs`` with the method registered as ``method``.
 
     ``options`` are keyword arguments of that method's ``attribute()`` (e.g. ``n_steps=32`` for ``"ig"``), except
@@ -21,13 +22,18 @@ def attribute(model: Any, inputs: Any, target: Any = None, method: str = "ig", *
     ``target`` is as in Captum, except that negative indices are refused: here a class index counts from 0 (the
     CLI and the stores use -1 for "no class"). The Captum-named classes keep Captum's, that is Python's, indexing,
     where ``target=-1`` is the last class.
+
+    ``return_info=True`` returns ``(result, info)``: ``info`` is what the method object recorded about the call
+    (its ``last_info``: an :class:`~fastig.core.adaptive.AdaptiveInfo` after ``n_steps="auto"``), else None.
     """
     _check_no_negative_class(target)
     spec = methods.get(method)
     if "rule" in options:
         options["method"] = options.pop("rule")
     build_options = {k: options.pop(k) for k in spec.build_options if k in options}  # e.g. latent IG's dvae=
-    return spec.build(model, **build_options).attribute(inputs, target=target, **{**spec.fixed, **options})
+    explainer = spec.build(model, **build_options)
+    result = explainer.attribute(inputs, target=target, **{**spec.fixed, **options})
+    return (result, getattr(explainer, "last_info", None)) if return_info else result
 
 
 def _check_no_negative_class(target: Any) -> None:

@@ -91,6 +91,12 @@ def _chosen_options(method: methods.Method, given: dict) -> dict:
     for kwarg in chosen:
         if kwarg not in method.options:
             raise click.UsageError(f"{methods.OPTIONS[kwarg].flag} does not apply to --method {method.name}")
+    if chosen.get("n_steps") == "auto" and "tolerance" not in method.options:
+        raise click.UsageError(f"--steps auto does not apply to --method {method.name} (only to "
+                               f"{', '.join(n for n in methods.names() if 'tolerance' in methods.get(n).options)})")
+    for kwarg in methods.ADAPTIVE:
+        if kwarg in chosen and chosen.get("n_steps") != "auto":
+            raise click.UsageError(f"{methods.OPTIONS[kwarg].flag} applies with --steps auto")
     return chosen
 
 

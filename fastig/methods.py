@@ -10,22 +10,42 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import click
+
 from fastig.attr.rules import RULE_NAMES
 from fastig.errors import UnknownNameError
+
+
+class StepsType(click.ParamType):
+    """``--steps``: a positive integer, or ``auto`` (adaptive steps: ``--tolerance``, ``--max-steps``)."""
+
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is neither an integer nor 'auto'", param, ctx)
 
 
 @dataclass(frozen=True)
 class Option:
     flag: str  # the CLI flag, e.g. "--steps"
     kwarg: str  # the attribute() keyword it sets, e.g. "n_steps"
-    type: Any  # int, float, bool (a switch), str, or a tuple of allowed strings
+    type: Any  # int, float, bool (a switch), str, a tuple of allowed strings, or a click.ParamType
     help: str
 
 
 OPTIONS: dict[str, Option] = {
     o.kwarg: o
     for o in [
-        Option("--steps", "n_steps", int, "number of path steps (or samples) of the method"),
+        Option("--steps", "n_steps", StepsType(), "number of path steps (or samples) of the method; `auto`: "
+               "adaptive steps per image (ig, blur_ig, gnl_ig; see --tolerance, --max-steps)"),
+        Option("--tolerance", "tolerance", float, "--steps auto: relative error of the map (estimated) and of its "
+               "completeness to reach per image (default 0.01)"),
+        Option("--max-steps", "max_steps", int, "--steps auto: most gradients per image (default 256)"),
         Option("--rule", "rule", ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
                                     "gausslegendre"), "quadrature rule of IG-style methods (latent IG: riemann_left or riemann_trapezoid)"),
         Option("--batch-size", "internal_batch_size", int, "model inputs per forward/backward pass (default: auto)"),
@@ -118,8 +138,10 @@ def _ig(model):
     return IntegratedGradients(model)
 
 
+ADAPTIVE = ("tolerance", "max_steps")  # the options of --steps auto, for the methods that have it
+
 register(Method("ig", "Integrated Gradients (straight line, Captum-compatible)", _ig,
-                ("n_steps", "rule", "internal_batch_size", "idgi", "output", "rules"), path_method=True))
+                ("n_steps", "rule", "internal_batch_size", "idgi", "output", "rules") + ADAPTIVE, path_method=True))
 
 
 def _path_method(name):
@@ -137,7 +159,7 @@ register(Method("guided_ig", "Guided IG (Kapishnikov et al. 2021), PAIR saliency
                 path_method=True, demo={"n_steps": 32}))
 register(Method("blur_ig", "Blur IG (Xu et al. 2020), PAIR saliency's algorithm",
                 _path_method("blur_ig"),
-                ("n_steps", "max_sigma", "grad_step", "sqrt", "internal_batch_size", "idgi", "output", "rules"),
+                ("n_steps", "max_sigma", "grad_step", "sqrt", "internal_batch_size", "idgi", "output", "rules") + ADAPTIVE,
                 path_method=True, demo={"n_steps": 32}))
 
 
@@ -201,7 +223,8 @@ register(Method("second_order", "2ndG second-order attribution at a layer (Wang 
                 _gradient_family("second_order"), ("layer", "internal_batch_size"),
                 fixed={"upsample_to_input": True}))
 register(Method("gnl_ig", "Guided non-linearity IG (Kwon et al. 2020): IG with guided ReLU/max-pool gradients",
-                _gradient_family("gnl_ig"), ("n_steps", "rule", "internal_batch_size", "idgi", "output"), path_method=True,
+                _gradient_family("gnl_ig"), ("n_steps", "rule", "internal_batch_size", "idgi", "output") + ADAPTIVE,
+                path_method=True,
                 demo={"n_steps": 32}))
 
 

@@ -423,13 +423,17 @@ class _BatchWorker:
             item = good[k]
             if heat[row] is None:
                 continue
-            data = cast_attributions(heat[row], spec.dtype)
-            records.append(({"kind": "row", "index": item.index, "id": item.sample.id, "target": targets[row],
-                             "label": item.sample.label, "prediction": prediction[k],
-                             "confidence": confidence[k], "note": item.note}, data.tobytes()))
+            attribution, columns = heat[row]
+            data = cast_attributions(attribution, spec.dtype)
+            meta = {"kind": "row", "index": item.index, "id": item.sample.id, "target": targets[row],
+                    "label": item.sample.label, "prediction": prediction[k], "confidence": confidence[k],
+                    "note": item.note}
+            if columns:
+                meta["columns"] = columns  # extra per-row store columns (n_steps="auto": passes, cost, error)
+            records.append((meta, data.tobytes()))
             summary.done += 1
             if self.heatmaps:
-                self._heatmap(item, heat[row])
+                self._heatmap(item, attribution)
         summary.store_seconds += time.perf_counter() - stored
         return records
 
@@ -449,7 +453,9 @@ class _BatchWorker:
         return label if self.spec.target == "label" else prediction
 
     def _attributions(self, x, targets, items) -> list:
-        """One [H, W] float32 map per image (channels summed), None for an image whose attribution failed.
+        """One ([H, W] float32 map (channels summed), extra columns) pair per image, None for an image whose
+        attribution failed (the columns: a dict of per-row values for the store, e.g. the passes and error of
+        ``--steps auto``, or empty).
 
         Errors of the arguments (FastigError, ValueError, TypeError) stop the run: they would fail every image.
         Anything else (out of memory, a numerical failure) fails the batch, which is then retried one image at a
@@ -474,18 +480,23 @@ class _BatchWorker:
                 out.append(None)
         return out
 
-    def _attribute_batch(self, x, targets) -> np.ndarray:
+    def _attribute_batch(self, x, targets) -> list:
         import fastig
 
         timer = time.perf_counter()
         target = targets[0] if isinstance(self.spec.target, int) else torch.tensor(targets, device=x.device)
-        result = fastig.attribute(self.model, x, target=target, method=self.spec.method, **self.spec.options)
+        result, info = fastig.attribute(self.model, x, target=target, method=self.spec.method, return_info=True,
+                                        **self.spec.options)
         result = result[0] if isinstance(result, tuple) else result
         heat = result.detach().float().sum(1).cpu().numpy()
         self.summary.model_seconds += _elapsed(timer, self.device)
         if not np.isfinite(heat).all():
             raise FloatingPointError("the attribution holds NaN or infinite values")
-        return heat
+        columns = [{} for _ in range(len(heat))]
+        if info is not None and hasattr(info, "passes"):  # n_steps="auto": what each image cost and reached
+            for row, (passes, cost, error) in enumerate(zip(info.passes.tolist(), info.cost.tolist(), info.error.tolist())):
+                columns[row] = {"passes": passes, "cost": cost, "error": error}
+        return list(zip(heat, columns))
 
     def _heatmap(self, item, heat: np.ndarray) -> None:
         from fastig.io.heatmap import render_heatmap, save_png

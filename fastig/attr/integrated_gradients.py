@@ -6,9 +6,12 @@ from typing import Any, Callable
 
 import torch
 
+from fastig.attr import rules as backward_rules
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
 from fastig.attr._path_common import PathAttribution, check_flag
 from fastig.core import quadrature
+from fastig.core.adaptive import StraightCurve, integrate_adaptive
+from fastig.core.quadrature import check_auto_steps
 from fastig.core.engine import integrate, integrate_idgi
 from fastig.core.paths import StraightLine
 
@@ -40,11 +43,26 @@ class IntegratedGradients(PathAttribution):
       gradient and gets a forward pass only. IDGI attributions are not multiplied by ``inputs - baselines``
       (they already sum to the output difference), so ``multiply_by_inputs=False`` has no IDGI form and is
       refused.
+
+    Non-uniform steps (extra keyword-only options):
+
+    - ``n_steps="auto"``: adaptive quadrature per example (:mod:`fastig.core.adaptive`): gradients are added where
+      the integrand changes most until the estimated relative L2 error of the map *and* the relative completeness
+      gap are both at most ``tolerance`` (default 0.01), or ``max_steps`` gradients (default 256) are spent (a
+      :class:`~fastig.core.adaptive.ToleranceNotReached` warning names those examples). ``method`` is not used:
+      the rule is the nearest-node rule on the chosen points, which include both ends (IDGI: IDGI over them);
+      the convergence delta costs two forward passes at the ends, as with Captum's rules. After the call ``last_info`` holds an
+      :class:`~fastig.core.adaptive.AdaptiveInfo`: passes, cost, error estimate, points and weights per example.
+    - ``alphas=``: a fixed schedule, the same for every example: a sequence of points in [0, 1] (nearest-node
+      weights), an ``(alphas, weights)`` pair, or the rule :func:`fastig.core.adaptive.fit_schedule` returns.
+      Replaces ``n_steps``/``method``. With ``idgi=True`` the weights are not used (IDGI over the points, with 0
+      and 1 added).
     """
 
     def __init__(self, forward_func: Callable, multiply_by_inputs: bool = True) -> None:
         super().__init__(forward_func)
         self._multiply_by_inputs = multiply_by_inputs
+        self.last_info = None  # AdaptiveInfo of the last n_steps="auto" call
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -56,15 +74,19 @@ class IntegratedGradients(PathAttribution):
         baselines: Any = None,
         target: Any = None,
         additional_forward_args: Any = None,
-        n_steps: int = 50,
+        n_steps: int | str = 50,
         method: str = "gausslegendre",
         internal_batch_size: int | None = None,
         return_convergence_delta: bool = False,
         *,
         idgi: bool = False,
         output: str = "logit",
+        alphas: Any = None,
+        tolerance: float = 0.01,
+        max_steps: int = 256,
     ) -> Any:
         check_flag("idgi", idgi)
+        self.last_info = None
         if idgi and not self._multiply_by_inputs:
             raise ValueError(
                 "idgi=True needs multiply_by_inputs=True: IDGI attributions already sum to f(input) - f(baseline) "
@@ -72,10 +94,22 @@ class IntegratedGradients(PathAttribution):
             )
         xs, is_tuple = format_inputs(inputs)
         bs = format_baselines(baselines, xs)
-        rule = quadrature.rule(method, n_steps)
+        rule = quadrature.rule(method, n_steps) if alphas is None and n_steps != "auto" else None
+        if alphas is not None:
+            if n_steps == "auto":
+                raise ValueError("give n_steps='auto' or alphas=, not both: alphas= is a fixed schedule")
+            rule = quadrature.custom_rule(alphas)
         tgt, args, engine = self._setup(xs[0].shape[0], target, additional_forward_args, output, internal_batch_size)
 
-        if idgi:
+        if rule is None:  # n_steps="auto"
+            curve = StraightCurve(xs, bs, self._multiply_by_inputs)
+            # completeness can stop n_steps="auto" only for f's own gradients, not under backward rules (GNL IG)
+            curve.complete = curve.complete and backward_rules.active() is None
+            totals, _, _, self.last_info = integrate_adaptive(
+                engine, curve, tgt, args, *check_auto_steps(tolerance, max_steps), idgi=idgi)
+            start = end = None  # the delta takes f exactly at the baseline and the input (two forward passes)
+            attributions = tuple(total.to(x.dtype) for total, x in zip(totals, xs))
+        elif idgi:
             alphas = sorted({0.0, *rule.alphas, 1.0})
             totals, outputs = integrate_idgi(engine, StraightLine(xs, bs, alphas), tgt, args)
             attributions = tuple(total.to(x.dtype) for total, x in zip(totals, xs))

@@ -19,6 +19,7 @@ import torch
 
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
 from fastig.attr._path_common import PathAttribution, check_flag, check_steps
+from fastig.core import quadrature
 from fastig.core.engine import integrate_idgi, integrate_moves
 from fastig.core.paths import INTERPOLATIONS, LATENTS, DVAEImageSpace, LatentPath
 from fastig.errors import CheckpointError
@@ -127,6 +128,15 @@ class LatentIntegratedGradients(PathAttribution):
     :class:`~fastig.core.paths.DVAEImageSpace`). ``dvae_size``: side of the square the dVAE sees (a multiple of
     8, e.g. 256, its training size); None = the classifier's size rounded up to a multiple of 8.
 
+    ``alphas=``: non-uniform positions of the latent points (the interpolation parameter t of each decoded point,
+    in (0, 1); 0 and 1 are added), replacing ``n_steps`` (``gap_steps`` then defaults to a quarter of their
+    number): for example a :func:`~fastig.core.adaptive.fit_schedule` rule's alphas fitted on IG's straight line.
+    The quadrature (``method``) and IDGI run over the polyline through the points, as with uniform steps, so
+    weights are not used. ``n_steps="auto"`` is not offered: the decoded path is known only at its points, and
+    the integrand the error estimate needs (the gradient times the path's tangent) would need a forward-mode or
+    finite-difference pass through the decoder (which costs more than the classifier) at every point; refining
+    the points also changes the polyline that is integrated.
+
     ``idgi=True``: IDGI over the same points (attributions sum to f(input) - f(baseline) up to rounding; the
     quadrature rule does not apply). ``output="probability"`` explains the softmax probability. Inputs: one image
     tensor [N, 3, H, W]; baselines as Captum's (default zeros, i.e. the mean image for ImageNet normalization).
@@ -178,15 +188,19 @@ class LatentIntegratedGradients(PathAttribution):
         dvae_size: int | None = None,
         idgi: bool = False,
         output: str = "logit",
+        alphas: Any = None,
     ) -> Any:
         started = time.perf_counter()
         check_flag("idgi", idgi)
+        if n_steps == "auto":
+            raise ValueError("latent IG has no n_steps='auto': its decoded path is known only at its points (give "
+                             "n_steps or alphas=)")
         if method not in RULES:
             raise ValueError(f"latent IG's quadrature (method=) is one of {', '.join(RULES)}, got {method!r}: the "
                              "decoded path is known only at its points")
         xs, is_tuple = format_inputs(inputs)
         path = self.path(xs, baselines, n_steps=n_steps, interpolation=interpolation, latent=latent,
-                         gap_steps=gap_steps, dvae_size=dvae_size, rule=method)
+                         gap_steps=gap_steps, dvae_size=dvae_size, rule=method, alphas=alphas)
         x, b = path.inputs, path.baselines
         tgt, args, engine = self._setup(x.shape[0], target, additional_forward_args, output, internal_batch_size)
 
@@ -217,6 +231,7 @@ class LatentIntegratedGradients(PathAttribution):
         gap_steps: int | None = None,
         dvae_size: int | None = None,
         rule: str = "riemann_left",
+        alphas: Any = None,
     ) -> LatentPath:
         """The :class:`~fastig.core.paths.LatentPath` that :meth:`attribute` integrates along (same arguments),
         e.g. to look at its decoded images: ``path.points(slice(0, path.n_steps), slice(0, n))``."""
@@ -229,6 +244,11 @@ class LatentIntegratedGradients(PathAttribution):
             raise ValueError(f"latent IG needs floating-point images [N, {channels}, H, W] (the dVAE's channels), "
                              f"got {x.dtype} of shape {tuple(x.shape)}")
         b = format_baselines(baselines, xs)[0]
+        latent_alphas = None
+        if alphas is not None:  # positions of the decoded points; the polyline's differences are the weights
+            inner = [a for a in quadrature.custom_rule(alphas).alphas if 0.0 < a < 1.0]
+            latent_alphas = [0.0, *inner, 1.0]
+            n_steps = len(latent_alphas) - 1
         check_steps(n_steps)
         _check_gap_steps(gap_steps)
         gap_steps = math.ceil(n_steps / 4) if gap_steps is None else gap_steps
@@ -241,4 +261,4 @@ class LatentIntegratedGradients(PathAttribution):
         self.decoder.to(x.device)
         space = DVAEImageSpace(self.encoder, self.decoder, self.mean, self.std, latent,
                                None if dvae_size is None else (dvae_size, dvae_size))
-        return LatentPath(x, b, space, interpolation, n_steps, gap_steps, rule)
+        return LatentPath(x, b, space, interpolation, n_steps, gap_steps, rule, latent_alphas)

@@ -351,8 +351,8 @@ class LatentPath:
     classifier's input space:
 
     - ``p = 0 .. G``: ``lerp(baseline, D_0, p / G)``, from the baseline to the decoded baseline D_0;
-    - ``p = G + k``, ``k = 0 .. K``: ``D(k / K)``, the decoding of ``interpolate(z_baseline, z_input, k / K)``
-      (D_0 = D(0), D_1 = D(1));
+    - ``p = G + k``, ``k = 0 .. K``: ``D(t_k)``, the decoding of ``interpolate(z_baseline, z_input, t_k)`` with
+      ``t_k = k / K``, or ``latent_alphas[k]`` when given (increasing, from 0 to 1) (D_0 = D(0), D_1 = D(1));
     - ``p = G + K + j``, ``j = 0 .. G``: ``lerp(D_1, input, j / G)``, from the decoded input to the input.
 
     So the first point is the baseline and the last is the input, exactly. The encoder runs once per example
@@ -367,7 +367,7 @@ class LatentPath:
     """
 
     def __init__(self, inputs: torch.Tensor, baselines: torch.Tensor, space: DVAEImageSpace, interpolation: str,
-                 latent_steps: int, gap_steps: int, rule: str = "riemann_left"):
+                 latent_steps: int, gap_steps: int, rule: str = "riemann_left", latent_alphas=None):
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(map(repr, INTERPOLATIONS))}, got {interpolation!r}")
         if rule not in ("riemann_left", "riemann_trapezoid"):
@@ -376,6 +376,13 @@ class LatentPath:
         self.inputs, self.baselines = inputs, baselines.expand_as(inputs)
         self.space, self.interpolation, self.rule = space, interpolation, rule
         self.latent_steps, self.gap_steps = int(latent_steps), int(gap_steps)
+        if latent_alphas is None:
+            self.latent_alphas = [k / self.latent_steps for k in range(self.latent_steps + 1)]
+        else:
+            self.latent_alphas = [float(t) for t in latent_alphas]
+            if (len(self.latent_alphas) != self.latent_steps + 1 or self.latent_alphas[0] != 0.0
+                    or self.latent_alphas[-1] != 1.0 or any(b <= a for a, b in zip(self.latent_alphas, self.latent_alphas[1:]))):
+                raise ValueError(f"latent_alphas must be {self.latent_steps + 1} increasing values from 0 to 1")
         self.size = tuple(inputs.shape[-2:])
         # a baseline shared by all examples ([1, ...]) is encoded and decoded once
         nb = baselines.shape[0] if baselines.shape[0] == 1 else n
@@ -429,7 +436,7 @@ class LatentPath:
             else:
                 to_decode.append(p)
         if to_decode:
-            t = torch.tensor([(p - G) / K for p in to_decode], dtype=torch.float64)
+            t = torch.tensor([self.latent_alphas[p - G] for p in to_decode], dtype=torch.float64)
             interpolate = lerp if self.interpolation == "lerp" else slerp
             z = interpolate(self.z_start[examples], self.z_end[examples], t)
             decoded = self.space.decode(z.reshape((-1,) + tuple(z.shape[2:])), self.size)

@@ -75,6 +75,64 @@ def rule(method: str, n_steps: int) -> Rule:
     return Rule(alphas(method, n_steps), torch.tensor(step_sizes(method, n_steps)).float())
 
 
+# --- non-uniform rules: user-given points (``alphas=``), fitted schedules, adaptive nodes ---------------------
+
+
+def nearest_node_weights(alphas) -> torch.Tensor:
+    """Weights of the nearest-node rule on [0, 1] for increasing, distinct ``alphas``: each point weighs the part
+    of [0, 1] closer to it than to any other point (half-way to its neighbours; out to 0 and to 1 at the ends).
+
+    On uniform midpoints this is the midpoint rule; on any points it integrates constants exactly (the weights sum
+    to 1), and for the step-like integrands of ReLU networks its error per gap is at most half the jump times the
+    gap. float64 [n].
+    """
+    a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
+    edges = torch.cat([a.new_zeros(1), (a[1:] + a[:-1]) / 2, a.new_ones(1)])
+    return edges[1:] - edges[:-1]
+
+
+def custom_rule(alphas, weights=None) -> Rule:
+    """A rule from user-given points on [0, 1] (``alphas``, increasing and distinct) and their weights (default:
+    :func:`nearest_node_weights`). Weights must be finite; they need not sum to 1 (a rule that does not integrates
+    constants wrongly, and the convergence delta shows it). A :class:`Rule` (e.g. from ``fit_schedule``) or an
+    ``(alphas, weights)`` pair is accepted as ``alphas`` too."""
+    if weights is None and _is_pair(alphas):
+        alphas, weights = alphas
+    try:
+        a = torch.as_tensor(alphas, dtype=torch.float64).reshape(-1)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"alphas must be a sequence of numbers in [0, 1], got {alphas!r}") from None
+    if a.numel() == 0 or not torch.isfinite(a).all() or a.min() < 0 or a.max() > 1:
+        raise ValueError(f"alphas must be a non-empty sequence of numbers in [0, 1], got {a.tolist()}")
+    if a.numel() > 1 and not (a[1:] > a[:-1]).all():
+        raise ValueError("alphas must be increasing and distinct")
+    if weights is None:
+        w = nearest_node_weights(a)
+    else:
+        try:
+            w = torch.as_tensor(weights, dtype=torch.float64).reshape(-1)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"weights must be a sequence of numbers, got {weights!r}") from None
+        if w.numel() != a.numel() or not torch.isfinite(w).all():
+            raise ValueError(f"weights must be {a.numel()} finite numbers (one per alpha), got {w.tolist()}")
+    return Rule(a.tolist(), w)
+
+
+def check_auto_steps(tolerance, max_steps) -> tuple[float, int]:
+    """The options of ``n_steps="auto"``: a tolerance in (0, 1) and an integer ``max_steps >= 2``."""
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
+        raise ValueError(f"tolerance must be a number in (0, 1) (a relative error, e.g. 0.01), got {tolerance!r}")
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 2:
+        raise ValueError(f"max_steps must be an integer >= 2 (the error estimate needs two gradients), got {max_steps!r}")
+    return float(tolerance), max_steps
+
+
+def _is_pair(value) -> bool:
+    """An ``(alphas, weights)`` pair (a :class:`Rule` is one), not a tuple of two alphas."""
+    return isinstance(value, tuple) and len(value) == 2 and all(
+        isinstance(v, (list, tuple, np.ndarray)) or (isinstance(v, torch.Tensor) and v.dim() == 1) for v in value)
+
+
 # --- the work n_steps asks for, bounded before anything is built ----------------------------------------------
 
 # Memory per step of a path: the rule's alphas and weights (Python floats and float32/float64 tensors, as

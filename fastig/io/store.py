@@ -9,7 +9,9 @@ Layout (N rows, attributions H x W)::
     /inputs/done               [N] uint8, 1 once the row's attribution has been written
     /inputs/<column>           [N] optional per-row columns written by a run (``write_column``): ``index`` (the
                                image's index in its dataset), ``labels`` (-1: unknown), ``predictions``,
-                               ``confidences`` (softmax probability of the prediction), ``notes`` (conversions)
+                               ``confidences`` (softmax probability of the prediction), ``notes`` (conversions);
+                               with ``--steps auto`` also ``passes`` (gradients), ``cost`` (in forward+backward
+                               passes) and ``error`` (the error estimate reached), from the journal rows' "columns"
     /skipped/<field>           [S] images a run left out and why (``write_skipped``): index, ids, reasons, labels,
                                predictions, confidences
     /metrics/<metric>          [N] float64
@@ -691,6 +693,8 @@ def merge(final_path, journal_paths, run: dict, compression: str | None = "gzip"
             new.write_column("predictions", np.array([_int(m.get("prediction")) for m in metas], np.int64))
             new.write_column("confidences", np.array([_float(m.get("confidence")) for m in metas], np.float32))
             new.write_column("notes", [m.get("note") or "" for m in metas] or np.array([], h5py.string_dtype()))
+            for name in sorted({c for m in metas for c in m.get("columns", {})}):  # extra per-row columns
+                new.write_column(name, np.array([m.get("columns", {}).get(name, np.nan) for m in metas]))
             skipped = sorted(i for i in skips if i not in rows)
             s = [skips[i] for i in skipped]
             new.write_skipped(skipped, [m["id"] for m in s], [m["reason"] for m in s],
@@ -717,11 +721,15 @@ def _collect_store(store: Store, rows: dict, skips: dict) -> None:
     extra = {name: store.column(col) if col in columns else None
              for name, col in (("label", "labels"), ("prediction", "predictions"), ("confidence", "confidences"),
                                ("note", "notes"))}
+    known = {"index", "labels", "predictions", "confidences", "notes"}
+    columns = {name: store.column(name) for name in store.column_names() if name not in known}
     for row in done:
         meta = {"id": ids[row], "target": int(targets[row])}
         for name, values in extra.items():
             if values is not None:
                 meta[name] = values[row].item() if hasattr(values[row], "item") else values[row]
+        if columns:  # extra per-row columns (see merge), kept through a resume
+            meta["columns"] = {name: values[row].item() for name, values in columns.items()}
         rows.setdefault(int(index[row]), ("store", int(row), meta))
     s = store.skipped()
     for k, i in enumerate(s["index"]):
