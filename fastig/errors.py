@@ -15,3 +15,8 @@ class CheckpointError(FastigError):
 
 class ImageReadError(FastigError):
     """An image file that is missing, unreadable or not an image."""
+
+
+class ResourceError(FastigError):
+    """The machine ran out of something a run needs (disk space, the file-size limit): not a problem of the
+    user's input, so the CLI exits with code 1. The message says what was kept and how to go on."""

@@ -21,7 +21,8 @@ from fastig import models
 from fastig.cli import cli
 from fastig.core import progress
 from fastig.io.images import load_image
-from fastig.io.store import Store, read_journal
+from fastig.io.journal import read_journal
+from fastig.io.store import Store, StoreError
 from fastig.run import PARTS_NAME, STORE_NAME, RunError, RunSpec, preprocess_for, run
 
 IG = {"n_steps": 8}
@@ -208,8 +209,9 @@ def test_failed_images_are_reported_and_retried_by_the_next_run(tmp_path, listin
     bad = load_image(listing.parent / "img002.png", preprocess_for("centerpixel"))[None]
     monkeypatch.setattr(fastig, "attribute", flaky)
     summary = run(spec(tmp_path / "out", listing, end=5), echo=lambda _: None)
-    assert summary.done == 4 and summary.failed == [("img002.png", "RuntimeError: out of memory (simulated)")]
-    assert "1 failed" in summary.lines()[0]
+    assert summary.done == 4
+    assert summary.failed == [("img002.png", "out of memory: RuntimeError: out of memory (simulated)")]
+    assert "1 failed (1 out of memory)" in summary.lines()[0] and summary.exit_code == 0
     assert list(read(tmp_path / "out" / STORE_NAME)["index"]) == [0, 1, 3, 4]
     monkeypatch.setattr(fastig, "attribute", real)
     summary = run(spec(tmp_path / "out", listing, end=5), echo=lambda _: None)
@@ -220,9 +222,16 @@ def test_failed_images_are_reported_and_retried_by_the_next_run(tmp_path, listin
     assert_same_store(tmp_path / "out" / STORE_NAME, tmp_path / "ref" / STORE_NAME)
 
 
-def test_argument_errors_stop_the_run(tmp_path, listing):
-    with pytest.raises(ValueError, match="out of range"):
-        run(spec(tmp_path / "out", listing, target=999), echo=lambda _: None)
+def test_argument_errors_stop_the_run_before_any_work(tmp_path, listing):
+    for target, message in ((999, "out of range: centerpixel has classes 0..255"), (-1, "out of range"),
+                            (True, "class index")):
+        with pytest.raises(RunError, match=message):
+            run(spec(tmp_path / "out", listing, target=target), echo=lambda _: None)
+    with pytest.raises(RunError, match="--target label needs labelled images"):
+        run(spec(tmp_path / "out", None, images=[listing.parent / "img000.png"], target="label"), echo=print)
+    with pytest.raises(RunError, match="empty path"):
+        run(spec("", listing), echo=lambda _: None)
+    assert not (tmp_path / "out").exists()
     with pytest.raises(RunError, match="holds no image"):
         run(spec(tmp_path / "o2", listing, start=20), echo=lambda _: None)
     with pytest.raises(RunError, match="min-confidence"):
@@ -238,7 +247,7 @@ def test_resume_skips_finished_rows_and_refuses_other_settings(tmp_path, listing
     assert again.done == 0 and again.already_done == 6 and "6 of 6 image(s) already done" in lines[0]
     for other in (dict(end=7), dict(options={"n_steps": 4}), dict(method="saliency", options={}),
                   dict(correct_only=True), dict(dtype="float16"), dict(stride=2)):
-        with pytest.raises(RunError, match="other settings"):
+        with pytest.raises(StoreError, match="other settings"):
             run(spec(out, listing, **{"end": 6, **other}), echo=lambda _: None)
     replaced = run(spec(out, listing, end=7, overwrite=True), echo=lambda _: None)
     assert replaced.done == 7 and len(read(out / STORE_NAME)["ids"]) == 7
@@ -305,7 +314,7 @@ def test_cli_dataset_options(tmp_path, listing):
     assert result.exit_code == 0, result.output
     store = read(tmp_path / "o" / STORE_NAME)
     assert set(store["index"]) | set(store["skipped"]["index"]) == {2, 5, 8, 11}
-    assert store["attrs"]["options"]["dataset"]["stride"] == 3
+    assert store["attrs"]["run"]["inputs"]["stride"] == 3
     assert not list((tmp_path / "o").glob("*.png"))  # no heatmaps for datasets unless asked
     assert "attributed" in result.output and "skipped" in result.output
     for args, message in ((["--window-stride", "2"], "does not apply"), (["--image", str(listing)], "not both"),
