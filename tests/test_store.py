@@ -193,7 +193,7 @@ def test_run_headers_are_compared_as_json_values_and_differences_named(tmp_path)
     require_same_run({**recorded, "kind": "run"}, recorded, "here")  # the journal's record kind is no setting
     for change, named in ((dict(model="resnet50"), "model"), (dict(weights="sha256:ab"), "weights"),
                           (dict(seed=1), "seed"), (dict(method="latent_ig"), "method"),
-                          (dict(options={**OPTIONS, "idgi": True}), "options"), (dict(target=3), "target"),
+                          (dict(options={**OPTIONS, "idgi": True}), "options.idgi"), (dict(target=3), "target"),
                           (dict(dtype="float16"), "dtype")):
         with pytest.raises(StoreError, match=f"other settings: {named}: .* there, .* now"):
             require_same_run(recorded, header(**change), "here")

@@ -302,6 +302,8 @@ class Journal:
         raises ResourceError: every record appended before is kept."""
         if self._file.closed:
             raise StoreError(f"journal {self.path} is closed")
+        if not records:
+            return  # (a header alone would claim the folder for a run that recorded nothing)
         payload = memoryview(encode_record(dict(self.run, kind="run"))
                              + b"".join(encode_record(meta, data) for meta, data in records))
         end = os.fstat(self._file.fileno()).st_size
@@ -424,8 +426,14 @@ def merge(final_path, journal_paths, run: dict, compression: str | None = "gzip"
         for stale in final_path.parent.glob(f"{final_path.name}.merging-*"):
             stale.unlink()  # left by a merge that was killed
         order, kept, skipped = sorted(rows), [], sorted(i for i in skips if i not in rows)
-        new = Store.create(temporary, model=run["model"], method=run["method"], options=run["options"],
-                           shape=shape, dtype=dtype, compression=compression, run=run, abandon_on_error=True)
+        kept_all = (f"; nothing was lost: {final_path.name} (if any) is unchanged and the journals still hold every "
+                    "new row")
+        try:
+            new = Store.create(temporary, model=run["model"], method=run["method"], options=run["options"],
+                               shape=shape, dtype=dtype, compression=compression, run=run, abandon_on_error=True)
+        except OSError as e:
+            temporary.unlink(missing_ok=True)
+            raise _resource_error(f"cannot write the merged store {temporary}", e, kept_all) from None
         try:
             for start in range(0, len(order), block):
                 chunk, data = [], []
@@ -458,15 +466,13 @@ def merge(final_path, journal_paths, run: dict, compression: str | None = "gzip"
                               [_float(m.get("confidence")) for m in s])
         except Exception:
             new.close()
-            if new.write_error is None:
+            if new.write_error is None:  # (a write error is reported below)
                 temporary.unlink(missing_ok=True)
                 raise
         new.close()
         if new.write_error is not None:
             temporary.unlink(missing_ok=True)
-            raise _resource_error(f"cannot write the merged store {temporary}", new.write_error,
-                                  f"; nothing was lost: {final_path.name} (if any) is unchanged and the journals "
-                                  "still hold every new row")
+            raise _resource_error(f"cannot write the merged store {temporary}", new.write_error, kept_all)
         try:
             with open(temporary, "rb+") as f:
                 _fsync_file(f)

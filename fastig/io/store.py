@@ -31,8 +31,8 @@ Crash safety of a ``Store`` written in place:
   Dataset runs therefore never write their store in place: see :mod:`fastig.io.journal`.
 - A store created with ``abandon_on_error=True`` (what the merge writes) stops writing at the first write error
   (disk full, file-size limit): every later write of the HDF5 library is dropped, so the file can still be closed
-  cleanly, and :attr:`Store.write_error` tells the caller to delete it. (HDF5 left to retry writes on a full disk
-  can crash the process when the file is closed.)
+  cleanly; ``write_rows`` then raises that OSError, and :attr:`Store.write_error` tells the caller to delete the
+  file. (HDF5 left to retry writes on a full disk can crash the process when the file is closed.)
 """
 
 from __future__ import annotations
@@ -135,6 +135,8 @@ class Store:
             inputs.create_dataset("done", dtype=np.uint8, fillvalue=0, fletcher32=True, **row)
             file.create_group("metrics")
             file.flush()
+            if sink is not None and sink.error is not None:
+                raise sink.error
             store.__init__(file, path, sink)
         except BaseException:
             file.close()
@@ -249,6 +251,8 @@ class Store:
         self._file.flush()  # the data first, so a row is never marked done before its data is out
         self._file["inputs/done"][rows] = 1
         self._file.flush()
+        if self.write_error is not None:
+            raise self.write_error
 
     def done_indices(self) -> np.ndarray:
         """The indices of the rows written so far (int64, ascending)."""
@@ -435,9 +439,11 @@ def _checksummed(values: np.ndarray) -> dict:
 
 
 class _StopAtFirstError:
-    """The file object under a store created with ``abandon_on_error``: passes writes to ``raw`` until the first
-    OSError (raised once, kept in ``error``), then drops every later write and truncation, so that the HDF5
-    library can finish and close the file without an error (the file is to be deleted)."""
+    """The file object under a store created with ``abandon_on_error``: passes every call to ``raw`` until the
+    first write error, which it keeps in ``error``; from then on it touches ``raw`` no more and drops every write,
+    so that the HDF5 library finishes and closes the file without an error (the file is to be deleted). It never
+    raises: an exception raised inside h5py's file driver stays pending in the interpreter and breaks the next
+    call, so the store checks ``error`` after each write instead."""
 
     def __init__(self, raw):
         self.raw, self.error = raw, None
@@ -451,7 +457,6 @@ class _StopAtFirstError:
                     done += self.raw.write(view[done:])
             except OSError as e:
                 self.error = e
-                raise
         return len(view)
 
     def truncate(self, size=None):
@@ -460,11 +465,20 @@ class _StopAtFirstError:
                 return self.raw.truncate(size)
             except OSError as e:
                 self.error = e
-                raise
         return size
 
-    def __getattr__(self, name):  # read, seek, tell, flush: as the file's
-        return getattr(self.raw, name)
+    def seek(self, offset, whence=0):
+        return self.raw.seek(offset, whence) if self.error is None else offset
+
+    def tell(self):
+        return self.raw.tell() if self.error is None else 0
+
+    def read(self, size=-1):
+        return self.raw.read(size) if self.error is None else b""
+
+    def flush(self):
+        if self.error is None:
+            self.raw.flush()
 
 
 def cast_attributions(data: np.ndarray, dtype: str) -> np.ndarray:
