@@ -113,7 +113,13 @@ def _method_options(command):
 
 
 def _naming_the_flag(error: Exception, options: dict) -> Exception:
-    """A method's error about one of the chosen options (``n_steps must be ...``) as the error of its flag."""
+    """A method's error about one of the chosen options (``n_steps must be ...``) as the error of its flag (the
+    run's own errors, about the folder or the selection, stay as they are)."""
+    from fastig.io.store import StoreError
+    from fastig.run import RunError
+
+    if isinstance(error, (StoreError, RunError)):
+        return error
     for kwarg in options:
         if re.search(rf"\b{re.escape(kwarg)}\b", str(error)):
             return click.BadParameter(str(error), param_hint=methods.OPTIONS[kwarg].flag)
@@ -152,11 +158,11 @@ class _TargetType(click.ParamType):
         return index
 
 
-def _folder(_ctx, param, value):
+def _out_folder(_ctx, _param, value):
     """--out: an empty path would be the current folder, which the user did not name."""
-    if value is not None and not str(value).strip():
-        raise click.BadParameter("an empty path; name the output folder", param_hint=f"--{param.name.split('_')[0]}")
-    return None if value is None else Path(value)
+    if not value.strip():
+        raise click.BadParameter("an empty path; name the output folder", param_hint="--out")
+    return Path(value)
 
 
 def _parse_shard(value: str | None):
@@ -199,7 +205,7 @@ def _parse_shard(value: str | None):
 @click.option("--workers", type=int, default=None,
               help="image decoding processes (default: 0 for --image, min(4, CPUs) for --dataset)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_folder,
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_out_folder,
               help="output folder: attributions.h5 (and heatmap PNGs)")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="precision of the stored attributions")

@@ -153,7 +153,7 @@ class RunSummary:
             out.append(f"  -> {m.path}: {m.rows} row(s), {m.skipped} skipped image(s) recorded"
                        + (f", {m.damaged} damaged row(s) dropped (rerun to redo them)" if m.damaged else ""))
         elif self.failed and not self.done:
-            out.append("  nothing was attributed: no store was written (the folder is not claimed)")
+            out.append("  nothing was attributed, so no store was written")
         return out
 
 

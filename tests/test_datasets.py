@@ -230,6 +230,33 @@ def test_decode_matches_the_image_pipeline_and_notes_conversions(tmp_path):
         torch.testing.assert_close(tensor, PRE(read_image(path)), rtol=0, atol=0)
 
 
+def test_a_resize_that_cannot_be_allocated_is_a_read_error_naming_the_image(tmp_path, monkeypatch):
+    """Issue 16.9: cv2.error escaped with a traceback for an image whose resize could not be allocated."""
+    from fastig.io import images
+
+    path = write_png(tmp_path / "huge.png", shape=(20, 24, 3))
+
+    def out_of_memory(*args, **kwargs):
+        raise cv2.error("OpenCV(4.10.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to allocate 9 GB")
+
+    monkeypatch.setattr(images.cv2, "resize", out_of_memory)
+    with pytest.raises(ImageReadError, match=r"cannot resize image .*huge.png \(24x20\): .*Insufficient memory"):
+        decode(sample(path), PRE)
+    item = datasets.DecodingDataset(datasets.ImageDataset([sample(path)], tmp_path, "flat"), [0], PRE)[0]
+    assert item.input is None and "cannot resize image" in item.reason  # in a dataset run: a skip, with the reason
+
+
+def test_relative_paths_start_at_the_image_folder(tmp_path):
+    write_png(tmp_path / "data" / "cls" / "a.png")
+    ds = open_dataset(tmp_path / "data")
+    assert ds.image_root == tmp_path / "data" and ds.relative_path(ds[0]) == "cls/a.png"
+    listing = tmp_path / "data" / "list.txt"
+    listing.write_text(f"cls/a.png 1\n{tmp_path / 'outside.png'} 2\n")
+    ds = open_dataset(listing)
+    assert ds.image_root == tmp_path / "data"
+    assert [ds.relative_path(s) for s in ds.samples] == ["cls/a.png", str(tmp_path / "outside.png")]
+
+
 def bad_files(tmp_path):
     good = write_png(tmp_path / "good.png")
     (tmp_path / "text.png").write_text("not an image at all")

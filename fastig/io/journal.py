@@ -379,8 +379,9 @@ _EMPTY = {"label": -1, "prediction": -1, "confidence": float("nan"), "note": "",
 
 @dataclass(frozen=True)
 class MergeResult:
-    """What :func:`merge` wrote: ``rows`` attributions and ``skipped`` records; ``damaged``: rows dropped because
-    their data failed a checksum, in the old store or a journal (their images are redone by the next run)."""
+    """What :func:`merge` wrote: ``rows`` attributions and ``skipped`` records; ``damaged``: rows left out because
+    their data failed a checksum, in the old store or a journal, and no intact copy was found (their images are
+    redone by the next run; a record whose header was damaged counts, as its image is unknown)."""
 
     path: Path
     rows: int
@@ -399,7 +400,7 @@ def merge(final_path, journal_paths, run: dict, compression: str | None = "gzip"
     shape, dtype = tuple(run["shape"]), run["dtype"]
     rows: dict[int, tuple] = {}  # dataset index -> (source, reference, metadata); the first source seen wins
     skips: dict[int, dict] = {}
-    damaged = 0
+    damaged, unknown = set(), 0  # indices of damaged rows; damaged records of unknown index
     old = None
     files = {}
     try:
@@ -407,13 +408,13 @@ def merge(final_path, journal_paths, run: dict, compression: str | None = "gzip"
             old = Store.open(final_path)
             require_same_run(stored_header(old), run, final_path)
             bad = set(old.damaged_rows().tolist())
-            damaged += len(bad)
-            _collect_store(old, rows, skips, bad)
+            damaged |= _collect_store(old, rows, skips, bad)
         for path in journal_paths:
             contents = read_journal(path)
-            damaged += len(contents.damaged)
+            damaged |= {d.index for d in contents.damaged if d.index is not None}
+            unknown += sum(1 for d in contents.damaged if d.index is None)
             if contents.run is None:
-                damaged += len(contents.records)  # (no intact header: rows of an unknown run)
+                unknown += len(contents.records)  # (no intact header: rows of an unknown run)
                 continue
             require_same_run(contents.run, run, f"journal {path}")
             for record in contents.records:
@@ -448,7 +449,7 @@ def merge(final_path, journal_paths, run: dict, compression: str | None = "gzip"
                                 files[path] = open(path, "rb")
                             array = np.frombuffer(read_record_data(files[path], record), dtype=dtype).reshape(shape)
                     except StoreError:  # damaged since it was read above
-                        damaged += 1
+                        damaged.add(index)
                         continue
                     chunk.append(index)
                     data.append(array)
@@ -482,7 +483,7 @@ def merge(final_path, journal_paths, run: dict, compression: str | None = "gzip"
             temporary.unlink(missing_ok=True)
             raise _resource_error(f"cannot put the merged store in place at {final_path}", e,
                                   "; the journals still hold every new row") from None
-        return MergeResult(final_path, len(kept), len(skipped), damaged)
+        return MergeResult(final_path, len(kept), len(skipped), len(damaged - set(kept) - set(skipped)) + unknown)
     finally:
         if old is not None:
             old.close()
@@ -490,8 +491,9 @@ def merge(final_path, journal_paths, run: dict, compression: str | None = "gzip"
             f.close()
 
 
-def _collect_store(store: Store, rows: dict, skips: dict, damaged: set) -> None:
-    """The intact done rows and the skipped images of an existing store, keyed by dataset index."""
+def _collect_store(store: Store, rows: dict, skips: dict, damaged: set) -> set:
+    """The intact done rows and the skipped images of an existing store, keyed by dataset index; returns the
+    dataset indices of its ``damaged`` rows."""
     columns = [c for c in store.column_names() if c != "index"]
     index = store.column("index") if "index" in store.column_names() else np.arange(len(store))
     ids, targets = store.ids(), store.targets()
@@ -508,6 +510,7 @@ def _collect_store(store: Store, rows: dict, skips: dict, damaged: set) -> None:
         skips.setdefault(int(i), {"id": s["ids"][k], "reason": s["reasons"][k], "label": int(s["labels"][k]),
                                   "prediction": int(s["predictions"][k]),
                                   "confidence": float(s["confidences"][k])})
+    return {int(index[row]) for row in damaged}
 
 
 def _column(values: list, key: str) -> np.ndarray:
@@ -572,9 +575,8 @@ class RunFolder:
         if not existing.is_dir():
             raise StoreError(f"cannot create --out {self.out_dir}: {existing} is a file")
         try:
-            fd, probe = tempfile.mkstemp(prefix=".fastig-write-check-", dir=existing)
-            os.close(fd)
-            os.unlink(probe)
+            with tempfile.TemporaryFile(dir=existing):  # (unnamed where the OS allows: a kill leaves nothing)
+                pass
         except OSError as e:
             raise StoreError(f"cannot write to --out {self.out_dir} ({existing}: {e.strerror or e}); choose a "
                              "folder you can write to") from None

@@ -117,7 +117,6 @@ class Store:
             if sink is not None:
                 sink.raw.close()
             raise StoreError(f"cannot create store {path}: {e}") from None
-        store = cls.__new__(cls)  # (attributes are set below; a write error must still close the file)
         try:
             file.attrs.update({
                 "format_version": FORMAT_VERSION, "fastig_version": fastig.__version__, "model": model,
@@ -137,13 +136,12 @@ class Store:
             file.flush()
             if sink is not None and sink.error is not None:
                 raise sink.error
-            store.__init__(file, path, sink)
-        except BaseException:
+        except BaseException:  # (a write error must still close the file)
             file.close()
             if sink is not None:
                 sink.raw.close()
             raise
-        return store
+        return cls(file, path, sink)
 
     @classmethod
     def open(cls, path, mode: str = "r") -> "Store":
