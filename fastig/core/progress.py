@@ -9,9 +9,10 @@ Long work opens a *task* and advances it::
 
 and the engine calls :func:`pulse` after every model pass (and opens a ``path`` task per path it walks), so the
 display moves even while a single step of a slow method runs, and the ETA of the outermost task counts the work
-done inside the units under way (:meth:`Task.underway`), not only the units finished. Nothing is printed unless a display is open. A task opened with ``show=True`` while none is open
-starts one (``fastig attribute`` does this for its images; ``show_progress=True`` on a Captum-style class for that
-call); a task opened while a display is open is shown on the same line, after the tasks that enclose it::
+done inside the units under way (:meth:`Task.underway`), not only the units finished. Nothing is printed unless a
+display is open. A task opened with ``show=True`` while none is open starts one (``fastig attribute`` does this for
+its images; ``show_progress=True`` on a Captum-style class for that call); a task opened while a display is open is
+shown on the same line, after the tasks that enclose it::
 
     guided_ig on resnet50 [######........] 3/8 images (38%), 0.02 images/s, ETA 0:04:10 | path 12/64 steps | 230 model passes
 

@@ -648,7 +648,9 @@ class RunFolder:
         Serialized by a lock on the journal folder."""
         if not self.parts.is_dir():
             return None
-        with self._lock():
+        with self._lock() as locked:
+            if not locked:
+                return None  # another process merged and removed the folder meanwhile
             journals = self.journals()
             anything = any(p.stat().st_size for p in journals)
             result = merge(self.store, journals, header, compression) if anything else None
@@ -659,15 +661,20 @@ class RunFolder:
 
     @contextmanager
     def _lock(self):
-        """An exclusive advisory lock on the journal folder (flock on its descriptor); none where flock is missing."""
+        """An exclusive advisory lock on the journal folder (flock on its descriptor; none where flock is missing);
+        yields whether the folder is still there."""
         try:
             import fcntl
         except ImportError:
-            yield
+            yield self.parts.is_dir()
             return
-        fd = os.open(self.parts, os.O_RDONLY)
+        try:
+            fd = os.open(self.parts, os.O_RDONLY)
+        except FileNotFoundError:
+            yield False
+            return
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            yield self.parts.is_dir()
         finally:
             os.close(fd)  # releases the lock
