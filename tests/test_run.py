@@ -378,54 +378,54 @@ def interrupted_before_the_merge(monkeypatch, spec_):
             run(spec_, echo=lambda _: None)
 
 
-def test_a_damaged_journal_record_is_redone_and_every_other_row_kept(tmp_path, listing, monkeypatch):
+def test_a_damaged_journal_record_is_redone_and_every_other_row_kept(tmp_path, listing, monkeypatch, tiny_model):
     """Issue 16.1: a byte flipped in record 6 lost it and every later record ("12 of 30 already done")."""
-    run(spec(tmp_path / "ref", listing, batch_size=1), echo=lambda _: None)
+    run(tiny_spec(tmp_path / "ref", listing, batch_size=1), echo=lambda _: None)
     out = tmp_path / "out"
-    interrupted_before_the_merge(monkeypatch, spec(out, listing, batch_size=1))
+    interrupted_before_the_merge(monkeypatch, tiny_spec(out, listing, batch_size=1))
     journal = out / PARTS_NAME / "rank-00000.journal"
     record = read_journal(journal).records[6]
     data = bytearray(journal.read_bytes())
     data[record.data_offset + 100] ^= 0x10
     journal.write_bytes(bytes(data))
     lines = []
-    summary = run(spec(out, listing, batch_size=1), echo=lines.append)
+    summary = run(tiny_spec(out, listing, batch_size=1), echo=lines.append)
     assert "15 of 16 image(s) already done" in lines[0] and lines[1] == "1 damaged row(s) will be redone"
     assert summary.done == 1
     assert_same_store(tmp_path / "ref" / STORE_NAME, out / STORE_NAME)
 
 
-def test_a_damaged_store_row_is_noticed_on_resume_and_redone(tmp_path, listing):
+def test_a_damaged_store_row_is_noticed_on_resume_and_redone(tmp_path, listing, tiny_model):
     """Issue 16.4: a complete store damaged in the middle was "30 of 30 already done"."""
-    run(spec(tmp_path / "ref", listing, batch_size=1), echo=lambda _: None)
+    run(tiny_spec(tmp_path / "ref", listing, batch_size=1), echo=lambda _: None)
     out = tmp_path / "out"
-    run(spec(out, listing, batch_size=1), echo=lambda _: None)
+    run(tiny_spec(out, listing, batch_size=1), echo=lambda _: None)
     with h5py.File(out / STORE_NAME, "r") as f:
         chunk = f["attributions/ig"].id.get_chunk_info(3)  # row 3
     data = bytearray((out / STORE_NAME).read_bytes())
     data[chunk.byte_offset + chunk.size // 2] ^= 0xFF
     (out / STORE_NAME).write_bytes(bytes(data))
     lines = []
-    summary = run(spec(out, listing, batch_size=1), echo=lines.append)
+    summary = run(tiny_spec(out, listing, batch_size=1), echo=lines.append)
     assert "15 of 16 image(s) already done" in lines[0] and lines[1] == "1 damaged row(s) will be redone"
     assert summary.done == 1 and summary.merged.damaged == 0  # redone: nothing left out
     assert_same_store(tmp_path / "ref" / STORE_NAME, out / STORE_NAME)
 
 
 def test_an_unreadable_store_next_to_journals_says_which_rows_are_safe_and_how_to_keep_them(tmp_path, listing,
-                                                                                            monkeypatch):
+                                                                                            monkeypatch, tiny_model):
     """Issue 16.4: the refusal did not say the journaled rows were safe, and its --overwrite deleted them too."""
     out = tmp_path / "out"
-    interrupted_before_the_merge(monkeypatch, spec(out, listing, end=6))
+    interrupted_before_the_merge(monkeypatch, tiny_spec(out, listing, end=6))
     (out / STORE_NAME).write_bytes(b"not a store" * 100)
     with pytest.raises(StoreError) as refused:
-        run(spec(out, listing, end=6), echo=lambda _: None)
+        run(tiny_spec(out, listing, end=6), echo=lambda _: None)
     message = str(refused.value)
     assert "attributions.h5 is damaged and cannot be read" in message
     assert f"the 6 row(s) journaled in {out / PARTS_NAME} are intact and will be kept" in message
     assert "mv " in message and "--overwrite would delete the journals too" in message
     os.rename(out / STORE_NAME, out / "attributions.h5.damaged")  # the advice
-    summary = run(spec(out, listing, end=6), echo=lambda _: None)
+    summary = run(tiny_spec(out, listing, end=6), echo=lambda _: None)
     assert summary.already_done == 6 and summary.done == 0 and summary.merged.rows == 6
 
 
