@@ -482,15 +482,15 @@ def test_progress_lines_when_not_a_terminal_and_a_bar_on_one():
     assert tty.getvalue().startswith("\rig [") and "4/4 images" in tty.getvalue() and tty.getvalue().endswith("\n")
 
 
-def test_progress_keeps_moving_with_an_eta_during_one_long_image(tmp_path, capsys):
+def test_progress_keeps_moving_with_an_eta_during_one_long_image(tmp_path, capsys, tiny_model):
     """Issue 16.19: Guided IG on resnet50 ran 25 minutes for 3 photos without a line: progress moved per batch.
     Now every model pass refreshes the line (here: every pass, interval 0) and the ETA counts the path steps done
     inside the image under way."""
     image = tmp_path / "photo.png"
-    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (224, 224, 3)).astype(np.uint8))
-    run(RunSpec(model="resnet18", method="guided_ig", out_dir=tmp_path / "out", weights="none", images=[image],
+    cv2.imwrite(str(image), np.random.default_rng(0).integers(0, 256, (24, 24, 3)).astype(np.uint8))
+    run(RunSpec(model=TINY, method="guided_ig", out_dir=tmp_path / "out", weights="none", images=[image],
                 options={"n_steps": 4}, heatmaps=False, fsync=False, log_interval=0.0))
-    during = [line for line in capsys.readouterr().err.splitlines() if line.startswith("guided_ig on resnet18: 0/1")]
+    during = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"guided_ig on {TINY}: 0/1")]
     assert len(during) >= 4, during  # one line per model pass at least
     assert any("| path 2/4 steps" in line for line in during), during
     eta = [line for line in during if "path 3/4" in line][0]
