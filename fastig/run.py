@@ -299,7 +299,7 @@ def _run(spec: RunSpec, folder: RunFolder, dist: "_Distributed", echo) -> RunSum
     started = time.perf_counter()
     if todo:
         device = dist.device(spec.device)
-        model = models.get(spec.model, weights=spec.weights, device=device, seed=spec.seed)
+        model = models.get(spec.model, weights=spec.weights, device=device, seed=spec.seed, nonfinite="refuse")
         summary.setup_seconds = time.perf_counter() - setup
         started = time.perf_counter()
         heatmaps = spec.heatmaps if spec.heatmaps is not None else spec.images is not None

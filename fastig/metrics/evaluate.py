@@ -181,7 +181,6 @@ def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weig
         if rows.size == 0:
             raise FastigError(f"store {store_path} has no attributed rows to evaluate")
         n_rows = len(store)
-        ids = image_paths(store, dataset_root)
         targets = store.targets()
         maps = store.attributions()
         method_name = attrs["method"]
@@ -194,7 +193,8 @@ def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weig
             model_name = attrs["model"] if model is None else model
             if seed is None:
                 seed = (attrs["run"] or {}).get("seed")
-            net = models.get(model_name, weights=weights, device=device, seed=seed)
+            net = models.get(model_name, weights=weights, device=device, seed=seed, nonfinite="refuse")
+        ids = image_paths(store, dataset_root)  # (after the weights: a refused file is named first)
         info = models.info(model_name)
         if prepare:
             net = fastig.prepare(net)
