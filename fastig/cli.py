@@ -1,11 +1,14 @@
 """The ``fastig`` command line.
 
 Every user error (an unknown model or method, a missing checkpoint, an unreadable image, a bad option) is printed
-as one line, ``fastig: error: ...``, with exit code 2; tracebacks are left for bugs.
+as one line, ``fastig: error: ...``, with exit code 2. A failure of the machine (disk full, file-size limit, any
+other OS error) is one line too, with exit code 1, and so is a run that could attribute nothing. Tracebacks are
+left for bugs.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import torch
 
 import fastig
 from fastig import methods
-from fastig.errors import FastigError
+from fastig.errors import FastigError, ResourceError
 
 
 class _Group(click.Group):
@@ -29,9 +32,16 @@ class _Group(click.Group):
         except click.ClickException as exc:
             click.echo(f"fastig: error: {exc.format_message()}", err=True)
             sys.exit(2 if isinstance(exc, click.UsageError) else exc.exit_code)
+        except ResourceError as exc:
+            click.echo(f"fastig: error: {exc}", err=True)
+            sys.exit(1)
         except (FastigError, ValueError, TypeError) as exc:
             click.echo(f"fastig: error: {exc}", err=True)
             sys.exit(2)
+        except OSError as exc:  # the machine, not the user's input: a full disk, a lost mount, ...
+            click.echo(f"fastig: error: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+                       err=True)
+            sys.exit(1)
         sys.exit(code or 0)
 
 
@@ -65,18 +75,55 @@ def cli():
 # --- attribute -----------------------------------------------------------------------------------------------
 
 
+class _MethodOption(click.Option):
+    """A flag of the shared method-option catalogue; its help ends with each method's default, read from the
+    methods (fastig.methods.defaults) only when the help is shown."""
+
+    def get_help_record(self, ctx):
+        if not getattr(self, "_with_defaults", False):
+            self.help = f"{self.help} [{_defaults_text(self.name)}]"
+            self._with_defaults = True
+        return super().get_help_record(ctx)
+
+
+def _defaults_text(kwarg: str) -> str:
+    """``default: 50 (ig, gnl_ig), 200 (guided_ig)``: the methods that take the option, grouped by default."""
+    by_default: dict[str, list[str]] = {}
+    for name in methods.names():
+        if kwarg in methods.get(name).options:
+            by_default.setdefault(methods.describe_default(methods.defaults(name)[kwarg]), []).append(name)
+    if len(by_default) == 1:
+        (value, names), = by_default.items()
+        return f"default: {value} ({', '.join(names)})"
+    return "defaults: " + ", ".join(f"{value} ({', '.join(names)})" for value, names in by_default.items())
+
+
 def _method_options(command):
     """Add one flag per option in the shared catalogue (fastig.methods.OPTIONS)."""
     for option in sorted(methods.OPTIONS.values(), key=lambda o: o.flag, reverse=True):
         if option.type is bool:
-            flag = click.option(option.flag, option.kwarg, is_flag=True, default=None, help=option.help)
+            kind = {"is_flag": True}
         elif isinstance(option.type, tuple):
-            flag = click.option(option.flag, option.kwarg, type=click.Choice(option.type), default=None,
-                                help=option.help)
+            kind = {"type": click.Choice(option.type)}
         else:
-            flag = click.option(option.flag, option.kwarg, type=option.type, default=None, help=option.help)
-        command = flag(command)
+            kind = {"type": option.type}
+        command = click.option(option.flag, option.kwarg, cls=_MethodOption, default=None, help=option.help,
+                               **kind)(command)
     return command
+
+
+def _naming_the_flag(error: Exception, options: dict) -> Exception:
+    """A method's error about one of the chosen options (``n_steps must be ...``) as the error of its flag (the
+    run's own errors, about the folder or the selection, stay as they are)."""
+    from fastig.io.store import StoreError
+    from fastig.run import RunError
+
+    if isinstance(error, (StoreError, RunError)):
+        return error
+    for kwarg in options:
+        if re.search(rf"\b{re.escape(kwarg)}\b", str(error)):
+            return click.BadParameter(str(error), param_hint=methods.OPTIONS[kwarg].flag)
+    return error
 
 
 def _device(name: str) -> torch.device:
@@ -101,17 +148,27 @@ def _chosen_options(method: methods.Method, given: dict) -> dict:
 
 
 class _TargetType(click.ParamType):
-    """--target: a class index, `predicted` or `label`."""
+    """--target: a class index (>= 0), `predicted` or `label`."""
 
     name = "CLASS|predicted|label"
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) or value in ("predicted", "label"):
+        if value in ("predicted", "label"):
             return value
         try:
-            return int(value)
+            index = int(value)
         except ValueError:
             self.fail(f"{value!r} is not a class index, 'predicted' or 'label'", param, ctx)
+        if index < 0:
+            self.fail(f"{value!r}: a class index is >= 0 (-1 is not the last class here)", param, ctx)
+        return index
+
+
+def _out_folder(_ctx, _param, value):
+    """--out: an empty path would be the current folder, which the user did not name."""
+    if not value.strip():
+        raise click.BadParameter("an empty path; name the output folder", param_hint="--out")
+    return Path(value)
 
 
 def _parse_shard(value: str | None):
@@ -127,7 +184,9 @@ def _parse_shard(value: str | None):
 @cli.command()
 @click.option("--model", "model_name", required=True, help="model name (see `fastig models`)")
 @click.option("--weights", default="auto", show_default=True,
-              help="auto (the file under checkpoints/), none (random init), or a checkpoint path")
+              help="auto (the file under checkpoints/), none (random init drawn from --seed), or a checkpoint path")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="seeds --weights none and each image's random draws (SmoothGrad, LIME, SHAP, ...); recorded")
 @click.option("--method", "method_name", default="ig", show_default=True, help="method name (see `fastig methods`)")
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="an image file; repeat for several")
@@ -152,7 +211,7 @@ def _parse_shard(value: str | None):
 @click.option("--workers", type=int, default=None,
               help="image decoding processes (default: 0 for --image, min(4, CPUs) for --dataset)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_out_folder,
               help="output folder: attributions.h5 (and heatmap PNGs)")
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="precision of the stored attributions")
@@ -168,7 +227,7 @@ def _parse_shard(value: str | None):
 @click.option("--evaluate", "evaluate_metrics", default=None, metavar="METRIC[,METRIC...]",
               help="score the attributions right after the run (as `fastig evaluate`), e.g. insertion,deletion")
 @_method_options
-def attribute(model_name, weights, method_name, images, dataset, layout, labels, start, index_stride, end,
+def attribute(model_name, weights, seed, method_name, images, dataset, layout, labels, start, index_stride, end,
               correct_only, min_confidence, target, images_per_batch, workers, device, out_dir, dtype, heatmaps,
               sign, shard, fsync, overwrite, evaluate_metrics, **given):
     """Attribute a model's predictions on images or a dataset; write an HDF5 store (and heatmaps).
@@ -179,9 +238,11 @@ def attribute(model_name, weights, method_name, images, dataset, layout, labels,
     torchrun --nproc_per_node 8 -m fastig attribute --device cuda --dataset val/ ...
 
     Results are journaled as they finish and merged into --out/attributions.h5 at the end. Re-running the same
-    command resumes (images already recorded are skipped), also after a crash or kill. Settings that differ from
-    the recorded run are refused: pass --overwrite or another --out. Under torchrun each rank takes every
-    WORLD-th image and rank 0 merges.
+    command resumes (images already recorded are skipped; damaged ones are redone), also after a crash or kill.
+    Settings that differ from the recorded run (model, weights' sha256 or seed, method and options, images,
+    target, filters) are refused: pass --overwrite or another --out. Under torchrun each rank takes every
+    WORLD-th image and rank 0 merges. Exit code 1 when nothing could be attributed or the disk is full (every
+    finished row is kept: rerun to go on), 2 for a bad argument.
     """
     from fastig.run import RunSpec, run
 
@@ -193,6 +254,9 @@ def attribute(model_name, weights, method_name, images, dataset, layout, labels,
         raise click.UsageError("give at least one --image, or --dataset ROOT")
     if images and (start, index_stride, end, layout, labels) != (0, 1, None, "auto", None):
         raise click.UsageError("--start/--stride/--end/--layout/--labels select from a --dataset")
+    if images and target == "label":
+        raise click.UsageError("--target label needs labelled images, and --image files have none: give --dataset "
+                               "with labels, or a class index")
     _device(device)
     if method.check is not None:
         method.check(options)  # e.g. latent IG's dVAE files: a missing one is named before the run starts
@@ -201,16 +265,21 @@ def attribute(model_name, weights, method_name, images, dataset, layout, labels,
                    stride=index_stride, end=end, target=target, correct_only=correct_only,
                    min_confidence=min_confidence, batch_size=images_per_batch, workers=workers, device=device,
                    dtype=dtype, heatmaps=heatmaps, sign=sign, overwrite=overwrite, shard=_parse_shard(shard),
-                   fsync=fsync)
+                   fsync=fsync, seed=seed)
     if evaluate_metrics:
         from fastig.metrics.evaluate import resolve_metrics
 
         resolve_metrics(evaluate_metrics)  # an unknown metric fails before the run, not after it
-    summary = run(spec, echo=lambda line: click.echo(line, err=True))
+    try:
+        summary = run(spec, echo=lambda line: click.echo(line, err=True))
+    except (ValueError, FastigError) as e:
+        raise _naming_the_flag(e, options) from None
     for line in summary.lines():
         click.echo(line)
+    if summary.exit_code:
+        click.get_current_context().exit(summary.exit_code)
     if evaluate_metrics and summary.merged is not None:  # the process that merged the final store scores it
-        _evaluate(summary.store, evaluate_metrics, model=model_name, weights=weights, device=device)
+        _evaluate(summary.store, evaluate_metrics, model=model_name, weights=weights, device=device, seed=seed)
 
 
 # --- evaluate ------------------------------------------------------------------------------------------------
@@ -229,6 +298,10 @@ def _evaluate(store_path: Path, metrics, **settings) -> None:
               help="insertion, deletion, sic, aic (pic = both), lossy_mse, completeness; repeat or comma-separate")
 @click.option("--model", "model_name", default=None, help="model to score with (default: the store's model)")
 @click.option("--weights", default="auto", show_default=True, help="auto, none, or a checkpoint path")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="seed of --weights none (default: the one the store records)")
+@click.option("--dataset-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="where the store's dataset images are now, when the dataset was moved (default: as recorded)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--step", type=int, default=None, help="insertion/deletion: pixels per step (default: image width)")
 @click.option("--insertion-substrate", type=click.Choice(["blur", "zeros", "mean"]), default="blur",
@@ -269,10 +342,12 @@ def list_models():
 
 @cli.command("methods")
 def list_methods():
-    """List the attribution methods and their options."""
+    """List the attribution methods, and their options with their defaults."""
     for name in methods.names():
         method = methods.get(name)
-        flags = " ".join(methods.OPTIONS[o].flag for o in method.options)
+        defaults = methods.defaults(name)
+        flags = " ".join(f"{methods.OPTIONS[o].flag.split('/')[0]} {methods.describe_default(defaults[o])}"
+                         for o in method.options)
         click.echo(f"{name:24s} {method.summary}" + (f"  [{flags}]" if flags else ""))
 
 

@@ -17,6 +17,11 @@ class ImageReadError(FastigError):
     """An image file that is missing, unreadable or not an image."""
 
 
+class ResourceError(FastigError):
+    """The machine ran out of something a run needs (disk space, the file-size limit): not a problem of the
+    user's input, so the CLI exits with code 1. The message says what was kept and how to go on."""
+
+
 class InputError(FastigError, ValueError):
     """An input, baseline, target or option of an attribution that does not fit the model or the method, or asks
     for more work than fits (the message names the argument and what was expected)."""

@@ -101,6 +101,8 @@ class Method:
     build_options: tuple[str, ...] = ()
     # called with the chosen options before a CLI run starts any work (e.g. to name a missing weight file)
     check: Callable[[dict], None] | None = None
+    # returns the attribute() whose defaults `defaults()` reads, for a method that cannot be built without files
+    signature: Callable[[], Callable] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -130,6 +132,61 @@ def names() -> list[str]:
 
 def _load_all() -> None:
     import fastig.attr  # noqa: F401  (registers the methods)
+
+
+_ATTRIBUTE_NAMES = {"rule": "method"}  # CLI keyword -> attribute() keyword (see fastig.api.attribute)
+_DEFAULTS: dict[str, dict] = {}
+
+
+def defaults(name: str) -> dict:
+    """The default of each option of method ``name`` (``Method.options``), as ``attribute()`` (or the method's
+    constructor, for ``build_options``) declares it, with the CLI's own defaults of the perturbation methods; None
+    where the method decides at run time ("auto"). The method is built on a stand-in model to read them."""
+    spec = get(name)
+    if name not in _DEFAULTS:
+        import inspect
+
+        import torch
+
+        method = spec.signature() if spec.signature is not None else spec.build(torch.nn.Identity())
+        found = {}
+        for kwarg in spec.options:
+            if kwarg in spec.build_options:
+                default = inspect.signature(spec.build).parameters[kwarg].default
+                found[kwarg] = None if default is inspect.Parameter.empty else default
+            else:
+                found[kwarg] = _default_of(method, _ATTRIBUTE_NAMES.get(kwarg, kwarg))
+        _DEFAULTS[name] = found
+    return dict(_DEFAULTS[name])
+
+
+def _default_of(method, keyword: str):
+    """The default of ``keyword`` in ``method.attribute()`` (``method``: an attribution object or the function)."""
+    import inspect
+
+    from fastig.attr.perturbation import WithDefaults
+
+    if isinstance(method, WithDefaults):
+        if keyword in method.defaults:
+            return method.defaults[keyword]
+        return _default_of(method.method, method.rename.get(keyword, keyword))
+    functions = [method] if not hasattr(method, "attribute") else [  # also overridden ones (a wrapper's super())
+        c.__dict__["attribute"] for c in type(method).__mro__ if "attribute" in c.__dict__]
+    for function in functions:
+        parameter = inspect.signature(function).parameters.get(keyword)
+        if parameter is not None and parameter.default is not inspect.Parameter.empty:
+            return parameter.default
+    inner = getattr(method, "attribution_method", None)  # NoiseTunnel hands the other keywords on
+    return None if inner is None else _default_of(inner, keyword)
+
+
+def describe_default(value) -> str:
+    """A default as the CLI shows it."""
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
 
 
 def _ig(model):
@@ -169,6 +226,12 @@ def _latent_ig(model, dvae=None):
     return LatentIntegratedGradients(model, dvae)
 
 
+def _latent_ig_attribute():
+    from fastig.attr import LatentIntegratedGradients
+
+    return LatentIntegratedGradients.attribute
+
+
 def _check_latent_ig(options: dict) -> None:
     from fastig.attr.latent_ig import check_options
 
@@ -178,7 +241,8 @@ def _check_latent_ig(options: dict) -> None:
 register(Method("latent_ig", "Latent IG: IG along a path decoded from the DALL-E dVAE's latent space (--dvae)",
                 _latent_ig, ("n_steps", "rule", "dvae", "interpolation", "latent", "gap_steps", "dvae_size",
                              "internal_batch_size", "idgi", "output", "rules"),
-                path_method=True, demo={"n_steps": 8}, build_options=("dvae",), check=_check_latent_ig))
+                path_method=True, demo={"n_steps": 8}, build_options=("dvae",), check=_check_latent_ig,
+                signature=_latent_ig_attribute))
 
 
 def _gradient_family(name):

@@ -10,14 +10,20 @@ One run attributes a selection of images (``--image`` files, or ``--dataset ROOT
    class); ``correct_only`` skips images whose prediction differs from their label (or that have no label),
    ``min_confidence`` those below the threshold; these decisions and numbers are recorded with the image;
 3. the kept images of the batch are attributed together, for their predicted class (default), their label, or a
-   fixed class; the attribution is summed over colour channels into one [H, W] map per image;
+   fixed class; the attribution is summed over colour channels into one [H, W] map per image. A method that
+   draws random numbers (SmoothGrad, gradient SHAP, LIME, kernel SHAP, Shapley sampling, PDA, ...: found out on
+   the first batch, by whether the global generators moved) attributes each image alone, under its own seed
+   :func:`image_seed` ``(seed, dataset index)``, so a resumed, re-batched or sharded run gives bitwise the same
+   rows; ``weights="none"`` draws the model from ``seed`` too;
 4. every result (row or skip) is appended to this process's journal as soon as its batch is done, and the final
    HDF5 store ``OUT/attributions.h5`` is built from the journals by an atomic merge at the end (see
-   ``fastig.io.store`` for why a SIGKILL at any moment loses at most the batch in flight).
+   ``fastig.io.journal`` for why a SIGKILL at any moment loses at most the batch in flight).
 
-Restarting the same command resumes: images recorded in the store or any journal are not redone. A run with other
-settings (model, method, options, target, selection, filters, dtype) refuses to mix into the same ``OUT`` unless
-``overwrite`` is set, which starts over.
+Restarting the same command resumes: images recorded intact in the store or any journal are not redone (damaged
+ones are, and the run says how many). A run whose header differs (model, weights' sha256 or seed, method and its
+options with their defaults, target, images, filters, dtype: ``fastig.io.journal.run_header``) refuses to mix into
+the same ``OUT`` unless ``overwrite`` is set, which starts over. A run that records nothing leaves ``OUT``
+unclaimed. The summary names why images failed; ``RunSummary.exit_code`` is 1 when nothing could be attributed.
 
 Many processes: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized with gloo (CPU) or nccl
 (CUDA, one device per local rank); rank r of W attributes the selected images at positions r, r + W, ...; all ranks
@@ -29,8 +35,9 @@ merges when it finds every selected image recorded.
 
 from __future__ import annotations
 
+import hashlib
 import os
-import shutil
+import random
 import sys
 import time
 from collections import Counter
@@ -43,10 +50,9 @@ import numpy as np
 import torch
 
 from fastig.core import progress
-from fastig.errors import FastigError
+from fastig.errors import FastigError, ResourceError
+from fastig.io.journal import PARTS_NAME, STORE_NAME, RunFolder, run_header  # noqa: F401  (the folder's names)
 
-STORE_NAME = "attributions.h5"
-PARTS_NAME = "attributions.parts"
 TARGETS = ("predicted", "label")
 # A barrier waits for the slowest rank; ranks get equal shares, but a long run must not time out at the end.
 BARRIER_TIMEOUT = timedelta(hours=48)
@@ -72,7 +78,7 @@ class RunSpec:
     start: int = 0
     stride: int = 1
     end: int | None = None
-    target: int | str | None = None  # None or "predicted": top-1 class; "label"; or a class index
+    target: int | str | None = None  # None or "predicted": top-1 class; "label"; or a class index >= 0
     correct_only: bool = False
     min_confidence: float | None = None
     batch_size: int = 8  # images per batch (the method batches its own path points inside)
@@ -85,6 +91,7 @@ class RunSpec:
     overwrite: bool = False
     shard: tuple[int, int] | None = None  # (rank, world size) without torch.distributed
     fsync: bool = True  # fsync the journal after every batch (survives power loss, not only a kill)
+    seed: int = 0  # seeds weights="none" and each image's random draws (recorded in the run header)
     log_interval: float = progress.LOG_INTERVAL  # seconds between log lines when stderr is not a terminal
 
 
@@ -101,6 +108,7 @@ class RunSummary:
     selected: int = 0
     assigned: int = 0
     already_done: int = 0
+    damaged: int = 0  # rows found damaged in the store or the journals, redone by this run
     done: int = 0
     skipped: list = field(default_factory=list)  # (id, reason)
     failed: list = field(default_factory=list)  # (id, reason)
@@ -110,17 +118,24 @@ class RunSummary:
     data_seconds: float = 0.0
     store_seconds: float = 0.0
     merge_seconds: float = 0.0
-    merged: object = None  # fastig.io.store.MergeResult when this process merged
+    merged: object = None  # fastig.io.journal.MergeResult when this process merged
 
     @property
     def images_per_second(self) -> float:
         return self.done / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def exit_code(self) -> int:
+        """1 when images failed and none could be attributed (the CLI's exit code), else 0."""
+        return 1 if self.failed and not self.done else 0
+
     def lines(self) -> list[str]:
         """The human-readable summary."""
         who = f"[rank {self.rank}/{self.world_size}] " if self.world_size > 1 else ""
-        out = [f"{who}{self.done} attributed, {len(self.skipped)} skipped, {len(self.failed)} failed "
-               f"of {self.assigned} image(s) ({self.already_done} already done) in {self.seconds:.1f} s "
+        why = ", ".join(f"{n} {what}" for what, n in Counter(_category(r) for _, r in self.failed).most_common())
+        out = [f"{who}{self.done} attributed, {len(self.skipped)} skipped, {len(self.failed)} failed"
+               + (f" ({why})" if why else "")
+               + f" of {self.assigned} image(s) ({self.already_done} already done) in {self.seconds:.1f} s "
                f"({self.images_per_second:.2f} images/s)"]
         for title, entries in (("skipped", self.skipped), ("failed", self.failed)):
             if entries:
@@ -136,12 +151,20 @@ class RunSummary:
         if self.merged is not None:
             m = self.merged
             out.append(f"  -> {m.path}: {m.rows} row(s), {m.skipped} skipped image(s) recorded"
-                       + (f", {m.damaged} damaged journal row(s) dropped (rerun to redo them)" if m.damaged else ""))
+                       + (f", {m.damaged} damaged row(s) dropped (rerun to redo them)" if m.damaged else ""))
+        elif self.failed and not self.done:
+            out.append("  nothing was attributed, so no store was written")
         return out
 
 
 def _category(reason: str) -> str:
     return reason.split(":", 1)[0]
+
+
+def image_seed(seed: int, index: int) -> int:
+    """The seed of dataset image ``index`` in a run seeded with ``seed`` (a 32-bit draw of numpy's SeedSequence),
+    the same whichever process, batch or resumed run attributes the image."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------
@@ -151,16 +174,23 @@ def run(spec: RunSpec, echo: Callable[[str], None] | None = None) -> RunSummary:
     """Run ``spec`` (see the module docstring); ``echo`` prints messages (default: to stderr)."""
     echo = echo or (lambda line: print(line, file=sys.stderr, flush=True))
     _check_spec(spec)
+    folder = RunFolder(spec.out_dir)
+    folder.check_writable()
     dist = _Distributed.start(spec)
     try:
-        return _run(spec, dist, echo)
+        return _run(spec, folder, dist, echo)
     finally:
         dist.stop()
 
 
 def _check_spec(spec: RunSpec) -> None:
+    """Everything that can be checked before any work (nothing is read or created here)."""
+    from fastig import models
     from fastig.io.store import COMPRESSIONS, DTYPES
 
+    info = models.info(spec.model)  # an unknown model is named first
+    if not str(spec.out_dir).strip():
+        raise RunError("the output folder (--out) is an empty path: name a folder")
     if (spec.images is None) == (spec.dataset is None):
         raise RunError("give images or a dataset (--image or --dataset), not both" if spec.images is not None
                        else "give at least one --image, or --dataset ROOT")
@@ -172,8 +202,19 @@ def _check_spec(spec: RunSpec) -> None:
         raise RunError(f"--workers must be >= 0, got {spec.workers}")
     if spec.min_confidence is not None and not 0.0 <= spec.min_confidence <= 1.0:
         raise RunError(f"--min-confidence must be in [0, 1], got {spec.min_confidence}")
-    if isinstance(spec.target, str) and spec.target not in TARGETS:
-        raise RunError(f"target must be a class index or one of {TARGETS}, got {spec.target!r}")
+    target = spec.target
+    if isinstance(target, str) and target not in TARGETS:
+        raise RunError(f"target must be a class index or one of {TARGETS}, got {target!r}")
+    if target is not None and not isinstance(target, str):
+        if isinstance(target, bool) or not isinstance(target, (int, np.integer)):
+            raise RunError(f"target must be a class index, 'predicted' or 'label', got {target!r}")
+        if not 0 <= target < info.num_classes:
+            raise RunError(f"--target {target} is out of range: {spec.model} has classes 0..{info.num_classes - 1}")
+    if target == "label" and spec.images is not None:
+        raise RunError("--target label needs labelled images, and --image files have none: give --dataset with "
+                       "labels, or a class index")
+    if isinstance(spec.seed, bool) or not isinstance(spec.seed, (int, np.integer)) or spec.seed < 0:
+        raise RunError(f"--seed must be an integer >= 0, got {spec.seed!r}")
     if spec.dtype not in DTYPES:
         raise RunError(f"dtype must be one of {DTYPES}, got {spec.dtype!r}")
     if spec.compression not in COMPRESSIONS:
@@ -203,25 +244,31 @@ def _open_dataset(spec: RunSpec, preprocess):
     return datasets.open_dataset(spec.dataset, spec.layout, spec.labels)
 
 
-def _recorded_options(spec: RunSpec, dataset) -> dict:
-    """The settings that define the run: a store or journal with other ones is not mixed into."""
-    target = None if spec.target == "predicted" else spec.target
-    recorded = {**spec.options, "target": target}
-    if spec.images is not None:
-        recorded["images"] = [str(p) for p in spec.images]
+def _run_header(spec: RunSpec, dataset) -> dict:
+    """This run's header (``fastig.io.journal.run_header``): a store or journal with another is not mixed into."""
+    from fastig import methods, models
+
+    info = models.info(spec.model)
+    if spec.images is not None:  # (a digest keeps the header short; the store records every path)
+        paths = [os.path.abspath(p) for p in spec.images]
+        inputs = {"images": len(paths), "sha256": hashlib.sha256("\n".join(paths).encode()).hexdigest()}
     else:
-        recorded["dataset"] = {"root": str(Path(spec.dataset).resolve()), "layout": dataset.layout,
-                               "labels": None if spec.labels is None else str(Path(spec.labels).resolve()),
-                               "start": spec.start, "stride": spec.stride, "end": spec.end}
-    if spec.correct_only or spec.min_confidence is not None:
-        recorded["filters"] = {"correct_only": spec.correct_only, "min_confidence": spec.min_confidence}
-    return recorded
+        inputs = {"dataset": os.path.abspath(spec.dataset), "layout": dataset.layout,
+                  "labels": None if spec.labels is None else os.path.abspath(spec.labels),
+                  "image_root": os.path.abspath(dataset.image_root), "classes": dataset.class_mapping,
+                  "start": spec.start, "stride": spec.stride, "end": spec.end}
+    filters = ({"correct_only": spec.correct_only, "min_confidence": spec.min_confidence}
+               if spec.correct_only or spec.min_confidence is not None else None)
+    return run_header(model=spec.model, weights=models.weights_identity(spec.model, spec.weights, spec.seed),
+                      seed=spec.seed, method=spec.method, options={**methods.defaults(spec.method), **spec.options},
+                      target=None if spec.target == "predicted" else spec.target, inputs=inputs, filters=filters,
+                      shape=[info.input_size, info.input_size], dtype=spec.dtype)
 
 
-def _run(spec: RunSpec, dist: "_Distributed", echo) -> RunSummary:
+def _run(spec: RunSpec, folder: RunFolder, dist: "_Distributed", echo) -> RunSummary:
     from fastig import models
     from fastig.io import datasets
-    from fastig.io.store import Journal
+    from fastig.io.journal import Journal
 
     setup = time.perf_counter()
     preprocess = preprocess_for(spec.model)
@@ -232,138 +279,67 @@ def _run(spec: RunSpec, dist: "_Distributed", echo) -> RunSummary:
     if not selection:
         raise RunError(f"the selection (start {spec.start}, stride {spec.stride}, end {spec.end}) holds no image "
                        f"of the {len(dataset)} in {dataset.root}")
-    device = dist.device(spec.device)
-    model = models.get(spec.model, weights=spec.weights, device=device, nonfinite="refuse")
-    info = models.info(spec.model)
-    run_header = {"model": spec.model, "method": spec.method, "options": _recorded_options(spec, dataset),
-                  "shape": [info.input_size, info.input_size], "dtype": spec.dtype}
-    out_dir = Path(spec.out_dir)
-    final, parts = out_dir / STORE_NAME, out_dir / PARTS_NAME
+    header = _run_header(spec, dataset)
 
     if spec.overwrite and dist.rank == 0:
-        final.unlink(missing_ok=True)
-        shutil.rmtree(parts, ignore_errors=True)
+        folder.reset()
     dist.barrier()
-    done = _recorded_indices(final, parts, run_header)
-    summary = RunSummary(final, dist.rank, dist.world_size, selected=len(selection))
+    recorded = folder.recorded(header)
+    done = recorded.indices
+    summary = RunSummary(folder.store, dist.rank, dist.world_size, selected=len(selection), damaged=recorded.damaged)
     mine = datasets.shard(selection, dist.rank, dist.world_size)
     todo = [i for i in mine if i not in done]
     summary.assigned, summary.already_done = len(mine), len(mine) - len(todo)
     already = sum(1 for i in selection if i in done)
     if already:
-        dist.echo0(echo, f"resuming {final}: {already} of {len(selection)} image(s) already done")
+        dist.echo0(echo, f"resuming {folder.store}: {already} of {len(selection)} image(s) already done")
+    if recorded.damaged:
+        dist.echo0(echo, f"{recorded.damaged} damaged row(s) will be redone")
 
-    summary.setup_seconds = time.perf_counter() - setup
     started = time.perf_counter()
     if todo:
+        device = dist.device(spec.device)
+        model = models.get(spec.model, weights=spec.weights, device=device, seed=spec.seed, nonfinite="refuse")
+        summary.setup_seconds = time.perf_counter() - setup
+        started = time.perf_counter()
         heatmaps = spec.heatmaps if spec.heatmaps is not None else spec.images is not None
         workers = spec.workers if spec.workers is not None else (
             0 if spec.images is not None else min(4, os.cpu_count() or 1))
-        journal = Journal.open(parts / f"rank-{dist.rank:05d}.journal", run_header, fsync=spec.fsync)
+        journal = Journal.open(folder.journal_path(dist.rank), header, fsync=spec.fsync)
         try:
             with progress.task(f"{spec.method} on {spec.model}", len(todo), "images", show=True,
                                interval=spec.log_interval, bar=dist.rank == 0,
                                prefix=f"[rank {dist.rank}] " if dist.world_size > 1 else "") as images_done:
                 loader = datasets.batches(dataset, todo, preprocess, spec.batch_size, workers,
                                           pin_memory=device.type == "cuda")
-                worker = _BatchWorker(spec, model, device, journal, preprocess, out_dir, heatmaps, summary)
+                worker = _BatchWorker(spec, model, device, journal, preprocess, folder.out_dir, heatmaps, summary,
+                                      dataset)
                 while True:
                     waited = time.perf_counter()
                     batch = next(loader, None)
                     summary.data_seconds += time.perf_counter() - waited
                     if batch is None:
                         break
+                    images_done.underway(len(batch))
                     worker(batch)
                     images_done.advance(len(batch))
         finally:
             journal.close()
+            folder.tidy()
+    else:
+        summary.setup_seconds = time.perf_counter() - setup
     summary.seconds = time.perf_counter() - started
 
     dist.barrier()
-    if dist.group or dist.world_size == 1 or _complete(selection, final, parts, run_header):
+    if dist.group or dist.world_size == 1 or folder.complete(selection, header):
         if dist.rank == 0 or not dist.group:
             merging = time.perf_counter()
-            summary.merged = _merge(final, parts, run_header, spec.compression)
+            summary.merged = folder.merge(header, spec.compression)
             summary.merge_seconds = time.perf_counter() - merging
     else:
         echo(f"shard {dist.rank}/{dist.world_size} finished; images of other shards remain, so the merge is left "
              "to the last shard to finish (or a plain rerun of the command)")
     return summary
-
-
-def _recorded_indices(final: Path, parts: Path, run_header: dict) -> set:
-    """Dataset indices already recorded (attributed or skipped) in the final store or in any journal."""
-    from fastig.io.store import Store, read_journal, same_run
-
-    done = set()
-    if final.exists():
-        with Store.open(final) as store:
-            recorded = {"model": store.attrs["model"], "method": store.attrs["method"],
-                        "options": store.attrs["options"], "shape": list(store.attrs["shape"]),
-                        "dtype": store.attrs["dtype"]}
-            if not same_run(recorded, run_header):
-                raise RunError(_other_settings(final, recorded))
-            index = store.column("index") if "index" in store.column_names() else np.arange(len(store))
-            done.update(int(index[row]) for row in store.done_indices())
-            done.update(int(i) for i in store.skipped()["index"])
-    for path in sorted(parts.glob("*.journal")) if parts.is_dir() else []:
-        contents = read_journal(path)
-        if contents.run is None:
-            continue
-        if not same_run(contents.run, run_header):
-            raise RunError(_other_settings(path, contents.run))
-        done.update(int(r.meta["index"]) for r in contents.records if r.meta.get("kind") in ("row", "skip"))
-    return done
-
-
-def _other_settings(path: Path, recorded: dict) -> str:
-    return (f"{path} holds a run with other settings ({recorded.get('model')}, {recorded.get('method')}, "
-            f"{recorded.get('options')}, {recorded.get('dtype')}); pass --overwrite or choose another --out")
-
-
-def _complete(selection, final: Path, parts: Path, run_header: dict) -> bool:
-    done = _recorded_indices(final, parts, run_header)
-    return all(i in done for i in selection)
-
-
-def _merge(final: Path, parts: Path, run_header: dict, compression):
-    """Merge the journals into the final store (atomically), then delete them. Serialized by a lock on ``parts``."""
-    from fastig.io.store import merge
-
-    if not parts.is_dir():
-        return None if final.exists() else merge(final, [], run_header, compression)
-    with _DirectoryLock(parts):
-        journals = sorted(parts.glob("*.journal")) if parts.is_dir() else []
-        if not journals and final.exists():
-            return None  # another process merged them while this one waited for the lock
-        result = merge(final, journals, run_header, compression)
-        for path in journals:
-            path.unlink()
-    try:
-        parts.rmdir()
-    except OSError:
-        pass  # not empty (a newer journal) or already gone
-    return result
-
-
-class _DirectoryLock:
-    """An exclusive advisory lock on a folder (flock on its descriptor); a no-op where flock does not exist."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.fd = folder, None
-
-    def __enter__(self):
-        try:
-            import fcntl
-        except ImportError:
-            return self
-        self.fd = os.open(self.folder, os.O_RDONLY)
-        fcntl.flock(self.fd, fcntl.LOCK_EX)
-        return self
-
-    def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # releases the lock
 
 
 # ---- one batch --------------------------------------------------------------------------------------------------
@@ -373,9 +349,11 @@ class _BatchWorker:
     """Filters and attributes one decoded batch and appends its records to the journal."""
 
     def __init__(self, spec: RunSpec, model, device, journal, preprocess, out_dir: Path, heatmaps: bool,
-                 summary: RunSummary):
+                 summary: RunSummary, dataset):
         self.spec, self.model, self.device, self.journal = spec, model, device, journal
         self.preprocess, self.out_dir, self.heatmaps, self.summary = preprocess, out_dir, heatmaps, summary
+        self.dataset = dataset
+        self.draws: bool | None = None  # whether the method draws random numbers (found out on the first batch)
 
     def __call__(self, batch) -> None:
         records = []
@@ -385,10 +363,14 @@ class _BatchWorker:
                 records.append(self._skip(item, f"unreadable image: {item.reason}"))
             else:
                 good.append(item)
-        if good:
-            records += self._attribute(good)
+        rows = self._attribute(good) if good else []
+        records += [record for record, _, _ in rows]
         stored = time.perf_counter()
-        self.journal.append(records)
+        self.journal.append(records)  # the rows are safe from here on; heatmaps come after
+        if self.heatmaps:
+            for _, item, heat in rows:
+                if heat is not None:
+                    self._heatmap(item, heat)
         self.summary.store_seconds += time.perf_counter() - stored
 
     def _skip(self, item, reason: str, prediction=None, confidence=None):
@@ -398,6 +380,7 @@ class _BatchWorker:
         return meta, b""
 
     def _attribute(self, good) -> list:
+        """(record, item, attribution map or None) for each image: skip records, then the attributed rows."""
         spec, summary = self.spec, self.summary
         timer = time.perf_counter()
         x = torch.stack([item.input for item in good]).to(self.device, non_blocking=True)
@@ -405,20 +388,19 @@ class _BatchWorker:
             probabilities = torch.softmax(self.model(x).float(), dim=1)
         confidence, prediction = (t.tolist() for t in probabilities.max(dim=1))
         summary.model_seconds += _elapsed(timer, self.device)
-        records, kept = [], []
+        out, kept = [], []
         for k, item in enumerate(good):
             reason = self._filter(item.sample.label, prediction[k], confidence[k])
             if reason:
-                records.append(self._skip(item, reason, prediction[k], confidence[k]))
+                out.append((self._skip(item, reason, prediction[k], confidence[k]), item, None))
             else:
                 kept.append(k)
         if not kept:
-            return records
+            return out
         targets = [self._target(good[k].sample.label, prediction[k]) for k in kept]
         heat = self._attributions(x[kept], targets, [good[k] for k in kept])
         from fastig.io.store import cast_attributions
 
-        stored = time.perf_counter()
         for row, k in enumerate(kept):
             item = good[k]
             if heat[row] is None:
@@ -427,15 +409,11 @@ class _BatchWorker:
             data = cast_attributions(attribution, spec.dtype)
             meta = {"kind": "row", "index": item.index, "id": item.sample.id, "target": targets[row],
                     "label": item.sample.label, "prediction": prediction[k], "confidence": confidence[k],
-                    "note": item.note}
-            if columns:
-                meta["columns"] = columns  # extra per-row store columns (n_steps="auto": passes, cost, error)
-            records.append((meta, data.tobytes()))
+                    "note": item.note, "path": self.dataset.relative_path(item.sample),
+                    **columns}  # extra per-row store columns (n_steps="auto": passes, cost, error)
+            out.append(((meta, data.tobytes()), item, attribution))
             summary.done += 1
-            if self.heatmaps:
-                self._heatmap(item, attribution)
-        summary.store_seconds += time.perf_counter() - stored
-        return records
+        return out
 
     def _filter(self, label, prediction: int, confidence: float) -> str | None:
         spec = self.spec
@@ -461,26 +439,51 @@ class _BatchWorker:
         Anything else (out of memory, a numerical failure) fails the batch, which is then retried one image at a
         time so only the images that fail are recorded as failed.
         """
+        indices = [item.index for item in items]
         try:
-            return list(self._attribute_batch(x, targets))
+            return list(self._attribute_batch(x, targets, indices))
         except (FastigError, ValueError, TypeError):
             raise
         except Exception as e:  # noqa: BLE001
             if len(items) == 1:
-                self.summary.failed.append((items[0].sample.id, f"{type(e).__name__}: {e}"))
+                self.summary.failed.append((items[0].sample.id, _failure(e)))
                 return [None]
         out = []
         for k, item in enumerate(items):
             try:
-                out.append(self._attribute_batch(x[k:k + 1], targets[k:k + 1])[0])
+                out.append(self._attribute_batch(x[k:k + 1], targets[k:k + 1], indices[k:k + 1])[0])
             except (FastigError, ValueError, TypeError):
                 raise
             except Exception as e:  # noqa: BLE001
-                self.summary.failed.append((item.sample.id, f"{type(e).__name__}: {e}"))
+                self.summary.failed.append((item.sample.id, _failure(e)))
                 out.append(None)
         return out
 
-    def _attribute_batch(self, x, targets) -> list:
+    def _attribute_batch(self, x, targets, indices) -> list:
+        """The batch's (map, columns) pairs. A method that draws random numbers attributes each image alone under its own seed:
+        whether it does is seen on the first batch (the global generators moved), which is then redone."""
+        if not self.draws:
+            before = _RandomState(x.device)
+            try:
+                heat = self._call(x, targets)
+            finally:
+                moved = not before.same_as(_RandomState(x.device))
+                before.restore()
+            if not moved:
+                self.draws = False
+                return heat
+            self.draws = True
+        maps = []
+        for k, index in enumerate(indices):
+            before = _RandomState(x.device)
+            _seed_everything(image_seed(self.spec.seed, index))
+            try:
+                maps += self._call(x[k:k + 1], targets[k:k + 1])
+            finally:
+                before.restore()
+        return maps
+
+    def _call(self, x, targets) -> list:
         import fastig
 
         timer = time.perf_counter()
@@ -491,7 +494,7 @@ class _BatchWorker:
         heat = result.detach().float().sum(1).cpu().numpy()
         self.summary.model_seconds += _elapsed(timer, self.device)
         if not np.isfinite(heat).all():
-            raise FloatingPointError("the attribution holds NaN or infinite values")
+            raise FloatingPointError("the attribution holds NaN or infinite values (are the weights finite?)")
         columns = [{} for _ in range(len(heat))]
         if info is not None and hasattr(info, "passes"):  # n_steps="auto": what each image cost and reached
             for row, (passes, cost, error) in enumerate(zip(info.passes.tolist(), info.cost.tolist(), info.error.tolist())):
@@ -499,10 +502,56 @@ class _BatchWorker:
         return list(zip(heat, columns))
 
     def _heatmap(self, item, heat: np.ndarray) -> None:
+        import cv2
+
         from fastig.io.heatmap import render_heatmap, save_png
 
+        path = self.out_dir / f"{item.index:04d}_{Path(item.sample.id).stem}_{self.spec.method}.png"
         picture = render_heatmap(torch.from_numpy(heat), self.preprocess.to_display(item.input), sign=self.spec.sign)
-        save_png(self.out_dir / f"{item.index:04d}_{Path(item.sample.id).stem}_{self.spec.method}.png", picture)
+        try:
+            save_png(path, picture)
+        except (OSError, cv2.error) as e:
+            raise ResourceError(f"cannot write the heatmap {path}: {getattr(e, 'strerror', None) or e}; the rows "
+                                "are kept in the journal (rerun the same command to go on)") from None
+
+
+def _failure(error: Exception) -> str:
+    """Why an image failed, as the summary groups it ("<category>: <detail>")."""
+    text = str(error).strip()
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower():
+        return f"out of memory: {type(error).__name__}: {text}"
+    if isinstance(error, FloatingPointError):
+        return f"non-finite attribution: {text}"
+    return f"{type(error).__name__}: {text}"
+
+
+class _RandomState:
+    """The global generators a method may draw from: torch's (CPU, and the device's), numpy's and Python's."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.torch = torch.get_rng_state()
+        self.cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        self.numpy = np.random.get_state()
+        self.python = random.getstate()
+
+    def same_as(self, other: "_RandomState") -> bool:
+        return (torch.equal(self.torch, other.torch) and (self.cuda is None or torch.equal(self.cuda, other.cuda))
+                and self.python == other.python and self.numpy[0] == other.numpy[0]
+                and np.array_equal(self.numpy[1], other.numpy[1]) and self.numpy[2:] == other.numpy[2:])
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.torch)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+        np.random.set_state(self.numpy)
+        random.setstate(self.python)
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # (also every CUDA device's generator)
+    np.random.seed(seed)
+    random.seed(seed)
 
 
 def _elapsed(since: float, device: torch.device) -> float:

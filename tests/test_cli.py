@@ -1,5 +1,7 @@
 """The CLI end to end on tiny inputs, and its one-line errors (exit code 2, no traceback)."""
 
+import json
+
 import cv2
 import h5py
 import numpy as np
@@ -62,7 +64,11 @@ def test_attribute_on_resnet18_random_weights(tmp_path, image):
         (["--steps", "x"], "--steps"),
         (["--max-sigma", "3"], "does not apply"),
         (["--target", "999"], "out of range"),
-        (["--steps", "0"], "n_steps"),
+        (["--target", "-1"], "a class index is >= 0"),  # issue 16.12: attributed class 999 and stored -1
+        (["--target", "label"], "--target label needs labelled images"),  # issue 16.12: was a skipped image
+        (["--out", ""], "--out: an empty path"),  # issue 16.12: wrote into the current folder
+        (["--seed", "-3"], "--seed"),
+        (["--steps", "0"], "Invalid value for --steps: n_steps"),  # the method's message, under its flag
         (["--device", "tpu"], "--device"),
     ],
 )
@@ -76,6 +82,57 @@ def test_bad_arguments_give_one_line_errors(tmp_path, image, monkeypatch, args, 
     lines = result.output.strip().splitlines()
     assert lines[-1].startswith("fastig: error:") and message in lines[-1], result.output
     assert "Traceback" not in result.output
+
+
+def test_a_folder_that_cannot_hold_the_run_is_refused_before_the_model_loads(tmp_path, image, monkeypatch):
+    """Issue 16.9: `attributions.parts` as a file (or an unwritable --out) raised OSError with a traceback, after
+    the model was loaded and the images decoded."""
+    from fastig import models
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(models, "get", no_model)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "attributions.parts").write_text("in the way")
+    result = run("attribute", "--model", "centerpixel", "--image", image, "--out", out)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1] == (f"fastig: error: {out / 'attributions.parts'} is a file, where "
+                                                      "the run keeps its journal folder: move it away or choose "
+                                                      "another --out")
+    (tmp_path / "file").write_text("")
+    result = run("attribute", "--model", "centerpixel", "--image", image, "--out", tmp_path / "file" / "sub")
+    assert result.exit_code == 2 and "is a file" in result.output
+
+
+def test_a_run_where_every_image_fails_exits_1_and_says_why(tmp_path, image, monkeypatch):
+    """Issue 16.11: "0 attributed, 1 failed" exited 0."""
+    import torch
+
+    import fastig
+
+    monkeypatch.setattr(fastig, "attribute", lambda model, x, target=None, **kw: torch.full_like(x, float("nan")))
+    result = run("attribute", "--model", "centerpixel", "--image", image, "--out", tmp_path / "o")
+    assert result.exit_code == 1, result.output
+    assert "0 attributed, 0 skipped, 1 failed (1 non-finite attribution)" in result.output
+    assert not (tmp_path / "o" / "attributions.h5").exists()
+
+
+def test_method_defaults_are_shown_by_help_and_methods(tmp_path, image):
+    """Issue 16.19: each method's defaults appear in --help, `fastig methods` and the store."""
+    text = " ".join(run("attribute", "--help").output.split())
+    assert "[defaults: 100 (blur_ig), 50 (gnl_ig, ig, latent_ig), 200 (guided_ig)]" in text
+    assert "[default: 0.25 (guided_ig)]" in text and "--seed" in text
+    listing = run("methods").output
+    ig = next(line for line in listing.splitlines() if line.startswith("ig "))
+    assert "[--steps 50 --rule gausslegendre --batch-size auto --idgi off --output logit]" in ig
+    assert "--nt-samples 5" in listing and "--window 16" in listing
+    assert run("attribute", "--model", "centerpixel", "--steps", "2", "--image", image, "--out", tmp_path / "o",
+               "--no-heatmaps").exit_code == 0
+    with h5py.File(tmp_path / "o" / "attributions.h5") as f:
+        assert json.loads(f.attrs["options"]) == {"n_steps": 2, "rule": "gausslegendre", "internal_batch_size": None,
+                                                  "idgi": False, "output": "logit"}
 
 
 def test_unreadable_image_is_refused_before_any_work(tmp_path):
@@ -135,3 +192,36 @@ def test_evaluate_rejects_unknown_metrics_before_any_work(tmp_path, image):
                  "--evaluate", "insertion,bogus")
     assert result.exit_code == 2 and "bogus" in result.output
     assert not (tmp_path / "o" / "attributions.h5").exists()
+
+
+def test_evaluate_finds_a_class_folder_dataset_from_anywhere_and_after_a_move(tmp_path, monkeypatch):
+    """Issue 16.16: evaluating a class-folder --dataset store failed ("image file not found: n01443537/...")
+    unless run from inside the dataset folder."""
+    data = tmp_path / "data"
+    for k, wnid in enumerate(("n01443537", "n02123045")):
+        (data / wnid).mkdir(parents=True)
+        cv2.imwrite(str(data / wnid / "camera.png"), np.full((30, 30), 60 * (k + 1), np.uint8))
+    monkeypatch.chdir(tmp_path)
+    result = run("attribute", "--model", "centerpixel", "--steps", "2", "--dataset", "data", "--workers", "0",
+                 "--out", "out")  # a relative --dataset
+    assert result.exit_code == 0, result.output
+    assert "class folders are ImageNet wnids" in result.output
+    with h5py.File(tmp_path / "out" / "attributions.h5") as f:
+        assert list(f["inputs/labels"][:]) == [1, 281]  # their ImageNet indices
+        assert list(f["inputs/paths"].asstr()[:]) == ["n01443537/camera.png", "n02123045/camera.png"]
+        recorded = json.loads(f.attrs["run"])["inputs"]
+        assert recorded["image_root"] == str(data) and recorded["classes"] == "imagenet"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    store = tmp_path / "out" / "attributions.h5"
+    metric = ["--metric", "insertion", "--step", "30000", "--no-plots"]
+    result = run("evaluate", store, *metric)
+    assert result.exit_code == 0, result.output
+    data.rename(tmp_path / "moved")
+    result = run("evaluate", store, *metric)
+    assert result.exit_code == 2
+    assert (f"image n01443537/camera.png of row 0 not found under the dataset folder the store records, {data} (if "
+            "the dataset was moved, pass --dataset-root NEW_FOLDER)") in result.output
+    result = run("evaluate", store, *metric, "--dataset-root", tmp_path / "moved")
+    assert result.exit_code == 0, result.output

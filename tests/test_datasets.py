@@ -59,12 +59,40 @@ def test_imagenet_loc_layout(tmp_path):
     assert ds[0].id == "ILSVRC2012_val_00000001.png"
 
 
-def test_imagenet_loc_without_mapping_uses_sorted_synsets_and_says_so(tmp_path):
+def test_imagenet_loc_without_mapping_uses_the_imagenet_class_list_and_says_so(tmp_path):
     root = tmp_path / "val"
     write_loc(root, with_mapping=False)
+    csv = root / "LOC_val_solution.csv"
+    csv.write_text(csv.read_text().replace("n01484850", "n02123045"))  # a subset: tench, goldfish, tabby
+    ds = open_dataset(root, layout="imagenet_loc")
+    assert [s.label for s in ds.samples] == [0, 1, 281, 0, 1, 281]  # ImageNet's indices, not 0..2
+    assert ds.class_mapping == "imagenet" and "ImageNet indices" in ds.notes[0]
+    csv.write_text(csv.read_text().replace("n02123045", "n99999999"))  # not an ImageNet synset: sorted, said so
     ds = open_dataset(root, layout="imagenet_loc")
     assert [s.label for s in ds.samples] == [0, 1, 2, 0, 1, 2]
-    assert "sorted synsets" in ds.notes[0] and "not all 1000" in ds.notes[0]
+    assert "sorted synsets" in ds.notes[0] and "outside ImageNet" in ds.notes[0]
+
+
+def test_the_shipped_imagenet_class_list():
+    from fastig.io.imagenet_classes import INDEX, WNIDS
+
+    assert len(WNIDS) == len(set(WNIDS)) == 1000 and list(WNIDS) == sorted(WNIDS)
+    assert all(len(w) == 9 and w[0] == "n" and w[1:].isdigit() for w in WNIDS)
+    assert (INDEX["n01440764"], INDEX["n02123045"], INDEX["n15075141"]) == (0, 281, 999)  # tench, tabby, toilet tissue
+
+
+def test_wnid_class_folders_get_imagenet_indices_and_other_folders_sorted_ranks(tmp_path):
+    """Issue 16.17: ImageNet class folders got labels 0..K-1, so --correct-only was wrong on any subset."""
+    for name in ("n02123045", "n01443537"):
+        write_png(tmp_path / "imagenet" / name / "a.png")
+    ds = open_dataset(tmp_path / "imagenet")
+    assert [(s.id, s.label) for s in ds.samples] == [("n01443537/a.png", 1), ("n02123045/a.png", 281)]
+    assert ds.class_mapping == "imagenet" and "ImageNet class indices (2 of 1000" in ds.notes[0]
+    for name in ("n02123045", "cats"):  # not all wnids: sorted ranks, said so
+        write_png(tmp_path / "mixed" / name / "a.png")
+    ds = open_dataset(tmp_path / "mixed")
+    assert [s.label for s in ds.samples] == [0, 1] and ds.class_mapping == "sorted folder names"
+    assert "sorted folder-name order" in ds.notes[0]
 
 
 def test_imagenet_loc_bad_csv(tmp_path):
@@ -200,6 +228,33 @@ def test_decode_matches_the_image_pipeline_and_notes_conversions(tmp_path):
         tensor, note = decode(sample(path), PRE)
         assert tensor.shape == (3, 16, 16) and expected in note, (name, note)
         torch.testing.assert_close(tensor, PRE(read_image(path)), rtol=0, atol=0)
+
+
+def test_a_resize_that_cannot_be_allocated_is_a_read_error_naming_the_image(tmp_path, monkeypatch):
+    """Issue 16.9: cv2.error escaped with a traceback for an image whose resize could not be allocated."""
+    from fastig.io import images
+
+    path = write_png(tmp_path / "huge.png", shape=(20, 24, 3))
+
+    def out_of_memory(*args, **kwargs):
+        raise cv2.error("OpenCV(4.10.0) alloc.cpp:73: error: (-4:Insufficient memory) Failed to allocate 9 GB")
+
+    monkeypatch.setattr(images.cv2, "resize", out_of_memory)
+    with pytest.raises(ImageReadError, match=r"cannot resize image .*huge.png \(24x20\): .*Insufficient memory"):
+        decode(sample(path), PRE)
+    item = datasets.DecodingDataset(datasets.ImageDataset([sample(path)], tmp_path, "flat"), [0], PRE)[0]
+    assert item.input is None and "cannot resize image" in item.reason  # in a dataset run: a skip, with the reason
+
+
+def test_relative_paths_start_at_the_image_folder(tmp_path):
+    write_png(tmp_path / "data" / "cls" / "a.png")
+    ds = open_dataset(tmp_path / "data")
+    assert ds.image_root == tmp_path / "data" and ds.relative_path(ds[0]) == "cls/a.png"
+    listing = tmp_path / "data" / "list.txt"
+    listing.write_text(f"cls/a.png 1\n{tmp_path / 'outside.png'} 2\n")
+    ds = open_dataset(listing)
+    assert ds.image_root == tmp_path / "data"
+    assert [ds.relative_path(s) for s in ds.samples] == ["cls/a.png", str(tmp_path / "outside.png")]
 
 
 def bad_files(tmp_path):

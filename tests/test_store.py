@@ -14,7 +14,9 @@ import torch
 
 import fastig
 from fastig.errors import FastigError, UnknownNameError
-from fastig.io.store import Journal, Store, StoreError, merge, read_journal, read_record_data
+from fastig.io.journal import (Journal, encode_record, merge, read_journal, read_record_data, require_same_run,
+                               run_header, stored_header)
+from fastig.io.store import Store, StoreError
 
 OPTIONS = {"n_steps": 32, "method": "riemann_trapezoid", "baselines": [0.0, 0.5]}
 
@@ -153,7 +155,7 @@ def test_attrs(tmp_path):
     with make(tmp_path, shape=(4, 3)) as store:
         attrs = store.attrs
     assert attrs == {"format_version": 1, "fastig_version": fastig.__version__, "model": "resnet18",
-                     "method": "ig", "options": OPTIONS, "shape": (4, 3), "dtype": "float32"}
+                     "method": "ig", "options": OPTIONS, "shape": (4, 3), "dtype": "float32", "run": None}
     attrs["options"]["n_steps"] = 1  # a copy: changing it does not change the store
     with Store.open(tmp_path / "run.h5") as store:
         assert store.attrs["options"] == OPTIONS
@@ -176,16 +178,28 @@ def test_done_flags_survive_reopening_and_resume(tmp_path):
         assert store.ids() == ["a", "b", "r2", "r3", "e", "r5"]
 
 
-def test_matches(tmp_path):
-    with make(tmp_path) as store:
-        assert store.matches("resnet18", "ig", dict(OPTIONS))
-        assert store.matches("resnet18", "ig", {"baselines": (0.0, 0.5), "method": "riemann_trapezoid",
-                                                "n_steps": 32.0})  # key order, tuple vs list, 32 vs 32.0
-        assert not store.matches("resnet50", "ig", OPTIONS)
-        assert not store.matches("resnet18", "latent_ig", OPTIONS)
-        assert not store.matches("resnet18", "ig", {**OPTIONS, "n_steps": 64})
-        assert not store.matches("resnet18", "ig", {**OPTIONS, "idgi": True})
-        assert not store.matches("resnet18", "ig", {})
+def header(**changes):
+    fields = dict(model="resnet18", weights="random:0", seed=0, method="ig", options=dict(OPTIONS), target=None,
+                  inputs={"images": 1}, filters=None, shape=(6, 5), dtype="float32")
+    return run_header(**{**fields, **changes})
+
+
+def test_run_headers_are_compared_as_json_values_and_differences_named(tmp_path):
+    recorded = header()
+    with make(tmp_path, run=recorded) as store:
+        assert stored_header(store) == recorded
+    require_same_run(recorded, header(options={"baselines": (0.0, 0.5), "method": "riemann_trapezoid",
+                                               "n_steps": 32.0}), "here")  # key order, tuple vs list, 32 vs 32.0
+    require_same_run({**recorded, "kind": "run"}, recorded, "here")  # the journal's record kind is no setting
+    for change, named in ((dict(model="resnet50"), "model"), (dict(weights="sha256:ab"), "weights"),
+                          (dict(seed=1), "seed"), (dict(method="latent_ig"), "method"),
+                          (dict(options={**OPTIONS, "idgi": True}), "options.idgi"), (dict(target=3), "target"),
+                          (dict(dtype="float16"), "dtype")):
+        with pytest.raises(StoreError, match=f"other settings: {named}: .* there, .* now"):
+            require_same_run(recorded, header(**change), "here")
+    with make(tmp_path, name="old.h5") as store:  # a store of an older fastig: no run header
+        with pytest.raises(StoreError, match="older fastig.*weights"):
+            require_same_run(stored_header(store), recorded, "old.h5")
 
 
 def test_read_only_store_refuses_writes(tmp_path):
@@ -396,15 +410,22 @@ def test_journal_round_trip_and_reopening_appends(tmp_path):
         journal.append([row_record(5, 1.0), row_record(2, 2.0)])
         journal.append([({"kind": "skip", "index": 9, "id": "img9", "reason": "empty"}, b"")])
     with Journal.open(path, RUN) as journal:
-        assert len(journal.contents.records) == 3
+        assert len(journal.contents.records) == 3 and journal.rows == 2
         journal.append([row_record(1, 3.0)])
-    contents = read_journal(path, verify_data=True)
-    assert {k: v for k, v in contents.run.items() if k != "kind"} == RUN
+    contents = read_journal(path)
+    assert contents.run == RUN and contents.damaged == []
     assert [r.meta["index"] for r in contents.records] == [5, 2, 9, 1]
     assert contents.valid_end == contents.file_size == path.stat().st_size
     with open(path, "rb") as f:
         data = read_record_data(f, contents.records[3])
     np.testing.assert_array_equal(np.frombuffer(data, np.float32), np.full(6, 3.0))
+
+
+def test_a_journal_never_appended_to_leaves_nothing(tmp_path):
+    path = tmp_path / "j" / "rank-0.journal"
+    with Journal.open(path, RUN):
+        assert path.exists() and path.stat().st_size == 0  # (created, so it can be locked)
+    assert not path.exists()
 
 
 def test_a_torn_append_at_any_byte_loses_only_the_record_in_flight(tmp_path):
@@ -419,51 +440,119 @@ def test_a_torn_append_at_any_byte_loses_only_the_record_in_flight(tmp_path):
     cut = tmp_path / "cut.journal"
     for length in range(len(full) + 1):
         cut.write_bytes(full[:length])
-        contents = read_journal(cut, verify_data=True)
+        contents = read_journal(cut)
         complete = [b for b in boundaries if b <= length]
         assert [r.meta["index"] for r in contents.records] == list(range(len(complete))), length
+        assert contents.damaged == [], length  # a torn tail is not damage
         if complete:
-            assert contents.valid_end == complete[-1]
+            assert contents.valid_end >= complete[-1]
         assert contents.valid_end <= length
-    for length in (len(full) - 1, boundaries[0] + 7, boundaries[1] - 3):  # reopen a torn journal and go on
+    for length in (len(full) - 1, boundaries[0] + 7, boundaries[1] - 3, 20):  # reopen a torn journal and go on
         cut.write_bytes(full[:length])
         with Journal.open(cut, RUN) as journal:
             journal.append([row_record(7, 7.0)])
-        indices = [r.meta["index"] for r in read_journal(cut, verify_data=True).records]
+        contents = read_journal(cut)
+        indices = [r.meta["index"] for r in contents.records]
         assert indices == [i for i, b in enumerate(boundaries) if b <= length] + [7]
+        assert contents.valid_end == contents.file_size and contents.damaged == []
 
 
-def test_damaged_or_garbage_tails_are_dropped(tmp_path):
+def test_garbage_tails_are_dropped(tmp_path):
     path = tmp_path / "j.journal"
     with Journal.open(path, RUN) as journal:
         journal.append([row_record(0, 1.0), row_record(1, 2.0)])
-    full = bytearray(path.read_bytes())
     garbage = tmp_path / "garbage.journal"
-    garbage.write_bytes(bytes(full) + b"\x00" * 100)  # a power loss can leave zeros past the last record
-    assert [r.meta["index"] for r in read_journal(garbage, verify_data=True).records] == [0, 1]
-    flipped = tmp_path / "flipped.journal"
-    full[-3] ^= 0xFF  # a bit flip in the last record's data
-    flipped.write_bytes(bytes(full))
-    assert [r.meta["index"] for r in read_journal(flipped, verify_data=True).records] == [0]
-    contents = read_journal(flipped)  # without verify_data the damage shows when the data is read
-    with open(flipped, "rb") as f, pytest.raises(StoreError, match="damaged record"):
-        read_record_data(f, contents.records[1])
-    with Journal.open(flipped, RUN):  # the owner cuts the damaged record away
+    garbage.write_bytes(path.read_bytes() + b"\x00" * 100)  # a power loss can leave zeros past the last record
+    contents = read_journal(garbage)
+    assert [r.meta["index"] for r in contents.records] == [0, 1] and contents.damaged == []
+    with Journal.open(garbage, RUN):  # the owner cuts the tail away
         pass
-    first_end = contents.records[0].data_offset + contents.records[0].data_length
-    assert flipped.stat().st_size == first_end
-    assert [r.meta["index"] for r in read_journal(flipped, verify_data=True).records] == [0]
+    assert garbage.read_bytes() == path.read_bytes()
+
+
+def journal_of(path, n=8, per_append=2):
+    with Journal.open(path, RUN) as journal:
+        for start in range(0, n, per_append):
+            journal.append([row_record(i, float(i)) for i in range(start, start + per_append)])
+    return path.read_bytes()
+
+
+def test_a_damaged_record_is_skipped_alone_and_the_rest_survive(tmp_path):
+    """Issue 16.1: one flipped byte in a record's data lost that record and every later one."""
+    full = journal_of(tmp_path / "j.journal")
+    records = read_journal(tmp_path / "j.journal").records
+    for k, where in ((5, "data"), (2, "metadata"), (6, "header"), (0, "data")):
+        record = records[k]
+        meta_start = record.data_offset - len(json.dumps(record.meta, sort_keys=True).encode())
+        offset = {"data": record.data_offset + 3, "metadata": meta_start + 2, "header": meta_start - 10}[where]
+        data = bytearray(full)
+        data[offset] ^= 0x40
+        damaged = tmp_path / f"damaged-{k}.journal"
+        damaged.write_bytes(bytes(data))
+        contents = read_journal(damaged)
+        assert [r.meta["index"] for r in contents.records] == [i for i in range(8) if i != k], where
+        assert [d.index for d in contents.damaged] == [k if where == "data" else None], where
+        with Journal.open(damaged, RUN) as journal:  # the owner keeps the records after the damage
+            journal.append([row_record(8, 8.0)])
+        assert [r.meta["index"] for r in read_journal(damaged).records] == [i for i in range(9) if i != k], where
+
+
+def test_a_damaged_run_header_is_replaced_by_its_copy_in_the_next_append(tmp_path):
+    full = bytearray(journal_of(tmp_path / "j.journal"))
+    full[30] ^= 0x01  # inside the first append's run header record
+    (tmp_path / "j.journal").write_bytes(bytes(full))
+    contents = read_journal(tmp_path / "j.journal")
+    assert contents.run == RUN and [r.meta["index"] for r in contents.records] == list(range(8))
+    single = bytearray(journal_of(tmp_path / "one.journal", n=2))
+    single[30] ^= 0x01  # the only copy: its rows cannot be told apart from another run's
+    (tmp_path / "one.journal").write_bytes(bytes(single))
+    assert read_journal(tmp_path / "one.journal").run is None
+    with pytest.raises(StoreError, match="no intact run header.*move it away"):
+        Journal.open(tmp_path / "one.journal", RUN)
 
 
 def test_journal_refuses_another_run_and_a_second_writer(tmp_path):
     path = tmp_path / "j.journal"
-    with Journal.open(path, RUN):
+    with Journal.open(path, RUN) as journal:
         with pytest.raises(StoreError, match="another process"):
             Journal.open(path, RUN)
-    with pytest.raises(StoreError, match="another run"):
+        journal.append([row_record(0, 1.0)])
+    with pytest.raises(StoreError, match="other settings: options"):
         Journal.open(path, {**RUN, "options": {"n_steps": 8}})
     with Journal.open(path, RUN) as journal:  # the lock went with the first writer
+        journal.append([row_record(1, 1.0)])
+    header_only = tmp_path / "h.journal"
+    header_only.write_bytes(encode_record({**RUN, "options": {"n_steps": 8}, "kind": "run"}))
+    with Journal.open(header_only, RUN) as journal:  # a header without rows claims nothing: it is replaced
         journal.append([row_record(0, 1.0)])
+    assert read_journal(header_only).run == RUN
+
+
+def test_a_failed_append_keeps_every_earlier_record(tmp_path):
+    """A write error (here the file-size limit, EFBIG) is one ResourceError; the earlier records stay intact."""
+    path = tmp_path / "j.journal"
+    script = textwrap.dedent(f"""
+        import os, resource
+        import numpy as np
+        from fastig.errors import ResourceError
+        from fastig.io.journal import Journal
+        def row(i):
+            return {{"kind": "row", "index": i, "id": str(i), "target": 0}}, np.zeros(2000, np.float32).tobytes()
+        with Journal.open({str(path)!r}, {RUN!r}) as journal:
+            journal.append([row(0), row(1)])
+            limit = os.path.getsize({str(path)!r}) + 5000
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+            try:
+                journal.append([row(2), row(3)])  # more than the limit allows
+            except ResourceError as e:
+                print("ResourceError", e)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ResourceError cannot write the journal") and "File too large" in result.stdout
+    assert "the 2 row(s) it recorded before are kept" in result.stdout
+    contents = read_journal(path)
+    assert [r.meta["index"] for r in contents.records] == [0, 1] and contents.valid_end == contents.file_size
 
 
 # ---- merge ----------------------------------------------------------------------------------------------------
@@ -507,7 +596,7 @@ def test_merge_replaces_atomically_and_cleans_up_after_a_kill(tmp_path, monkeypa
     def killed(*args):  # the process dies just before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("fastig.io.store.os.replace", killed)
+    monkeypatch.setattr("fastig.io.journal.os.replace", killed)
     with pytest.raises(KeyboardInterrupt):
         merge(final, [tmp_path / "a.journal", tmp_path / "b.journal"], RUN)
     assert final.read_bytes() == before and len(list(tmp_path.glob("final.h5.merging-*"))) == 1
@@ -527,7 +616,7 @@ def test_merge_drops_damaged_rows_and_refuses_other_runs(tmp_path):
     path.write_bytes(bytes(data))
     result = merge(tmp_path / "f.h5", [path], RUN)
     assert (result.rows, result.damaged) == (1, 1)
-    with pytest.raises(StoreError, match="another run"):
+    with pytest.raises(StoreError, match="other settings: method"):
         merge(tmp_path / "g.h5", [path], {**RUN, "method": "saliency"})
-    with pytest.raises(StoreError, match="holds another run"):
+    with pytest.raises(StoreError, match="other settings: dtype"):
         merge(tmp_path / "f.h5", [], {**RUN, "dtype": "float16"})

@@ -104,10 +104,14 @@ class Engine:
         size = self._points_per_batch(path.points(slice(0, 1), slice(0, 1)), n * n_steps)
         examples_per_batch = min(n, size)
         steps_per_batch = 1 if getattr(path, "sequential", False) else max(1, size // examples_per_batch)
-        for e0 in range(0, n, examples_per_batch):
-            examples = slice(e0, min(e0 + examples_per_batch, n))
-            for s0 in range(0, n_steps, steps_per_batch):
-                yield from self._evaluate(path, target, args, slice(s0, min(s0 + steps_per_batch, n_steps)), examples)
+        chunks = -(-n // examples_per_batch)
+        with progress.task("path", n_steps * chunks, "steps") as walked:  # the run's ETA counts steps done
+            for e0 in range(0, n, examples_per_batch):
+                examples = slice(e0, min(e0 + examples_per_batch, n))
+                for s0 in range(0, n_steps, steps_per_batch):
+                    stop = min(s0 + steps_per_batch, n_steps)
+                    yield from self._evaluate(path, target, args, slice(s0, stop), examples)
+                    walked.advance(stop - s0)
 
     def _evaluate(self, path: Path, target: Target, args: tuple, steps: slice, examples: slice) -> Iterator[Batch]:
         k, m = steps.stop - steps.start, examples.stop - examples.start

@@ -7,12 +7,14 @@ Long work opens a *task* and advances it::
             ...
             t.advance()
 
-and the engine calls :func:`pulse` after every model pass, so the display moves even while a single step of a slow
-method runs. Nothing is printed unless a display is open. A task opened with ``show=True`` while none is open
-starts one (``fastig attribute`` does this for its images; ``show_progress=True`` on a Captum-style class for that
-call); a task opened while a display is open is shown on the same line, after the tasks that enclose it::
+and the engine calls :func:`pulse` after every model pass (and opens a ``path`` task per path it walks), so the
+display moves even while a single step of a slow method runs, and the ETA of the outermost task counts the work
+done inside the units under way (:meth:`Task.underway`), not only the units finished. Nothing is printed unless a
+display is open. A task opened with ``show=True`` while none is open starts one (``fastig attribute`` does this for
+its images; ``show_progress=True`` on a Captum-style class for that call); a task opened while a display is open is
+shown on the same line, after the tasks that enclose it::
 
-    guided_ig on resnet50 [######........] 3/8 images (38%), 0.02 images/s, ETA 0:04:10 | Guided IG 12/64 steps | 230 model passes
+    guided_ig on resnet50 [######........] 3/8 images (38%), 0.02 images/s, ETA 0:04:10 | path 12/64 steps | 230 model passes
 
 On a terminal the line is redrawn at most every 0.1 s; elsewhere (a log file, CI) a plain line is written every
 ``interval`` seconds and when the outermost task ends.
@@ -27,7 +29,7 @@ from contextlib import contextmanager
 from typing import Iterator, TextIO
 
 TTY_REFRESH = 0.1  # seconds between redraws of a terminal line
-LOG_INTERVAL = 10.0  # default seconds between log lines when the stream is not a terminal
+LOG_INTERVAL = 5.0  # default seconds between log lines when the stream is not a terminal
 BAR_WIDTH = 30
 
 
@@ -38,6 +40,11 @@ class Task:
     def __init__(self, label: str, total: int | None, unit: str, display: "_Display | None"):
         self.label, self.total, self.unit, self._display = label, total, unit, display
         self.count, self.passes, self.started = 0, 0, time.perf_counter()
+        self.pending = 1  # units under way, which the tasks opened inside this one work on
+
+    def underway(self, n: int) -> None:
+        """The next ``n`` units are being worked on (by the tasks opened inside this one, for the ETA)."""
+        self.pending = n
 
     def advance(self, n: int = 1) -> None:
         self.count += n
@@ -45,17 +52,19 @@ class Task:
             self._display.refresh(final=self._display.tasks[0] is self and self.total is not None
                                   and self.count >= self.total)
 
-    def rate(self, now: float) -> float:
+    def rate(self, now: float, partial: float = 0.0) -> float:
+        """Units per second, counting ``partial`` (0..1) of the units under way as done."""
         elapsed = now - self.started
-        return self.count / elapsed if elapsed > 0 else 0.0
+        return (self.count + self.pending * partial) / elapsed if elapsed > 0 else 0.0
 
-    def describe(self, now: float, first: bool) -> str:
+    def describe(self, now: float, first: bool, partial: float = 0.0) -> str:
         if not first:
             return f"{self.label} {self.count}" + (f"/{self.total}" if self.total is not None else "") + f" {self.unit}"
-        rate = self.rate(now)
+        rate = self.rate(now, partial)
         text = f"{self.count}" + (f"/{self.total}" if self.total is not None else "") + f" {self.unit}"
         if self.total is not None:
-            eta = (self.total - self.count) / rate if rate > 0 else math.inf
+            left = self.total - self.count - self.pending * partial
+            eta = left / rate if rate > 0 else math.inf
             text += f" ({100 * self.count / max(self.total, 1):.0f}%), {rate:.2f} {self.unit}/s, ETA {duration(eta)}"
         else:
             text += f", {rate:.2f} {self.unit}/s"
@@ -78,7 +87,8 @@ class _Display:
             return
         self.last = now
         root = self.tasks[0]
-        parts = [root.describe(now, first=True)] + [t.describe(now, first=False) for t in self.tasks[1:]]
+        parts = [root.describe(now, first=True, partial=_fraction(self.tasks[1:]))]
+        parts += [t.describe(now, first=False) for t in self.tasks[1:]]
         passes = self.tasks[-1].passes
         if passes:
             parts.append(f"{passes} model pass" + ("es" if passes > 1 else ""))
@@ -98,6 +108,15 @@ class _Display:
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()
+
+
+def _fraction(inner: list[Task]) -> float:
+    """How far the innermost tasks are through the outer task's units under way (0..1): each task with a total
+    counts its finished units plus the fraction of the one under way; a task without a total tells nothing."""
+    fraction = 0.0
+    for t in reversed(inner):
+        fraction = min(1.0, (min(t.count, t.total) + fraction) / t.total) if t.total else 0.0
+    return fraction
 
 
 _displays: list[_Display] = []  # the open display (at most one is used: the outermost)

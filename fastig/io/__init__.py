@@ -1,1 +1,1 @@
-"""Images, datasets, the HDF5 store and heatmap rendering."""
+"""Images, datasets, the HDF5 store, the run folder (journals and merge) and heatmap rendering."""

@@ -10,8 +10,9 @@ Layouts (``open_dataset(root, layout)``; ``"auto"`` detects them in this order):
   by whitespace and an integer label; empty lines and lines starting with ``#`` are ignored.
 - ``imagenet_loc``: a flat folder of images and ``LOC_val_solution.csv`` (Kaggle's ImageNet localization
   challenge; the first synset of each row's PredictionString is the label). Class indices follow
-  ``LOC_synset_mapping.txt`` when it sits in the folder or its parent, else the sorted synsets of the CSV (the
-  same order when the CSV names all 1000 classes).
+  ``LOC_synset_mapping.txt`` when it sits in the folder or its parent, else the ImageNet class list that ships
+  with fastig (:mod:`fastig.io.imagenet_classes`) when the CSV names only ImageNet synsets, else the sorted
+  synsets of the CSV.
 - ``imagenet_devkit``: a flat folder of ``ILSVRC2012_val_XXXXXXXX.JPEG`` images and the devkit's
   ``ILSVRC2012_validation_ground_truth.txt`` (line k is the label of image k). The devkit numbers classes by
   ILSVRC2012_ID, which is *not* the class order of torchvision models (sorted synsets); the devkit's ``meta.mat``,
@@ -19,12 +20,15 @@ Layouts (``open_dataset(root, layout)``; ``"auto"`` detects them in this order):
 - ``tiny_imagenet``: ``val/images`` + ``val/val_annotations.txt`` (Tiny ImageNet); ``root`` is the dataset folder
   or its ``val`` folder. Class indices: the sorted synsets of ``wnids.txt`` (or of ``train/``'s folders, or of the
   annotations), as ``ImageFolder`` over ``train/`` numbers them.
-- ``folder``: one sub-folder per class, images anywhere below it (``ImageFolder``): class index = rank of the
-  folder name in sorted order.
+- ``folder``: one sub-folder per class, images anywhere below it (``ImageFolder``). When every folder is named by
+  an ImageNet wnid (``n02123045``), the class index is that class's ImageNet index (281), so a subset of the
+  classes keeps the labels an ImageNet model predicts; otherwise it is the rank of the folder name in sorted order.
 - ``flat``: a folder of images without labels.
 
 Only files with an image extension are listed; a listed file that turns out unreadable is not an error here: the
-run skips it and records why (see :func:`decode`). Labels that cannot be found are ``None``.
+run skips it and records why (see :func:`decode`). Labels that cannot be found are ``None``. Each dataset says how
+its class indices were assigned (``class_mapping``) and which folder its images' relative paths start from
+(``image_root``; see :meth:`ImageDataset.relative_path`).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import numpy as np
 import torch
 
 from fastig.errors import FastigError, ImageReadError
+from fastig.io import imagenet_classes
 
 LAYOUTS = ("auto", "list", "imagenet_loc", "imagenet_devkit", "tiny_imagenet", "folder", "flat")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
@@ -67,19 +72,38 @@ class Sample:
 
 @dataclass
 class ImageDataset:
-    """An ordered, indexable list of samples. ``notes``: facts about the labels worth telling the user."""
+    """An ordered, indexable list of samples. ``notes``: facts about the labels worth telling the user;
+    ``class_mapping``: how class indices were assigned (None: no labels); ``image_root``: the folder relative
+    image paths start from (None for a list of files named one by one)."""
 
     samples: list[Sample]
     root: Path
     layout: str
     classes: list[str] | None = None  # class names (synsets, folder names) by index, when known
     notes: list[str] = field(default_factory=list)
+    class_mapping: str | None = None
+    image_root: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.image_root is None and self.layout != "images":
+            self.image_root = self.root if self.root.is_dir() else self.root.parent
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> Sample:
         return self.samples[index]
+
+    def relative_path(self, sample: Sample) -> str:
+        """The sample's file relative to ``image_root`` (POSIX separators), or its absolute path when it lies
+        outside it (or the dataset has no ``image_root``)."""
+        path = Path(os.path.abspath(sample.path))
+        if self.image_root is not None:
+            try:
+                return path.relative_to(os.path.abspath(self.image_root)).as_posix()
+            except ValueError:
+                pass
+        return path.as_posix()
 
 
 # ---- opening --------------------------------------------------------------------------------------------------
@@ -152,15 +176,24 @@ def _relative_id(path: Path, root: Path) -> str:
 
 
 def _open_folder(root: Path, _labels) -> ImageDataset:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    samples = [Sample(path, label, _relative_id(path, root))
-               for label, name in enumerate(classes) for path in _image_files(root / name, recursive=True)]
-    return ImageDataset(samples, root, "folder", classes)
+    folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if folders and all(name in imagenet_classes.INDEX for name in folders):
+        label_of, classes = imagenet_classes.INDEX, list(imagenet_classes.WNIDS)
+        mapping = "imagenet"
+        notes = [f"class folders are ImageNet wnids: labels are their ImageNet class indices ({len(folders)} of "
+                 "1000 classes present)"]
+    else:
+        label_of, classes = {name: k for k, name in enumerate(folders)}, folders
+        mapping = "sorted folder names"
+        notes = [f"class folders: labels 0..{len(folders) - 1} in sorted folder-name order"]
+    samples = [Sample(path, label_of[name], _relative_id(path, root))
+               for name in folders for path in _image_files(root / name, recursive=True)]
+    return ImageDataset(samples, root, "folder", classes, notes, mapping)
 
 
 def _open_flat(root: Path, _labels) -> ImageDataset:
     samples = [Sample(p, None, p.name) for p in _image_files(root)]
-    return ImageDataset(samples, root, "flat", notes=["flat folder: images have no labels"])
+    return ImageDataset(samples, root, "flat", notes=["flat folder: images have no labels"])  # (no mapping)
 
 
 def _open_list(root: Path, _labels) -> ImageDataset:
@@ -179,7 +212,7 @@ def _open_list(root: Path, _labels) -> ImageDataset:
                 raise DatasetError(f"{root}:{number}: negative label {label}")
         path = Path(line) if Path(line).is_absolute() else root.parent / line
         samples.append(Sample(path, label, line))
-    return ImageDataset(samples, root, "list")
+    return ImageDataset(samples, root, "list", class_mapping="labels of the list file")
 
 
 def _read_lines(path: Path) -> list[str]:
@@ -209,19 +242,24 @@ def _open_loc(root: Path, labels: Path | None) -> ImageDataset:
         first_synset[row[0].strip()] = row[1].split()[0]
     notes = []
     mapping = next((p for p in (root / LOC_SYNSETS, root.parent / LOC_SYNSETS) if p.is_file()), None)
+    named = set(first_synset.values())
     if mapping is not None:
         classes = [line.split()[0] for line in _read_lines(mapping) if line.strip()]
+        class_mapping = str(mapping.resolve())
+    elif named <= set(imagenet_classes.INDEX):
+        classes, class_mapping = list(imagenet_classes.WNIDS), "imagenet"
+        notes.append(f"no {LOC_SYNSETS} found: class indices are the ImageNet indices of fastig's class list")
     else:
-        classes = sorted(set(first_synset.values()))
-        notes.append(f"no {LOC_SYNSETS} found: class indices are the {len(classes)} sorted synsets of {csv_path.name}"
-                     + ("" if len(classes) == 1000 else " (not all 1000 ImageNet classes: check the labels)"))
+        classes, class_mapping = sorted(named), f"sorted synsets of {csv_path.name}"
+        notes.append(f"no {LOC_SYNSETS} found and {csv_path.name} names synsets outside ImageNet: class indices are "
+                     f"its {len(classes)} sorted synsets (check the labels)")
     index = _synset_index(classes)
     unknown = sorted(set(first_synset.values()) - set(index))
     if unknown:
         raise DatasetError(f"{csv_path} names synsets missing from {mapping}: {', '.join(unknown[:5])}")
     samples = [Sample(p, index[first_synset[p.stem]] if p.stem in first_synset else None, p.name)
                for p in _image_files(root)]
-    return ImageDataset(samples, root, "imagenet_loc", classes, notes)
+    return ImageDataset(samples, root, "imagenet_loc", classes, notes, class_mapping)
 
 
 def _find_devkit_truth(root: Path) -> Path | None:
@@ -256,7 +294,7 @@ def _open_devkit(root: Path, labels: Path | None) -> ImageDataset:
         k = int(match.group(1)) if match else 0
         label = index[wnid_of_id[ids[k - 1]]] if 1 <= k <= len(ids) else None
         samples.append(Sample(path, label, path.name))
-    return ImageDataset(samples, root, "imagenet_devkit", classes)
+    return ImageDataset(samples, root, "imagenet_devkit", classes, class_mapping=f"sorted synsets of {meta.name}")
 
 
 def _devkit_synsets(meta: Path) -> dict[int, str]:
@@ -302,7 +340,7 @@ def _open_tiny(root: Path, labels: Path | None) -> ImageDataset:
         classes = sorted(set(synset_of.values()))
     index = _synset_index(classes)
     samples = [Sample(p, index.get(synset_of.get(p.name)), p.name) for p in _image_files(val / "images")]
-    return ImageDataset(samples, val, "tiny_imagenet", classes)
+    return ImageDataset(samples, val, "tiny_imagenet", classes, class_mapping="sorted Tiny ImageNet wnids")
 
 
 # ---- selection ------------------------------------------------------------------------------------------------
@@ -370,7 +408,11 @@ def decode(sample: Sample, preprocess) -> tuple[torch.Tensor, str | None]:
     crop = preprocess.crop or 0
     if min(h, w) < crop:
         notes.append(f"upscaled from {w}x{h}")
-    return preprocess(rgb), "; ".join(notes) or None
+    try:
+        return preprocess(rgb), "; ".join(notes) or None
+    except (cv2.error, MemoryError) as e:  # e.g. a resize whose result cannot be allocated
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise ImageReadError(f"cannot resize image {path} ({w}x{h}): {reason}") from None
 
 
 def _read_raw(path: Path) -> np.ndarray:

@@ -1,22 +1,25 @@
-"""The HDF5 store: one file per run holding attributions, inputs, metrics and what produced them; and the journals
-and merge that make dataset-scale runs survive a kill at any moment.
+"""The HDF5 store: one file per run holding attributions, inputs, metrics and what produced them.
 
 Layout (N rows, attributions H x W)::
 
-    /attributions/<method>     [N, H, W] float32 or float16, one chunk per row, compressed; unwritten rows are NaN
+    /attributions/<method>     [N, H, W] float32 or float16, one chunk per row, compressed, with a Fletcher-32
+                               checksum per chunk (so a damaged row is detected when read); unwritten rows are NaN
     /inputs/ids                [N] UTF-8 strings (image ids or paths); unwritten rows are ""
     /inputs/targets            [N] int64 target class; unwritten rows are -1
     /inputs/done               [N] uint8, 1 once the row's attribution has been written
     /inputs/<column>           [N] optional per-row columns written by a run (``write_column``): ``index`` (the
-                               image's index in its dataset), ``labels`` (-1: unknown), ``predictions``,
-                               ``confidences`` (softmax probability of the prediction), ``notes`` (conversions);
-                               with ``--steps auto`` also ``passes`` (gradients), ``cost`` (in forward+backward
-                               passes) and ``error`` (the error estimate reached), from the journal rows' "columns"
+                               image's index in its dataset), ``paths`` (the image file, relative to the dataset's
+                               image folder recorded in the run header, or absolute), ``labels`` (-1: unknown),
+                               ``predictions``, ``confidences`` (softmax probability of the prediction), ``notes``
+                               (conversions); with ``--steps auto`` also ``passes`` (gradients),
+                               ``cost`` (in forward+backward passes) and ``error`` (the error estimate reached);
+                               and any further per-row field a run records
     /skipped/<field>           [S] images a run left out and why (``write_skipped``): index, ids, reasons, labels,
                                predictions, confidences
     /metrics/<metric>          [N] float64
     /metrics/<metric>_curve    [N, K] float32, when the metric has curves
-    file attributes: format_version, fastig_version, model, method, options (JSON), shape [H, W], dtype
+    file attributes: format_version, fastig_version, model, method, options (JSON), shape [H, W], dtype, and
+                     ``run`` (JSON): the run header of a dataset run (see ``fastig.io.journal.run_header``)
 
 Rows may be written in any order; the datasets grow to the highest row written.
 
@@ -27,36 +30,16 @@ Crash safety of a ``Store`` written in place:
   every returned call is present and marked done.
 - HDF5 keeps no journal: a process killed *during* a write or flush can leave the file's metadata inconsistent and
   the whole file unreadable; and HDF5 locks a file opened for writing, so two processes cannot share one store.
-
-Crash safety of a run (``fastig.run``, ``fastig attribute``), which therefore never writes its store in place:
-
-1. Each process appends its results to its own **journal** (:class:`Journal`), a plain file of records. A record
-   is a fixed header (magic, lengths, CRC-32 of the metadata and of the data, and a CRC-32 of the header itself),
-   then JSON metadata, then the raw attribution. Records are only ever appended (one ``write`` per batch, then
-   ``flush`` and, by default, ``fsync``); bytes already in the file are never modified.
-2. Reading a journal keeps its longest prefix of complete records whose checksums hold. A SIGKILL can interrupt
-   only the append in progress: the kernel keeps what ``write`` copied, so the file is the old records followed
-   by a prefix of the new bytes; that prefix is shorter than its header announces (or fails a CRC), so it is
-   dropped, and the owner truncates it away when it reopens the journal. Earlier records are untouched, so at
-   most the batch in flight is lost. (``fsync`` extends this to a power loss, where the tail may hold garbage:
-   the CRCs reject it.) An advisory lock (``flock``) keeps a second process from appending to the same journal.
-3. The final store is only ever produced by :func:`merge`: it reads the current final store (if any) and every
-   journal, writes a complete new store into a fresh temporary file beside it, fsyncs it, and renames it
-   over the final path with ``os.replace`` (atomic on POSIX and Windows), then fsyncs the folder. A kill
-   before the rename leaves the old final store (or none) and a stray temporary file that the next merge
-   removes; a kill after it leaves the new one. Readers never see a partial store. Journals are deleted only
-   after the rename; if a kill comes first, the next merge reads their rows again and keeps each index once.
-4. A restarted run counts as done every index found in the final store or in any journal (its own or another
-   process's), so it redoes only the images whose records were lost, and never duplicates one.
+  Dataset runs therefore never write their store in place: see :mod:`fastig.io.journal`.
+- A store created with ``abandon_on_error=True`` (what the merge writes) stops writing at the first write error
+  (disk full, file-size limit): every later write of the HDF5 library is dropped, so the file can still be closed
+  cleanly; ``write_rows`` then raises that OSError, and :attr:`Store.write_error` tells the caller to delete the
+  file. (HDF5 left to retry writes on a full disk can crash the process when the file is closed.)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import struct
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -69,6 +52,7 @@ DTYPES = ("float32", "float16")
 COMPRESSIONS = ("gzip", "lzf", None)
 _CURVE_SUFFIX = "_curve"
 _REQUIRED_ATTRS = ("format_version", "fastig_version", "model", "method", "options", "shape", "dtype")
+VERIFY_BLOCK = 64  # rows read at a time when checking a store's integrity
 
 
 class StoreError(FastigError):
@@ -81,24 +65,29 @@ class Store:
     Works as a context manager; ``close()`` is idempotent.
     """
 
-    def __init__(self, file: h5py.File, path: Path):
+    def __init__(self, file: h5py.File, path: Path, sink: "_StopAtFirstError | None" = None):
         self._file = file
         self.path = path
+        self._sink = sink
         a = file.attrs  # written once by create(); read once here
         self._attrs = {
             "format_version": int(a["format_version"]), "fastig_version": str(a["fastig_version"]),
             "model": str(a["model"]), "method": str(a["method"]), "options_json": str(a["options"]),
             "shape": tuple(int(s) for s in a["shape"]), "dtype": str(a["dtype"]),
+            "run_json": str(a["run"]) if "run" in a else None,
         }
 
     # ---- opening ----
 
     @classmethod
     def create(cls, path, *, model: str, method: str, options: dict, shape, dtype: str = "float32",
-               compression: str | None = "gzip", overwrite: bool = False) -> "Store":
+               compression: str | None = "gzip", overwrite: bool = False, run: dict | None = None,
+               abandon_on_error: bool = False) -> "Store":
         """Create a new, empty store for ``model`` x ``method`` x ``options`` with attributions of ``shape`` (H, W).
 
-        Parent directories are created. An existing file is an error unless ``overwrite`` is true.
+        Parent directories are created. An existing file is an error unless ``overwrite`` is true. ``run``: the
+        run header to record (JSON values). ``abandon_on_error``: stop writing at the first write error (see the
+        module docstring and :attr:`write_error`).
         """
         path = Path(path)
         for name, value in (("model", model), ("method", method)):
@@ -112,31 +101,49 @@ class Store:
         if len(shape) != 2 or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape):
             raise ValueError(f"shape must be (H, W) with positive integers, got {shape}")
         options_json = _options_json(options)
+        run_json = None if run is None else _options_json(run)
         if path.exists() and not overwrite:
             raise StoreError(f"store file already exists: {path} (open it to resume, or pass overwrite=True)")
 
         import fastig  # here, not at module level: fastig/__init__ may import this module
 
+        sink = None
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            file = h5py.File(path, "w")
+            if abandon_on_error:
+                sink = _StopAtFirstError(open(path, "w+b", buffering=0))  # errors show at once
+                file = h5py.File(sink, "w")
+            else:
+                file = h5py.File(path, "w")
         except OSError as e:
+            if sink is not None:
+                sink.raw.close()
             raise StoreError(f"cannot create store {path}: {e}") from None
-        file.attrs.update({
-            "format_version": FORMAT_VERSION, "fastig_version": fastig.__version__, "model": model,
-            "method": method, "options": options_json, "shape": np.array(shape, dtype=np.int64), "dtype": dtype,
-        })
-        compress = {"compression": compression, "shuffle": compression is not None}
-        h, w = shape
-        file.create_dataset(f"attributions/{method}", shape=(0, h, w), maxshape=(None, h, w), chunks=(1, h, w),
-                            dtype=dtype, fillvalue=np.nan, **compress)
-        inputs = file.create_group("inputs")
-        inputs.create_dataset("ids", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=h5py.string_dtype())
-        inputs.create_dataset("targets", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.int64, fillvalue=-1)
-        inputs.create_dataset("done", shape=(0,), maxshape=(None,), chunks=(1024,), dtype=np.uint8, fillvalue=0)
-        file.create_group("metrics")
-        file.flush()
-        return cls(file, path)
+        try:
+            file.attrs.update({
+                "format_version": FORMAT_VERSION, "fastig_version": fastig.__version__, "model": model,
+                "method": method, "options": options_json, "shape": np.array(shape, dtype=np.int64),
+                "dtype": dtype, **({} if run_json is None else {"run": run_json}),
+            })
+            compress = {"compression": compression, "shuffle": compression is not None, "fletcher32": True}
+            h, w = shape
+            file.create_dataset(f"attributions/{method}", shape=(0, h, w), maxshape=(None, h, w),
+                                chunks=(1, h, w), dtype=dtype, fillvalue=np.nan, **compress)
+            inputs = file.create_group("inputs")
+            row = {"shape": (0,), "maxshape": (None,), "chunks": (1024,)}
+            inputs.create_dataset("ids", dtype=h5py.string_dtype(), **row)  # (HDF5 filters no variable-length data)
+            inputs.create_dataset("targets", dtype=np.int64, fillvalue=-1, fletcher32=True, **row)
+            inputs.create_dataset("done", dtype=np.uint8, fillvalue=0, fletcher32=True, **row)
+            file.create_group("metrics")
+            file.flush()
+            if sink is not None and sink.error is not None:
+                raise sink.error
+        except BaseException:  # (a write error must still close the file)
+            file.close()
+            if sink is not None:
+                sink.raw.close()
+            raise
+        return cls(file, path, sink)
 
     @classmethod
     def open(cls, path, mode: str = "r") -> "Store":
@@ -173,6 +180,14 @@ class Store:
     def close(self) -> None:
         if self._file.id.valid:
             self._file.close()
+        if self._sink is not None and not self._sink.raw.closed:
+            self._sink.raw.close()
+
+    @property
+    def write_error(self) -> OSError | None:
+        """The first write error of a store created with ``abandon_on_error=True`` (None: every write succeeded
+        so far). After one, the file is incomplete: close and delete it."""
+        return None if self._sink is None else self._sink.error
 
     def __enter__(self) -> "Store":
         return self
@@ -188,16 +203,12 @@ class Store:
 
     @property
     def attrs(self) -> dict:
-        """The file attributes, with ``options`` decoded from JSON and ``shape`` as a tuple."""
-        attrs = {k: v for k, v in self._attrs.items() if k != "options_json"}
+        """The file attributes, with ``options`` and ``run`` (None when not recorded) decoded from JSON and
+        ``shape`` as a tuple."""
+        attrs = {k: v for k, v in self._attrs.items() if k not in ("options_json", "run_json")}
         attrs["options"] = json.loads(self._attrs["options_json"])  # a fresh copy each time
+        attrs["run"] = None if self._attrs["run_json"] is None else json.loads(self._attrs["run_json"])
         return attrs
-
-    def matches(self, model: str, method: str, options: dict) -> bool:
-        """True when this store was created for the same model, method and options (compared as JSON values)."""
-        recorded = self.attrs
-        return (model == recorded["model"] and method == recorded["method"]
-                and json.loads(_options_json(options)) == recorded["options"])
 
     def __len__(self) -> int:
         """The number of rows (the highest row written + 1), done or not."""
@@ -240,10 +251,37 @@ class Store:
         self._file.flush()  # the data first, so a row is never marked done before its data is out
         self._file["inputs/done"][rows] = 1
         self._file.flush()
+        if self.write_error is not None:
+            raise self.write_error
 
     def done_indices(self) -> np.ndarray:
         """The indices of the rows written so far (int64, ascending)."""
         return np.flatnonzero(self._read(self._file["inputs/done"])).astype(np.int64)
+
+    def damaged_rows(self) -> np.ndarray:
+        """The done rows whose attribution cannot be read back (checksum or decompression failure), ascending.
+
+        Reads every row (blocks of :data:`VERIFY_BLOCK`, one row at a time where a block fails). Damage in the
+        per-row datasets (ids, targets, done flags, columns) raises :class:`StoreError` when they are read.
+        """
+        dataset = self._file[f"attributions/{self._attrs['method']}"]
+        done = self.done_indices()
+        damaged = []
+        for start in range(0, len(done), VERIFY_BLOCK):
+            block = done[start:start + VERIFY_BLOCK]
+            try:
+                dataset[int(block[0]):int(block[-1]) + 1]
+            except OSError:
+                for row in block:
+                    try:
+                        dataset[int(row)]
+                    except OSError:
+                        damaged.append(int(row))
+        return np.array(damaged, dtype=np.int64)
+
+    def attribution_row(self, row: int) -> np.ndarray:
+        """One row of ``/attributions/<method>``, [H, W]; StoreError when it cannot be read."""
+        return self._read(self._file[f"attributions/{self._attrs['method']}"], int(row))
 
     def attributions(self, method: str | None = None) -> np.ndarray:
         """All rows of ``/attributions/<method>`` (default: the run's method), [N, H, W] in the stored dtype."""
@@ -273,7 +311,7 @@ class Store:
         inputs = self._file["inputs"]
         if name in inputs:
             del inputs[name]
-        inputs.create_dataset(name, data=values)
+        inputs.create_dataset(name, data=values, **_checksummed(values))
         self._file.flush()
 
     def column_names(self) -> list[str]:
@@ -310,7 +348,7 @@ class Store:
             del self._file["skipped"]
         group = self._file.create_group("skipped")
         for key, values in fields.items():
-            group.create_dataset(key, data=values)
+            group.create_dataset(key, data=values, **_checksummed(values))
         self._file.flush()
 
     def skipped(self) -> dict[str, np.ndarray]:
@@ -374,10 +412,10 @@ class Store:
                                    f"{', '.join(self.metric_names()) or 'none'}")
         return metrics[name + suffix]
 
-    def _read(self, dataset) -> np.ndarray:
+    def _read(self, dataset, selection=Ellipsis) -> np.ndarray:
         try:
-            return dataset[...]
-        except OSError as e:  # e.g. a damaged compressed chunk
+            return dataset[selection]
+        except OSError as e:  # e.g. a damaged compressed chunk, or one whose checksum fails
             raise StoreError(f"cannot read {dataset.name} from store {self.path} (corrupt file?): {e}") from None
 
     def _row_datasets(self) -> list[h5py.Dataset]:
@@ -392,6 +430,55 @@ class Store:
 
 
 _ROW_DATASETS = ("ids", "targets", "done")
+
+
+def _checksummed(values: np.ndarray) -> dict:
+    """Dataset options that give a non-empty array of numbers a Fletcher-32 checksum (filters need a chunked
+    dataset, and HDF5 filters no variable-length strings)."""
+    return {"chunks": True, "fletcher32": True} if values.size and values.dtype.kind in "biuf" else {}
+
+
+class _StopAtFirstError:
+    """The file object under a store created with ``abandon_on_error``: passes every call to ``raw`` until the
+    first write error, which it keeps in ``error``; from then on it touches ``raw`` no more and drops every write,
+    so that the HDF5 library finishes and closes the file without an error (the file is to be deleted). It never
+    raises: an exception raised inside h5py's file driver stays pending in the interpreter and breaks the next
+    call, so the store checks ``error`` after each write instead."""
+
+    def __init__(self, raw):
+        self.raw, self.error = raw, None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        if self.error is None:
+            try:
+                done = 0
+                while done < len(view):  # an unbuffered write may be partial
+                    done += self.raw.write(view[done:])
+            except OSError as e:
+                self.error = e
+        return len(view)
+
+    def truncate(self, size=None):
+        if self.error is None:
+            try:
+                return self.raw.truncate(size)
+            except OSError as e:
+                self.error = e
+        return size
+
+    def seek(self, offset, whence=0):
+        return self.raw.seek(offset, whence) if self.error is None else offset
+
+    def tell(self):
+        return self.raw.tell() if self.error is None else 0
+
+    def read(self, size=-1):
+        return self.raw.read(size) if self.error is None else b""
+
+    def flush(self):
+        if self.error is None:
+            self.raw.flush()
 
 
 def cast_attributions(data: np.ndarray, dtype: str) -> np.ndarray:
@@ -433,314 +520,3 @@ def _to_numpy(values) -> np.ndarray:
             values = values.float()
         values = values.numpy()
     return np.asarray(values)
-
-
-# ---- journals and the atomic merge (see "Crash safety of a run" in the module docstring) ----------------------
-
-_MAGIC = b"FGJ1"
-_HEAD = struct.Struct("<4sIQII")  # magic, metadata length, data length, metadata CRC-32, data CRC-32
-_HEAD_CRC = struct.Struct("<I")  # CRC-32 of the header above
-_HEADER_BYTES = _HEAD.size + _HEAD_CRC.size
-
-
-@dataclass(frozen=True)
-class JournalRecord:
-    """One record of a journal: its metadata and where its data lies in the file."""
-
-    meta: dict
-    data_offset: int
-    data_length: int
-    data_crc: int
-
-
-@dataclass(frozen=True)
-class JournalContents:
-    """What :func:`read_journal` found: the run header (first record), the records after it, and the length of the
-    valid prefix of the file (anything beyond is a torn or damaged tail)."""
-
-    run: dict | None
-    records: list[JournalRecord]
-    valid_end: int
-    file_size: int
-
-
-def encode_record(meta: dict, data: bytes = b"") -> bytes:
-    """One journal record: header, JSON metadata, data."""
-    meta_bytes = json.dumps(meta, sort_keys=True).encode("utf-8")
-    head = _HEAD.pack(_MAGIC, len(meta_bytes), len(data), zlib.crc32(meta_bytes), zlib.crc32(data))
-    return head + _HEAD_CRC.pack(zlib.crc32(head)) + meta_bytes + data
-
-
-def read_journal(path, verify_data: bool = False) -> JournalContents:
-    """The longest prefix of complete records of the journal at ``path`` whose checksums hold.
-
-    ``verify_data`` also checks each record's data CRC (reads the whole file); without it only headers and metadata
-    are read, and :func:`read_record_data` checks the data when it is used.
-    """
-    path = Path(path)
-    records, run, valid_end = [], None, 0
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        while True:
-            head = f.read(_HEADER_BYTES)
-            if len(head) < _HEADER_BYTES:
-                break
-            magic, meta_length, data_length, meta_crc, data_crc = _HEAD.unpack_from(head)
-            if magic != _MAGIC or _HEAD_CRC.unpack_from(head, _HEAD.size)[0] != zlib.crc32(head[:_HEAD.size]):
-                break
-            data_offset = valid_end + _HEADER_BYTES + meta_length
-            if data_offset + data_length > size:
-                break  # torn: the append was cut short
-            meta_bytes = f.read(meta_length)
-            if zlib.crc32(meta_bytes) != meta_crc:
-                break
-            try:
-                meta = json.loads(meta_bytes)
-            except ValueError:
-                break
-            if verify_data:
-                if zlib.crc32(f.read(data_length)) != data_crc:
-                    break
-            else:
-                f.seek(data_length, os.SEEK_CUR)
-            if run is None and not records and meta.get("kind") == "run":
-                run = meta
-            else:
-                records.append(JournalRecord(meta, data_offset, data_length, data_crc))
-            valid_end = data_offset + data_length
-    return JournalContents(run, records, valid_end, size)
-
-
-def read_record_data(file, record: JournalRecord) -> bytes:
-    """The data of ``record`` from the open journal ``file``; StoreError when its CRC does not hold."""
-    file.seek(record.data_offset)
-    data = file.read(record.data_length)
-    if len(data) != record.data_length or zlib.crc32(data) != record.data_crc:
-        raise StoreError(f"damaged record data at byte {record.data_offset} of {file.name}")
-    return data
-
-
-class Journal:
-    """The append-only journal of one process (see the module docstring). Use :meth:`open`.
-
-    The first record holds ``run`` (what the run is: model, method, options, shape, dtype); reopening a journal
-    of another run is an error. Records are appended with :meth:`append`.
-    """
-
-    def __init__(self, path: Path, file, run: dict, contents: JournalContents, fsync: bool):
-        self.path, self._file, self.run, self.contents, self.fsync = path, file, run, contents, fsync
-
-    @classmethod
-    def open(cls, path, run: dict, fsync: bool = True) -> "Journal":
-        """Open (or create) the journal at ``path`` for appending: lock it, drop a torn tail, check its run."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        file = open(path, "a+b")
-        try:
-            _lock(file, path)
-            contents = read_journal(path, verify_data=True)
-            if contents.run is not None and not same_run(contents.run, run):
-                raise StoreError(f"journal {path} belongs to another run ({contents.run}); remove it or pass "
-                                 "overwrite")
-            if contents.valid_end < contents.file_size:  # a torn or damaged tail: cut it so appends follow records
-                file.truncate(contents.valid_end)
-                _fsync_file(file)
-            journal = cls(path, file, run, contents, fsync)
-            if contents.run is None:
-                if contents.records:
-                    raise StoreError(f"journal {path} has no run header")
-                journal.append([(dict(run, kind="run"), b"")])
-            return journal
-        except BaseException:
-            file.close()
-            raise
-
-    def append(self, records) -> None:
-        """Append ``records`` (pairs of metadata dict and data bytes) with one write, then flush (and fsync)."""
-        if self._file.closed:
-            raise StoreError(f"journal {self.path} is closed")
-        payload = b"".join(encode_record(meta, data) for meta, data in records)
-        self._file.write(payload)
-        self._file.flush()
-        if self.fsync:
-            os.fsync(self._file.fileno())
-
-    def close(self) -> None:
-        if not self._file.closed:
-            self._file.close()  # also releases the lock
-
-    def __enter__(self) -> "Journal":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def same_run(a: dict, b: dict) -> bool:
-    """True when two run headers describe the same run (compared as JSON values; the record kind is ignored)."""
-    def normal(run):
-        return json.loads(json.dumps({k: v for k, v in run.items() if k != "kind"}, sort_keys=True))
-    return normal(a) == normal(b)
-
-
-def _lock(file, path: Path) -> None:
-    try:
-        import fcntl
-    except ImportError:  # Windows: no advisory lock; one process per journal is then the user's job
-        return
-    try:
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        raise StoreError(f"journal {path} is being written by another process (same rank running twice?)") from None
-
-
-def _fsync_file(file) -> None:
-    file.flush()
-    os.fsync(file.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@dataclass(frozen=True)
-class MergeResult:
-    """What :func:`merge` wrote: ``rows`` attributions and ``skipped`` records; ``damaged``: journal rows dropped
-    because their data failed its CRC (their images are redone by the next run)."""
-
-    path: Path
-    rows: int
-    skipped: int
-    damaged: int
-
-
-_ROW_FIELDS = ("id", "target", "label", "prediction", "confidence", "note")
-
-
-def merge(final_path, journal_paths, run: dict, compression: str | None = "gzip", block: int = 64) -> MergeResult:
-    """Build the final store at ``final_path`` from the store already there (if any) and ``journal_paths``, then
-    replace it atomically (see the module docstring). Rows are ordered by dataset index, each index once.
-
-    ``run``: the journals' run header (``model``, ``method``, ``options``, ``shape``, ``dtype``); the existing
-    store and every journal must belong to it. The journals are not deleted here.
-    """
-    final_path = Path(final_path)
-    shape, dtype = tuple(run["shape"]), run["dtype"]
-    rows: dict[int, tuple] = {}  # dataset index -> (source, reference, metadata); the first source seen wins
-    skips: dict[int, dict] = {}
-    old = None
-    files = {}
-    try:
-        if final_path.exists():
-            old = Store.open(final_path)
-            if not (old.matches(run["model"], run["method"], run["options"]) and old.attrs["dtype"] == dtype
-                    and old.attrs["shape"] == shape):
-                raise StoreError(f"{final_path} holds another run; cannot merge into it")
-            _collect_store(old, rows, skips)
-        for path in journal_paths:
-            contents = read_journal(path)
-            if contents.run is None:
-                continue  # created, then killed before its header was out: nothing in it
-            if not same_run(contents.run, run):
-                raise StoreError(f"journal {path} belongs to another run; cannot merge it")
-            for record in contents.records:
-                index = int(record.meta["index"])
-                if record.meta["kind"] == "row":
-                    rows.setdefault(index, ("journal", (Path(path), record), record.meta))
-                elif record.meta["kind"] == "skip":
-                    skips.setdefault(index, record.meta)
-        temporary = final_path.with_name(f"{final_path.name}.merging-{os.getpid()}")
-        for stale in final_path.parent.glob(f"{final_path.name}.merging-*"):
-            stale.unlink()  # left by a merge that was killed
-        order = sorted(rows)
-        damaged = []
-        with Store.create(temporary, model=run["model"], method=run["method"], options=run["options"],
-                          shape=shape, dtype=dtype, compression=compression) as new:
-            position = 0
-            kept = []
-            for start in range(0, len(order), block):
-                chunk, ids, targets, data = [], [], [], []
-                for index in order[start:start + block]:
-                    source, reference, meta = rows[index]
-                    try:
-                        if source == "store":
-                            array = old._file[f"attributions/{old.attrs['method']}"][reference]
-                        else:
-                            path, record = reference
-                            if path not in files:
-                                files[path] = open(path, "rb")
-                            array = np.frombuffer(read_record_data(files[path], record), dtype=dtype).reshape(shape)
-                    except StoreError:
-                        damaged.append(index)
-                        continue
-                    chunk.append(index)
-                    ids.append(meta["id"])
-                    targets.append(int(meta["target"]))
-                    data.append(array)
-                if chunk:
-                    new.write_rows(position, ids, np.array(targets, np.int64), np.stack(data))
-                    position += len(chunk)
-                    kept += chunk
-            metas = [rows[i][2] for i in kept]
-            new.write_column("index", np.array(kept, np.int64))
-            new.write_column("labels", np.array([_int(m.get("label")) for m in metas], np.int64))
-            new.write_column("predictions", np.array([_int(m.get("prediction")) for m in metas], np.int64))
-            new.write_column("confidences", np.array([_float(m.get("confidence")) for m in metas], np.float32))
-            new.write_column("notes", [m.get("note") or "" for m in metas] or np.array([], h5py.string_dtype()))
-            for name in sorted({c for m in metas for c in m.get("columns", {})}):  # extra per-row columns
-                new.write_column(name, np.array([m.get("columns", {}).get(name, np.nan) for m in metas]))
-            skipped = sorted(i for i in skips if i not in rows)
-            s = [skips[i] for i in skipped]
-            new.write_skipped(skipped, [m["id"] for m in s], [m["reason"] for m in s],
-                              [_int(m.get("label")) for m in s], [_int(m.get("prediction")) for m in s],
-                              [_float(m.get("confidence")) for m in s])
-        with open(temporary, "rb+") as f:
-            _fsync_file(f)
-        os.replace(temporary, final_path)
-        _fsync_dir(final_path.parent)
-        return MergeResult(final_path, len(kept), len(skipped), len(damaged))
-    finally:
-        if old is not None:
-            old.close()
-        for f in files.values():
-            f.close()
-
-
-def _collect_store(store: Store, rows: dict, skips: dict) -> None:
-    """The done rows and skipped images of an existing store, keyed by dataset index."""
-    done = store.done_indices()
-    columns = store.column_names()
-    index = store.column("index") if "index" in columns else np.arange(len(store))
-    ids, targets = store.ids(), store.targets()
-    extra = {name: store.column(col) if col in columns else None
-             for name, col in (("label", "labels"), ("prediction", "predictions"), ("confidence", "confidences"),
-                               ("note", "notes"))}
-    known = {"index", "labels", "predictions", "confidences", "notes"}
-    columns = {name: store.column(name) for name in store.column_names() if name not in known}
-    for row in done:
-        meta = {"id": ids[row], "target": int(targets[row])}
-        for name, values in extra.items():
-            if values is not None:
-                meta[name] = values[row].item() if hasattr(values[row], "item") else values[row]
-        if columns:  # extra per-row columns (see merge), kept through a resume
-            meta["columns"] = {name: values[row].item() for name, values in columns.items()}
-        rows.setdefault(int(index[row]), ("store", int(row), meta))
-    s = store.skipped()
-    for k, i in enumerate(s["index"]):
-        skips.setdefault(int(i), {"id": s["ids"][k], "reason": s["reasons"][k], "label": int(s["labels"][k]),
-                                  "prediction": int(s["predictions"][k]),
-                                  "confidence": float(s["confidences"][k])})
-
-
-def _int(value) -> int:
-    return -1 if value is None else int(value)
-
-
-def _float(value) -> float:
-    return float("nan") if value is None else float(value)

@@ -9,7 +9,9 @@ What is written into the store (``/metrics/<name>``, one value per row, NaN for 
 - ``lossy_mse``: see :mod:`fastig.metrics.lossy`;
 - ``completeness`` (``|delta|``) and ``completeness_relative``: see :mod:`fastig.metrics.completeness`.
 
-Images: each row's id is an image path, read with :func:`fastig.io.images.read_image`, resized and cropped as the
+Images: each row's image file is found from the store (:func:`image_paths`: the ``paths`` column, relative to
+the dataset's image folder recorded in the run header, which ``dataset_root`` replaces for a moved dataset; stores
+of older runs name the image by its id), read with :func:`fastig.io.images.read_image`, resized and cropped as the
 model expects (:func:`fastig.models.info`) and kept as uint8 (PIC and the JPEG re-encoding work on uint8 images);
 the model input is that image ``/ 255`` normalized with the model's mean/std, bit-identical to
 :class:`~fastig.io.images.Preprocess` for RGB models. For grey models the luma is rounded to uint8 first.
@@ -17,6 +19,7 @@ the model input is that image ``/ 255`` normalized with the model's mean/std, bi
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -76,6 +79,28 @@ def resolve_metrics(metrics: Sequence[str] | str) -> list[str]:
     return names
 
 
+def image_paths(store, dataset_root=None) -> list[str]:
+    """The image file of each row of ``store`` (see the module docstring); FastigError naming the first missing
+    file and how to point at a moved dataset."""
+    ids = store.ids()
+    run = store.attrs["run"] or {}
+    recorded_root = (run.get("inputs") or {}).get("image_root")
+    root = recorded_root if dataset_root is None else os.fspath(dataset_root)
+    relative = list(store.column("paths")) if "paths" in store.column_names() else ids
+    paths = [p if not p or os.path.isabs(p) or root is None else os.path.join(root, p) for p in relative]
+    for row in store.done_indices():
+        if not os.path.isfile(paths[row]):
+            if dataset_root is not None:
+                where = f"under --dataset-root {dataset_root}"
+            elif recorded_root is not None:
+                where = (f"under the dataset folder the store records, {recorded_root} (if the dataset was moved, "
+                         "pass --dataset-root NEW_FOLDER)")
+            else:
+                where = f"(looked for {paths[row]}; pass --dataset-root FOLDER if the paths are relative to one)"
+            raise FastigError(f"image {relative[row]} of row {row} not found {where}")
+    return paths
+
+
 def _uint8_images(paths: Sequence[str], info) -> list[np.ndarray]:
     """Read, resize and crop as the model expects, as uint8 [H, W, 3] (grey models: [H, W])."""
     from fastig.io.images import Preprocess, read_image
@@ -102,7 +127,8 @@ def _summary(name: str, values: np.ndarray, skipped_codes: np.ndarray | None = N
     return SummaryRow(name, mean, median, int(finite.size), skipped)
 
 
-def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weights="auto", device="cpu",
+def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weights="auto", seed=None,
+                   dataset_root=None, device="cpu",
                    out_dir=None, step: int | None = None, insertion_substrate="blur", deletion_substrate="zeros",
                    abs_saliency: bool = False, information="webp", pic_seed: int = 0, min_pred_value: float = 0.8,
                    thresholds: Sequence[float] | None = None, aggregation: str = "median", quality: int = 75, batch_size: int = 8,
@@ -114,6 +140,8 @@ def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weig
         metrics: names from :data:`METRICS` (``pic`` = ``sic`` + ``aic``), or comma-separated strings.
         model: a zoo model name or an ``nn.Module`` (e.g. the one just used to attribute); default the store's.
         weights: for a model name: ``"auto"``, ``"none"`` or a checkpoint path (see ``fastig.models.get``).
+        seed: of ``weights="none"`` (default: the seed the store's run header records).
+        dataset_root: where the dataset's images are now, when it was moved (default: as recorded).
         device: where the model runs.
         out_dir: folder of the plots (default ``<store folder>/metrics``).
         step: insertion/deletion pixels per step (default: the image width).
@@ -153,7 +181,6 @@ def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weig
         if rows.size == 0:
             raise FastigError(f"store {store_path} has no attributed rows to evaluate")
         n_rows = len(store)
-        ids = store.ids()
         targets = store.targets()
         maps = store.attributions()
         method_name = attrs["method"]
@@ -164,7 +191,10 @@ def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weig
             model_name, net = attrs["model"], model
         else:
             model_name = attrs["model"] if model is None else model
-            net = models.get(model_name, weights=weights, device=device, nonfinite="refuse")
+            if seed is None:
+                seed = (attrs["run"] or {}).get("seed")
+            net = models.get(model_name, weights=weights, device=device, seed=seed, nonfinite="refuse")
+        ids = image_paths(store, dataset_root)  # (after the weights: a refused file is named first)
         info = models.info(model_name)
         if prepare:
             net = fastig.prepare(net)

@@ -25,13 +25,15 @@ from fastig.models import alexnet, centerpixel, googlenet, resnet, vgg  # archit
 from fastig.models.checkpoints import (
     apply_state_dict,
     checkpoint_dir,
+    file_sha256,
     hash_prefix_from_name,
     load_checkpoint,
     read_verified,
 )
 from fastig.models.googlenet import GoogLeNet
 
-__all__ = ["ModelInfo", "get", "names", "info", "checkpoint_dir", "checkpoint_path", "load_checkpoint"]
+__all__ = ["ModelInfo", "get", "names", "info", "checkpoint_dir", "checkpoint_path", "load_checkpoint",
+           "weights_identity"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -120,14 +122,17 @@ def checkpoint_path(name: str) -> Path | None:
 
 
 def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.device | None = None,
-        nonfinite: str = "warn") -> nn.Module:
+        seed: int | None = None, nonfinite: str = "warn") -> nn.Module:
     """Build a zoo model, load its weights, and return it in eval mode (on ``device`` if given).
 
     ``weights``: ``"auto"`` loads the model's file from :func:`checkpoint_dir` and raises a
     :class:`~fastig.errors.CheckpointError` naming the file and its source URL when it is not there; ``"none"``
-    keeps the random initialization (deterministic under ``torch.manual_seed``; for smoke tests); anything else
-    is the path of a weight file. The center-pixel model needs no file: its weights are computed in closed form
-    for both ``"auto"`` and ``"none"``.
+    keeps the random initialization (for smoke tests); anything else is the path of a weight file. The
+    center-pixel model needs no file: its weights are computed in closed form for both ``"auto"`` and ``"none"``.
+
+    ``seed``: the random initialization is drawn from a generator seeded with it (torch's global generator is
+    left as it was), so ``weights="none"`` gives the same model in every process; None draws it from torch's
+    global generator (deterministic under ``torch.manual_seed``).
 
     GoogLeNet is built with its auxiliary heads (torchvision's file holds them) and returned without them, as
     torchvision does when ``aux_logits`` is not requested; it keeps ``transform_input=True``, so every ImageNet
@@ -137,16 +142,16 @@ def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.devi
     (``"refuse"``, as dataset runs and the CLI do).
     """
     spec = info(name)
-    model = spec.builder()
+    if seed is None:
+        model = spec.builder()
+    else:
+        _check_seed(seed)
+        with torch.random.fork_rng(devices=[]):  # the builder initializes on the CPU
+            torch.manual_seed(seed)
+            model = spec.builder()
     if isinstance(weights, str) and weights == "auto":
         if spec.filename is not None:
-            path = checkpoint_dir() / spec.filename
-            if not path.exists():
-                raise CheckpointError(
-                    f"model {name!r} needs its weight file {spec.filename!r} in {checkpoint_dir()} (set "
-                    f"FASTIG_CHECKPOINTS to use another folder); download it from {spec.url}"
-                )
-            _load(model, path, spec.sha256, nonfinite)
+            _load(model, _auto_file(spec), spec.sha256, nonfinite)
     elif isinstance(weights, str) and weights == "none":
         pass
     elif isinstance(weights, (str, os.PathLike)):
@@ -164,6 +169,48 @@ def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.devi
     if device is not None:
         model.to(device)
     return model
+
+
+def weights_identity(name: str, weights: str | os.PathLike = "auto", seed: int | None = None) -> str:
+    """What decides the numbers of ``get(name, weights, seed=seed)``: ``"sha256:<hex>"`` of the weight file,
+    ``"random:<seed>"`` for ``weights="none"``, ``"closed-form"`` for a model whose weights need no file.
+
+    Reads the whole file once (about 0.3 s per 100 MB); raises like :func:`get` when the file is missing.
+    """
+    spec = info(name)
+    if isinstance(weights, str) and weights in ("auto", "none") and spec.filename is None:
+        return "closed-form"
+    if isinstance(weights, str) and weights == "none":
+        if seed is None:
+            raise ValueError("weights='none' draws the model at random: give a seed to identify it")
+        _check_seed(seed)
+        return f"random:{seed}"
+    if isinstance(weights, str) and weights == "auto":
+        path = _auto_file(spec)
+    elif isinstance(weights, (str, os.PathLike)):
+        path = Path(weights)
+        if not path.is_file():
+            raise CheckpointError(f"weights={str(weights)!r}: no such file (weights is 'auto', 'none' or the path of "
+                                  "a weight file)")
+    else:
+        raise TypeError(f"weights must be 'auto', 'none' or a path, got {type(weights).__name__}")
+    return "sha256:" + file_sha256(path)
+
+
+def _auto_file(spec: ModelInfo) -> Path:
+    """The weight file ``weights="auto"`` loads; CheckpointError naming it and its source when it is missing."""
+    path = checkpoint_dir() / spec.filename
+    if not path.exists():
+        raise CheckpointError(
+            f"model {spec.name!r} needs its weight file {spec.filename!r} in {checkpoint_dir()} (set "
+            f"FASTIG_CHECKPOINTS to use another folder); download it from {spec.url}"
+        )
+    return path
+
+
+def _check_seed(seed) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
 
 
 def _load(model: nn.Module, path: Path, sha256: str | None, nonfinite: str) -> None:
