@@ -128,7 +128,7 @@ def _parse_shard(value: str | None):
 @click.option("--dataset", type=click.Path(exists=True, path_type=Path),
               help="a dataset folder (class folders, ImageNet val layouts) or a text file listing images")
 @click.option("--layout", type=click.Choice(["auto", "folder", "imagenet_loc", "imagenet_devkit", "tiny_imagenet",
-                                             "flat", "list"]), default="auto", show_default=True,
+                                             "places365", "flat", "list"]), default="auto", show_default=True,
               help="dataset layout (auto detects it)")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="label file to use instead of the layout's own (LOC_val_solution.csv, ground truth, annotations)")

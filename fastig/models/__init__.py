@@ -45,7 +45,8 @@ class ModelInfo:
     ``filename``/``url``: the weight file expected under :func:`checkpoint_dir` and where to download it (None
     for models that need no file). ``sha256``: the file's sha256 digest or a prefix of it (torchvision's
     file names carry its first 8 hex digits), checked on loading; None when unknown. Inputs are resized so the
-    short side is ``resize_size``, center-cropped to ``input_size`` x ``input_size``, scaled to [0, 1] and
+    short side is ``resize_size`` (or, when it is a ``(height, width)`` pair, to exactly that size: the Places365
+    scene classifier sees whole scenes squashed to 256x256, see :mod:`fastig.io.places365`), center-cropped to ``input_size`` x ``input_size``, scaled to [0, 1] and
     normalized per channel as ``(x - mean) / std`` (identity for the center-pixel model). ``builder()`` returns
     the architecture, randomly initialized, exactly as its weight file expects it.
     """
@@ -55,7 +56,7 @@ class ModelInfo:
     url: str | None
     sha256: str | None
     input_size: int
-    resize_size: int
+    resize_size: int | tuple[int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     channels: int
@@ -87,7 +88,7 @@ _REGISTRY: dict[str, ModelInfo] = {
             name="sascenenet_rgb", filename="RGB_ResNet18_Places.pth.tar",
             url="https://dauam-my.sharepoint.com/:u:/g/personal/alejandro_lopezc01_estudiante_uam_es/"
             "EUaPpF5MpkNCqDd04GMVnYEB6BnH5inElN9ve_trAiWg-A?download=1",
-            sha256=None, input_size=224, resize_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3,
+            sha256=None, input_size=224, resize_size=(256, 256), mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3,
             num_classes=365, builder=resnet.sascenenet_rgb,
             description="SASceneNet RGB branch (ResNet-18), Places365 scenes (vpulab/Semantic-Aware-Scene-Recognition)",
         ),
