@@ -288,6 +288,30 @@ def convert_dvae(encoder_pkl, decoder_pkl, out_dir):
         click.echo(f"wrote {path}")
 
 
+@cli.command("fetch-weights")
+@click.argument("names", nargs=-1, required=True, metavar="NAME... | all")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder to write into (default: the checkpoints folder, $FASTIG_CHECKPOINTS)")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="seconds a connection may stay silent before the download fails")
+def fetch_weights(names, out_dir, timeout):
+    """Download official weight files (checkpoints/README.md) with their checks; `all` fetches every one.
+
+    NAME is a model of `fastig models` that needs a file, or `dvae` (OpenAI's encoder.pkl/decoder.pkl for latent
+    IG, converted safely into dvae_encoder.pt/dvae_decoder.pt). Files already there are kept. FASTIG_OFFLINE=1
+    forbids downloads.
+    """
+    from fastig.models import download
+
+    chosen = download.names() if "all" in names else list(dict.fromkeys(names))
+    for name in chosen:
+        if name not in download.names():
+            raise click.BadParameter(f"unknown weights {name!r}; known: {', '.join(download.names())}, all",
+                                     param_hint="NAME")
+    for name in chosen:
+        download.fetch(name, out_dir, timeout=timeout, echo=click.echo)
+
+
 @cli.command()
 def info():
     """Print the version and which backend (compiled kernel or reference) each op uses."""

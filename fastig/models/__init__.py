@@ -5,9 +5,10 @@ toy model, behind one registry.
 >>> model = fastig.models.get("resnet50", weights="none")   # random initialization (smoke tests)
 >>> fastig.models.info("resnet50").mean               # how its inputs are normalized
 
-Weight files are never downloaded: ``weights="auto"`` reads the file named by :func:`info` from
-:func:`checkpoint_dir` (``$FASTIG_CHECKPOINTS`` or ``checkpoints/`` at the repository root) and, when it is not
-there, raises a :class:`~fastig.errors.CheckpointError` naming the file and where to get it.
+``weights="auto"`` reads the file named by :func:`info` from :func:`checkpoint_dir` (``$FASTIG_CHECKPOINTS`` or
+``checkpoints/`` at the repository root); when it is not there it is downloaded from the official URL (checked,
+see :mod:`fastig.models.download`), unless ``FASTIG_OFFLINE=1``: then, or when the download fails, a
+:class:`~fastig.errors.CheckpointError` names the file and where to get it.
 """
 
 from __future__ import annotations
@@ -123,9 +124,9 @@ def checkpoint_path(name: str) -> Path | None:
 def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.device | None = None) -> nn.Module:
     """Build a zoo model, load its weights, and return it in eval mode (on ``device`` if given).
 
-    ``weights``: ``"auto"`` loads the model's file from :func:`checkpoint_dir` and raises a
-    :class:`~fastig.errors.CheckpointError` naming the file and its source URL when it is not there; ``"none"``
-    keeps the random initialization (deterministic under ``torch.manual_seed``; for smoke tests); anything else
+    ``weights``: ``"auto"`` loads the model's file from :func:`checkpoint_dir`, downloading it first when it is
+    not there (unless ``FASTIG_OFFLINE=1``), and raises a :class:`~fastig.errors.CheckpointError` naming the file
+    and its source URL when it cannot be had; ``"none"`` keeps the random initialization (deterministic under ``torch.manual_seed``; for smoke tests); anything else
     is the path of a weight file. The center-pixel model needs no file: its weights are computed in closed form
     for both ``"auto"`` and ``"none"``.
 
@@ -137,12 +138,9 @@ def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.devi
     model = spec.builder()
     if isinstance(weights, str) and weights == "auto":
         if spec.filename is not None:
-            path = checkpoint_dir() / spec.filename
-            if not path.exists():
-                raise CheckpointError(
-                    f"model {name!r} needs its weight file {spec.filename!r} in {checkpoint_dir()} (set "
-                    f"FASTIG_CHECKPOINTS to use another folder); download it from {spec.url}"
-                )
+            from fastig.models.download import ensure
+
+            path = ensure(name, checkpoint_dir() / spec.filename, spec.url, spec.sha256)  # downloads if allowed
             _load(model, path, spec.sha256)
     elif isinstance(weights, str) and weights == "none":
         pass
