@@ -288,6 +288,63 @@ def convert_dvae(encoder_pkl, decoder_pkl, out_dir):
         click.echo(f"wrote {path}")
 
 
+def _bench_precision(command):
+    """--precision for `bench`, unless the shared option catalogue already has one (then it comes from there)."""
+    if "precision" in methods.OPTIONS:
+        return command
+    return click.option("--precision", "precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                        help="fastig's precision= (the reference runs under torch.autocast); default fp32")(command)
+
+
+@cli.command("bench")
+@click.option("--model", "model_name", required=True,
+              help="a zoo model (`fastig models`) or your own: package.module:factory (factory() -> nn.Module)")
+@click.option("--weights", default="none", show_default=True,
+              help="zoo models: none (random; the speed does not depend on the weights), auto, or a path")
+@click.option("--method", "method_name", default="ig", show_default=True, help="method name (see `fastig methods`)")
+@click.option("--images", "n_images", type=int, default=1, show_default=True, help="random images per call")
+@click.option("--input-shape", default=None, metavar="C,H,W", help="input shape (needed for models outside the zoo)")
+@click.option("--target", type=int, default=0, show_default=True, help="class explained")
+@click.option("--repeats", type=int, default=3, show_default=True, help="timed rounds per implementation")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="also time the reference implementation (Captum, or PAIR saliency for guided_ig/blur_ig)")
+@_bench_precision
+@_method_options
+def bench(model_name, weights, method_name, n_images, input_shape, target, repeats, device, reference, **given):
+    """Time fastig against Captum (or the method's reference) on your model and settings, in this process.
+
+    \b
+    fastig bench --model resnet50 --method ig --steps 32
+    fastig bench --model mypackage.nets:build --input-shape 3,64,64 --method saliency --images 8
+
+    Prints a table: median and best seconds, the ratio to fastig, the share of time outside the model's passes,
+    the passes made and the peak memory growth; then how far the two attributions differ.
+    """
+    from fastig.bench import bench as run_bench, load_model
+
+    precision = given.pop("precision", None) or "fp32"
+    method = methods.get(method_name)
+    options = _chosen_options(method, given)
+    if n_images < 1:
+        raise click.BadParameter(f"must be >= 1, got {n_images}", param_hint="--images")
+    shape = None
+    if input_shape is not None:
+        try:
+            shape = tuple(int(v) for v in input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise click.BadParameter(f"expected C,H,W such as 3,224,224, got {input_shape!r}", param_hint="--input-shape")
+    model, shape = load_model(model_name, weights, str(_device(device)), shape)
+    torch.manual_seed(0)
+    inputs = torch.randn((n_images,) + shape, device=device)
+    report = run_bench(model, inputs, target, method_name, repeats=repeats, precision=precision, reference=reference,
+                       model_name=model_name, **options)
+    for line in report.lines():
+        click.echo(line)
+
+
 @cli.command("fetch-weights")
 @click.argument("names", nargs=-1, required=True, metavar="NAME... | all")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
