@@ -62,12 +62,13 @@ class Slow(torch.nn.Module):
 def test_pass_timer_counts_forward_and_backward():
     model = Slow()
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    started = time.perf_counter()
     with PassTimer(model, torch.device("cpu")) as timer:
         for _ in range(3):
             torch.autograd.grad(model(x)[:, 0].sum(), x)
         with torch.no_grad():
             model(x)
-    assert timer.passes == 4 and 0.08 <= timer.seconds < 0.5
+    assert timer.passes == 4 and 0.08 <= timer.seconds <= time.perf_counter() - started
     report = bench(model, torch.randn(2, 3, 8, 8), 1, "saliency", repeats=1, reference=False)
     (fastig,) = report.results
     assert fastig.passes == 1 and fastig.outside < 0.9 and "not run" in report.note
