@@ -10,7 +10,7 @@ Writes OUT/gnl_table.{md,csv} (one row per model: images, IG and GNL-IG insertio
 and lower deletion being better) and OUT/gnl_table.png; one store per setting under OUT/runs/. Without --dataset:
 miniature photos and random weights (the AUCs then mean nothing).
 
-    python scripts/gnl_table.py --out gnl/ --models resnet34 --size 2 --steps 8     # miniature
+    python scripts/gnl_table.py --out gnl/                                          # miniature
     python scripts/gnl_table.py --dataset imagenet/val --start 0 --stride 50 --end 50000 --out gnl/
 """
 
@@ -27,7 +27,7 @@ METHODS = {"ig": "IG", "gnl_ig": "GNL-IG"}
 
 def main(argv=None):
     p = _study.parser(__doc__.split("\n\n")[0], MODELS, 2)
-    p.add_argument("--steps", type=int, default=50, help="path steps of both methods")
+    p.add_argument("--steps", type=int, default=None, help="path steps of both methods (default 50; miniature 16)")
     p.add_argument("--metric-step", type=int, default=None,
                    help="insertion/deletion: pixels per step (default: the image width; miniature: 1/16 of the image)")
     args = p.parse_args(argv)
@@ -35,6 +35,7 @@ def main(argv=None):
     if dataset is None:
         dataset = _study.photos(args.out / "miniature", _study.end_of(args))
     models = csv_list(args.models)
+    args.steps = args.steps or (50 if args.dataset is not None else 16)
     step = args.metric_step or (None if args.dataset is not None else 224 * 224 // 16)
     from fastig.core import progress
     from fastig.io.tables import write_table
