@@ -134,7 +134,8 @@ class Implementation:
 
 
 CAPTUM = {  # fastig method -> (Captum class path, how fastig's options translate)
-    "ig": ("IntegratedGradients", {"n_steps": "n_steps", "rule": "method", "internal_batch_size": "internal_batch_size"}),
+    "ig": ("IntegratedGradients", {"n_steps": "n_steps", "rule": "method",
+                                   "internal_batch_size": "internal_batch_size"}),
     "saliency": ("Saliency", {"abs": "abs"}),
     "input_x_gradient": ("InputXGradient", {}),
     "smoothgrad": ("NoiseTunnel(Saliency)", {"nt_type": "nt_type", "nt_samples": "nt_samples",
@@ -176,7 +177,8 @@ def _captum(method: str, model, inputs, target, options: dict) -> Implementation
     if method == "occlusion":
         window = kwargs.pop("sliding_window_shapes", 16)
         stride = kwargs.pop("strides", 8)
-        kwargs.update(sliding_window_shapes=(inputs.shape[1], window, window), strides=(inputs.shape[1], stride, stride))
+        channels = inputs.shape[1]
+        kwargs.update(sliding_window_shapes=(channels, window, window), strides=(channels, stride, stride))
     if method == "gradient_shap":
         from fastig.attr.gradients import default_baseline_distribution
 

@@ -335,7 +335,8 @@ def bench(model_name, weights, method_name, n_images, input_shape, target, repea
         except ValueError:
             shape = ()
         if len(shape) != 3 or min(shape) < 1:
-            raise click.BadParameter(f"expected C,H,W such as 3,224,224, got {input_shape!r}", param_hint="--input-shape")
+            raise click.BadParameter(f"expected C,H,W such as 3,224,224, got {input_shape!r}",
+                                     param_hint="--input-shape")
     model, shape = load_model(model_name, weights, str(_device(device)), shape)
     torch.manual_seed(0)
     inputs = torch.randn((n_images,) + shape, device=device)

@@ -128,10 +128,14 @@ def per_image(results, classes, path: Path) -> Path:
     import csv
 
     first = next(iter(results.values()))
-    names = lambda i: classes[int(i)] if classes is not None and 0 <= int(i) < len(classes) else str(int(i))  # noqa: E731
+
+    def names(i):
+        return classes[int(i)] if classes is not None and 0 <= int(i) < len(classes) else str(int(i))
+
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["image", "label", "predicted"] + [f"{v} {m}" for v in results for m in ("insertion", "deletion")])
+        scores = [f"{v} {m}" for v in results for m in ("insertion", "deletion")]
+        writer.writerow(["image", "label", "predicted"] + scores)
         for row in np.flatnonzero(first["done"]):
             label = first["labels"][row]
             writer.writerow([first["ids"][row], names(label) if label >= 0 else "", names(first["predictions"][row])]
@@ -196,7 +200,8 @@ def sensitivity(stores, pictures, targets, ids, classes, args) -> list[Path]:
         [p for p in itertools.combinations(stores, 2) if p[0] != first][:1]
     result = SensitivityResult(list(stores), maps, {p: rank_correlation(maps[p[0]], maps[p[1]]) for p in pairs},
                                {p: top_k_overlap(maps[p[0]], maps[p[1]], 0.1) for p in pairs}, 0.1,
-                               targets.numpy(), {"method": "IG vs latent IG", "stores": {k: str(v) for k, v in stores.items()}})
+                               targets.numpy(), {"method": "IG vs latent IG",
+                                                 "stores": {k: str(v) for k, v in stores.items()}})
     return result.save(args.out / "sensitivity", images=pictures, ids=ids, class_names=classes)
 
 

@@ -3,8 +3,6 @@
 
 import dataclasses
 
-import cv2
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -30,13 +28,6 @@ def untrained_model(monkeypatch):
     info = dataclasses.replace(models.info("resnet18"), name="untrained", filename="untrained.pth", input_size=8,
                                resize_size=8, num_classes=5, builder=untrained)
     monkeypatch.setitem(models._REGISTRY, "untrained", info)
-
-
-@pytest.fixture
-def image(tmp_path):
-    path = tmp_path / "img.png"
-    cv2.imwrite(str(path), (np.random.default_rng(0).random((40, 50, 3)) * 255).astype(np.uint8))
-    return path
 
 
 def test_random_weights_are_flagged_in_one_line(tmp_path, image, untrained_model):

@@ -14,7 +14,8 @@ def _cell(value, digits: int) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        return f"{value:.{digits}g}" if abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3) else f"{value:.{digits}f}"
+        small_or_large = abs(value) >= 1e4 or (value != 0 and abs(value) < 1e-3)
+        return f"{value:.{digits}g}" if small_or_large else f"{value:.{digits}f}"
     return str(value)
 
 

@@ -47,7 +47,8 @@ class ModelInfo:
     for models that need no file). ``sha256``: the file's sha256 digest or a prefix of it (torchvision's
     file names carry its first 8 hex digits), checked on loading; None when unknown. Inputs are resized so the
     short side is ``resize_size`` (or, when it is a ``(height, width)`` pair, to exactly that size: the Places365
-    scene classifier sees whole scenes squashed to 256x256, see :mod:`fastig.io.places365`), center-cropped to ``input_size`` x ``input_size``, scaled to [0, 1] and
+    scene classifier sees whole scenes squashed to 256x256, see :mod:`fastig.io.places365`), center-cropped to
+    ``input_size`` x ``input_size``, scaled to [0, 1] and
     normalized per channel as ``(x - mean) / std`` (identity for the center-pixel model). ``builder()`` returns
     the architecture, randomly initialized, exactly as its weight file expects it.
     """
@@ -126,9 +127,9 @@ def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.devi
 
     ``weights``: ``"auto"`` loads the model's file from :func:`checkpoint_dir`, downloading it first when it is
     not there (unless ``FASTIG_OFFLINE=1``), and raises a :class:`~fastig.errors.CheckpointError` naming the file
-    and its source URL when it cannot be had; ``"none"`` keeps the random initialization (deterministic under ``torch.manual_seed``; for smoke tests); anything else
-    is the path of a weight file. The center-pixel model needs no file: its weights are computed in closed form
-    for both ``"auto"`` and ``"none"``.
+    and its source URL when it cannot be had; ``"none"`` keeps the random initialization (deterministic under
+    ``torch.manual_seed``; for smoke tests); anything else is the path of a weight file. The center-pixel model
+    needs no file: its weights are computed in closed form for both ``"auto"`` and ``"none"``.
 
     GoogLeNet is built with its auxiliary heads (torchvision's file holds them) and returned without them, as
     torchvision does when ``aux_logits`` is not requested; it keeps ``transform_input=True``, so every ImageNet
