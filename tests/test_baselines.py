@@ -18,7 +18,7 @@ from fastig.attr import (GuidedIntegratedGradients, GuidedNonLinearityIG, Integr
                          LatentIntegratedGradients)
 from fastig.cli import cli
 from fastig.core import baselines as bl
-from fastig.core.baselines import SegmentBaselines, from_options, opencv_inpainter, telea_inpaint
+from fastig.core.baselines import SegmentBaselines, from_options, builtin_inpainter, telea_inpaint
 
 from _shared import SmallCNN
 from test_latent_ig import images as dvae_images, small_classifier, small_dvae
@@ -61,7 +61,7 @@ def test_constant_and_ramp_images_inpaint_to_themselves():
     mask[22:27, 0:8] = True  # touching the border
     constant = torch.full((3, 30, 30), 0.37)
     for name in ("telea", "navier_stokes"):
-        out = opencv_inpainter(name)(constant, mask)
+        out = builtin_inpainter(name)(constant, mask)
         assert (out - constant).abs().max() < 1e-6
     yy, xx = torch.meshgrid(torch.arange(30.0, dtype=torch.float64), torch.arange(30.0, dtype=torch.float64),
                             indexing="ij")

@@ -145,7 +145,7 @@ class SegmentBaselines:
             noise = torch.cat([torch.randn((s,) + tuple(images.shape[1:]), generator=g, dtype=torch.float64)
                                for g in generators]).to(images.device)
             return (mean.repeat_interleave(s, 0) + std.repeat_interleave(s, 0) * noise).to(images.dtype)
-        inpainter = opencv_inpainter(self.fill, self.inpaint_radius) if isinstance(self.fill, str) else self.fill
+        inpainter = builtin_inpainter(self.fill, self.inpaint_radius) if isinstance(self.fill, str) else self.fill
         return torch.stack([inpaint(inpainter, x, m[0]) for x, m in zip(repeated, masks)])
 
 
@@ -235,7 +235,7 @@ def gaussian_blur_image(images: torch.Tensor, sigma: float) -> torch.Tensor:
     return (gaussian_blur(images.to(torch.float64), sigma) / weight).to(images.dtype)
 
 
-def opencv_inpainter(name: str, radius: float = 3.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def builtin_inpainter(name: str, radius: float = 3.0) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """A built-in inpainting as an ``inpaint(image, mask) -> image`` function, neighbourhood ``radius`` pixels.
 
     ``"navier_stokes"``: OpenCV's ``cv2.inpaint(..., cv2.INPAINT_NS)`` (Bertalmio et al. 2001), each channel in
