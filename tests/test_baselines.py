@@ -18,7 +18,7 @@ from fastig.attr import (GuidedIntegratedGradients, GuidedNonLinearityIG, Integr
                          LatentIntegratedGradients)
 from fastig.cli import cli
 from fastig.core import baselines as bl
-from fastig.core.baselines import SegmentBaselines, from_options, builtin_inpainter, telea_inpaint
+from fastig.core.baselines import SegmentBaselines, builtin_inpainter, from_options, telea_inpaint
 
 from _shared import SmallCNN
 from test_latent_ig import images as dvae_images, small_classifier, small_dvae
