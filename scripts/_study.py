@@ -126,8 +126,8 @@ def attribute(out_dir: Path, args, model: str, method: str, options: dict, datas
     settings skips the images already done; other settings in the same folder are refused (see fastig.run)."""
     from fastig.run import RunSpec, run
 
-    spec = RunSpec(model=model, method=method, out_dir=out_dir, weights=weights_for(args, model), options=dict(options),
-                   dataset=dataset, layout=args.layout if args.dataset is not None else "auto",
+    spec = RunSpec(model=model, method=method, out_dir=out_dir, weights=weights_for(args, model),
+                   options=dict(options), dataset=dataset, layout=args.layout if args.dataset is not None else "auto",
                    labels=args.labels if args.dataset is not None else None, start=args.start, stride=args.stride,
                    end=end_of(args), target=target, correct_only=correct_only, min_confidence=min_confidence,
                    batch_size=args.batch, workers=0, device=args.device, overwrite=args.overwrite, heatmaps=False)
@@ -148,27 +148,31 @@ def image_root(store: Path) -> Path:
 
 
 def evaluate(store: Path, metrics: Sequence[str], args, **settings) -> dict[str, np.ndarray]:
-    """``evaluate_store`` once per store and set of metrics (a marker beside the store makes reruns skip it
-    while the store's rows stay the same); returns {metric: per-row values} (NaN for rows not scored).
-    It runs from the dataset's image folder, since a dataset store's ids are paths relative to it."""
+    """``evaluate_store`` once per store and set of metrics: a marker beside the store records what was scored
+    and the store file as it was left, so a rerun skips it until the store changes (more rows, --overwrite).
+    Returns {metric: per-row values} (NaN for rows not scored). It runs from the dataset's image folder, since a
+    dataset store's ids are paths relative to it."""
     import contextlib
 
     from fastig.io.store import Store
     from fastig.metrics import evaluate_store
 
+    store = store.resolve()
     with Store.open(store) as s:
-        model = s.attrs["model"]
+        model, rows = s.attrs["model"], int(len(s.done_indices()))
     marker = store.parent / "evaluated.json"
-    with Store.open(store) as s:
-        rows = int(len(s.done_indices()))
-    wanted = {"metrics": list(metrics), "rows": rows, "settings": {k: str(v) for k, v in settings.items()}}
+    wanted = {"metrics": list(metrics), "settings": {k: str(v) for k, v in settings.items()}}
+
+    def stamp() -> list:
+        info = store.stat()
+        return [info.st_size, info.st_mtime_ns]
+
     done = json.loads(marker.read_text()) if marker.is_file() else None
-    if rows and done != wanted:
-        store = store.resolve()
+    if rows and done != {**wanted, "store": stamp()}:
         with contextlib.chdir(image_root(store)):
             evaluate_store(store, list(metrics), model=loaded(model, args), device=args.device, plots=False,
                            batch_size=args.batch, progress=lambda line: None, **settings)
-        marker.write_text(json.dumps(wanted))
+        marker.write_text(json.dumps({**wanted, "store": stamp()}))
     return read_store(store, metrics)
 
 

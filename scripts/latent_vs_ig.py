@@ -60,8 +60,16 @@ def miniature(folder: Path, n: int, dvae_folder: Path) -> Path:
     (folder / "categories_places365.txt").write_text("".join(f"/m/miniature_scene_{i:03d} {i}\n" for i in range(365)))
     dvae_folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    torch.save(Encoder(n_hid=8, n_blk_per_group=1, vocab_size=64).state_dict(), dvae_folder / ENCODER_FILE)
-    torch.save(Decoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=64).state_dict(), dvae_folder / DECODER_FILE)
+    encoder = Encoder(n_hid=8, n_blk_per_group=1, vocab_size=64)
+    decoder = Decoder(n_init=8, n_hid=8, n_blk_per_group=1, vocab_size=64)
+    with torch.no_grad():  # sharper codes and more contrast than the plain random init, so that the latent path
+        for net in (encoder, decoder):  # moves and lerp and slerp differ (a random decoder gives one grey image)
+            net.blocks.output.conv.w.mul_(10)
+            for p in net.parameters():
+                if p.dim() == 1:
+                    p.normal_(std=0.2)
+    torch.save(encoder.state_dict(), dvae_folder / ENCODER_FILE)
+    torch.save(decoder.state_dict(), dvae_folder / DECODER_FILE)
     return folder
 
 
