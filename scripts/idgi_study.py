@@ -43,7 +43,7 @@ def miniature(folder, n: int):
 
 
 def main(argv=None):
-    p = _study.parser(__doc__.split("\n\n")[0], "resnet50", 2)
+    p = _study.parser(__doc__.split("\n\n")[0], "resnet50", 1)
     p.add_argument("--methods", default=",".join(METHODS), help="path methods")
     p.add_argument("--steps", default=None, help="step counts swept (default 8,16,32,64,128; miniature 8,32,128)")
     p.add_argument("--metrics", default="insertion,pic,lossy_mse", help="metrics of `fastig evaluate`")
