@@ -66,7 +66,7 @@ def curve_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ti
         u, v = px(fx, fy)
         cv2.line(canvas, (int(u), top), (int(u), bottom), (225, 225, 225), 1)
         cv2.line(canvas, (left, int(v)), (right, int(v)), (225, 225, 225), 1)
-        label = f"{fx:.2g}"
+        label = f"{fx:.3g}"  # 3 digits: step counts such as 128 stay integers
         _text(canvas, label, (u - _width(label) / 2, bottom + 14))
         label = f"{fy:.2g}"
         _text(canvas, label, (left - 6 - _width(label), v + 4))
