@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from fastig import methods
+from fastig.core import baselines
 from fastig.errors import InputError
 
 
@@ -17,7 +18,9 @@ def attribute(model: Any, inputs: Any, target: Any = None, method: str = "ig", *
     ``options`` are keyword arguments of that method's ``attribute()`` (e.g. ``n_steps=32`` for ``"ig"``), except
     that the quadrature rule of IG-style methods, Captum's ``method=``, is called ``rule=`` here, since ``method``
     names the attribution method, and that settings of the method's constructor listed in its ``build_options``
-    (latent IG's ``dvae=`` folder) are given here too. ``fastig.methods.names()`` lists the methods.
+    (latent IG's ``dvae=`` folder) are given here too, and that path methods take ``baselines="segments"`` with
+    the flat ``baseline_*`` options of the CLI (:func:`fastig.core.baselines.from_options`).
+    ``fastig.methods.names()`` lists the methods.
 
     ``target`` is as in Captum, except that negative indices are refused: here a class index counts from 0 (the
     CLI and the stores use -1 for "no class"). The Captum-named classes keep Captum's, that is Python's, indexing,
@@ -28,6 +31,7 @@ def attribute(model: Any, inputs: Any, target: Any = None, method: str = "ig", *
     """
     _check_no_negative_class(target)
     spec = methods.get(method)
+    options = baselines.from_options(options)  # --baselines segments --baseline-* -> a SegmentBaselines spec
     if "rule" in options:
         options["method"] = options.pop("rule")
     build_options = {k: options.pop(k) for k in spec.build_options if k in options}  # e.g. latent IG's dvae=

@@ -193,7 +193,7 @@ def _parse_shard(value: str | None):
 @click.option("--dataset", type=click.Path(exists=True, path_type=Path),
               help="a dataset folder (class folders, ImageNet val layouts) or a text file listing images")
 @click.option("--layout", type=click.Choice(["auto", "folder", "imagenet_loc", "imagenet_devkit", "tiny_imagenet",
-                                             "flat", "list"]), default="auto", show_default=True,
+                                             "places365", "flat", "list"]), default="auto", show_default=True,
               help="dataset layout (auto detects it)")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="label file to use instead of the layout's own (LOC_val_solution.csv, ground truth, annotations)")
@@ -367,6 +367,88 @@ def convert_dvae(encoder_pkl, decoder_pkl, out_dir):
 
     for path in convert(encoder_pkl, decoder_pkl, out_dir or checkpoint_dir()):
         click.echo(f"wrote {path}")
+
+
+def _bench_precision(command):
+    """--precision for `bench`, unless the shared option catalogue already has one (then it comes from there)."""
+    if "precision" in methods.OPTIONS:
+        return command
+    return click.option("--precision", "precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
+                        help="fastig's precision= (the reference runs under torch.autocast); default fp32")(command)
+
+
+@cli.command("bench")
+@click.option("--model", "model_name", required=True,
+              help="a zoo model (`fastig models`) or your own: package.module:factory (factory() -> nn.Module)")
+@click.option("--weights", default="none", show_default=True,
+              help="zoo models: none (random; the speed does not depend on the weights), auto, or a path")
+@click.option("--method", "method_name", default="ig", show_default=True, help="method name (see `fastig methods`)")
+@click.option("--images", "n_images", type=int, default=1, show_default=True, help="random images per call")
+@click.option("--input-shape", default=None, metavar="C,H,W", help="input shape (needed for models outside the zoo)")
+@click.option("--target", type=int, default=0, show_default=True, help="class explained")
+@click.option("--repeats", type=int, default=3, show_default=True, help="timed rounds per implementation")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="also time the reference implementation (Captum, or PAIR saliency for guided_ig/blur_ig)")
+@_bench_precision
+@_method_options
+def bench(model_name, weights, method_name, n_images, input_shape, target, repeats, device, reference, **given):
+    """Time fastig against Captum (or the method's reference) on your model and settings, in this process.
+
+    \b
+    fastig bench --model resnet50 --method ig --steps 32
+    fastig bench --model mypackage.nets:build --input-shape 3,64,64 --method saliency --images 8
+
+    Prints a table: median and best seconds, the ratio to fastig, the share of time outside the model's passes,
+    the passes made and the peak memory growth; then how far the two attributions differ.
+    """
+    from fastig.bench import bench as run_bench, load_model
+
+    precision = given.pop("precision", None) or "fp32"
+    method = methods.get(method_name)
+    options = _chosen_options(method, given)
+    if n_images < 1:
+        raise click.BadParameter(f"must be >= 1, got {n_images}", param_hint="--images")
+    shape = None
+    if input_shape is not None:
+        try:
+            shape = tuple(int(v) for v in input_shape.split(","))
+        except ValueError:
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise click.BadParameter(f"expected C,H,W such as 3,224,224, got {input_shape!r}",
+                                     param_hint="--input-shape")
+    model, shape = load_model(model_name, weights, str(_device(device)), shape)
+    torch.manual_seed(0)
+    inputs = torch.randn((n_images,) + shape, device=device)
+    report = run_bench(model, inputs, target, method_name, repeats=repeats, precision=precision, reference=reference,
+                       model_name=model_name, **options)
+    for line in report.lines():
+        click.echo(line)
+
+
+@cli.command("fetch-weights")
+@click.argument("names", nargs=-1, required=True, metavar="NAME... | all")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="folder to write into (default: the checkpoints folder, $FASTIG_CHECKPOINTS)")
+@click.option("--timeout", type=float, default=60.0, show_default=True,
+              help="seconds a connection may stay silent before the download fails")
+def fetch_weights(names, out_dir, timeout):
+    """Download official weight files (checkpoints/README.md) with their checks; `all` fetches every one.
+
+    NAME is a model of `fastig models` that needs a file, or `dvae` (OpenAI's encoder.pkl/decoder.pkl for latent
+    IG, converted safely into dvae_encoder.pt/dvae_decoder.pt). Files already there are kept. FASTIG_OFFLINE=1
+    forbids downloads.
+    """
+    from fastig.models import download
+
+    chosen = download.names() if "all" in names else list(dict.fromkeys(names))
+    for name in chosen:
+        if name not in download.names():
+            raise click.BadParameter(f"unknown weights {name!r}; known: {', '.join(download.names())}, all",
+                                     param_hint="NAME")
+    for name in chosen:
+        download.fetch(name, out_dir, timeout=timeout, echo=click.echo)
 
 
 @cli.command()

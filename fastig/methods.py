@@ -83,8 +83,24 @@ OPTIONS: dict[str, Option] = {
                "their decodings (default: steps / 4, rounded up)"),
         Option("--dvae-size", "dvae_size", int, "latent IG: image side the dVAE sees, a multiple of 8 (default: the "
                "model's input size)"),
+        Option("--baselines", "baselines", ("zeros", "segments"), "path methods: the baseline: zeros (default) or "
+               "the image with a random subset of its segments replaced (fastig.core.baselines; --baseline-*)"),
+        Option("--baseline-segmentation", "baseline_segmentation", ("slic", "grid", "cv2"),
+               "segment baselines: how the image is cut into segments (default slic: fastig's superpixels)"),
+        Option("--baseline-segments", "baseline_segments", int,
+               "segment baselines: about how many segments (default 32)"),
+        Option("--baseline-fraction", "baseline_fraction", float,
+               "segment baselines: fraction of the segments replaced in each baseline (default 0.5)"),
+        Option("--baseline-fill", "baseline_fill", ("blur", "mean", "noise", "telea", "navier_stokes"),
+               "segment baselines: what replaces the segments (default blur; telea / navier_stokes: inpainting)"),
+        Option("--baseline-samples", "baseline_samples", int,
+               "segment baselines: random baselines per image, attributions averaged (default 4)"),
+        Option("--baseline-seed", "baseline_seed", int, "segment baselines: seed of the draws (default 0)"),
     ]
 }
+# the options of every path method that has a baseline (fastig.core.baselines.from_options reads them)
+_BASELINES = ("baselines", "baseline_segmentation", "baseline_segments", "baseline_fraction", "baseline_fill",
+              "baseline_samples", "baseline_seed")
 
 
 @dataclass(frozen=True)
@@ -198,7 +214,7 @@ def _ig(model):
 ADAPTIVE = ("tolerance", "max_steps")  # the options of --steps auto, for the methods that have it
 
 register(Method("ig", "Integrated Gradients (straight line, Captum-compatible)", _ig,
-                ("n_steps", "rule", "internal_batch_size", "idgi", "output", "rules") + ADAPTIVE, path_method=True))
+                ("n_steps", "rule", "internal_batch_size", "idgi", "output", "rules") + ADAPTIVE + _BASELINES, path_method=True))
 
 
 def _path_method(name):
@@ -211,8 +227,8 @@ def _path_method(name):
 
 
 register(Method("guided_ig", "Guided IG (Kapishnikov et al. 2021), PAIR saliency's algorithm, batched",
-                _path_method("guided_ig"), ("n_steps", "fraction", "max_dist", "internal_batch_size", "idgi", "output",
-                                            "rules"),
+                _path_method("guided_ig"),
+                ("n_steps", "fraction", "max_dist", "internal_batch_size", "idgi", "output", "rules") + _BASELINES,
                 path_method=True, demo={"n_steps": 32}))
 register(Method("blur_ig", "Blur IG (Xu et al. 2020), PAIR saliency's algorithm",
                 _path_method("blur_ig"),
@@ -240,7 +256,7 @@ def _check_latent_ig(options: dict) -> None:
 
 register(Method("latent_ig", "Latent IG: IG along a path decoded from the DALL-E dVAE's latent space (--dvae)",
                 _latent_ig, ("n_steps", "rule", "dvae", "interpolation", "latent", "gap_steps", "dvae_size",
-                             "internal_batch_size", "idgi", "output", "rules"),
+                             "internal_batch_size", "idgi", "output", "rules") + _BASELINES,
                 path_method=True, demo={"n_steps": 8}, build_options=("dvae",), check=_check_latent_ig,
                 signature=_latent_ig_attribute))
 
@@ -287,7 +303,7 @@ register(Method("second_order", "2ndG second-order attribution at a layer (Wang 
                 _gradient_family("second_order"), ("layer", "internal_batch_size"),
                 fixed={"upsample_to_input": True}))
 register(Method("gnl_ig", "Guided non-linearity IG (Kwon et al. 2020): IG with guided ReLU/max-pool gradients",
-                _gradient_family("gnl_ig"), ("n_steps", "rule", "internal_batch_size", "idgi", "output") + ADAPTIVE,
+                _gradient_family("gnl_ig"), ("n_steps", "rule", "internal_batch_size", "idgi", "output") + ADAPTIVE + _BASELINES,
                 path_method=True,
                 demo={"n_steps": 32}))
 

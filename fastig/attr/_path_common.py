@@ -10,6 +10,7 @@ import torch
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, row_sums
 from fastig.core import quadrature
+from fastig.core.baselines import sampled_baselines
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
 from fastig.errors import InvalidArgumentError
@@ -84,6 +85,12 @@ class PathAttribution(Attribution):
 
     _has_convergence_delta = True
     takes_rules = True  # rules= (fastig.attr.rules), applied by the entry point
+
+    def __init_subclass__(cls, **kwargs):
+        # every path method takes drawn baselines (baselines="segments" / SegmentBaselines): resolved here, once
+        super().__init_subclass__(**kwargs)
+        if "attribute" in cls.__dict__:
+            cls.attribute = sampled_baselines(cls.__dict__["attribute"])
 
     def _setup(
         self, n: int, target: Any, additional_forward_args: Any, output: str, internal_batch_size: int | None

@@ -20,6 +20,8 @@ Layouts (``open_dataset(root, layout)``; ``"auto"`` detects them in this order):
 - ``tiny_imagenet``: ``val/images`` + ``val/val_annotations.txt`` (Tiny ImageNet); ``root`` is the dataset folder
   or its ``val`` folder. Class indices: the sorted synsets of ``wnids.txt`` (or of ``train/``'s folders, or of the
   annotations), as ``ImageFolder`` over ``train/`` numbers them.
+- ``places365``: Places365's validation images (``val_256/`` or ``val_large/``, ``places365_val.txt``,
+  ``categories_places365.txt``) or a subset folder with its own label file: see :mod:`fastig.io.places365`.
 - ``folder``: one sub-folder per class, images anywhere below it (``ImageFolder``). When every folder is named by
   an ImageNet wnid (``n02123045``), the class index is that class's ImageNet index (281), so a subset of the
   classes keeps the labels an ImageNet model predicts; otherwise it is the rank of the folder name in sorted order.
@@ -47,7 +49,7 @@ import torch
 from fastig.errors import FastigError, ImageReadError
 from fastig.io import imagenet_classes
 
-LAYOUTS = ("auto", "list", "imagenet_loc", "imagenet_devkit", "tiny_imagenet", "folder", "flat")
+LAYOUTS = ("auto", "list", "imagenet_loc", "imagenet_devkit", "tiny_imagenet", "places365", "folder", "flat")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                               ".pbm", ".pnm"})
 LOC_CSV = "LOC_val_solution.csv"
@@ -125,7 +127,8 @@ def open_dataset(root, layout: str = "auto", labels=None) -> ImageDataset:
     if layout != "list" and not root.is_dir():
         raise DatasetError(f"layout {layout!r} needs a folder, got the file {root}")
     opener = {"list": _open_list, "imagenet_loc": _open_loc, "imagenet_devkit": _open_devkit,
-              "tiny_imagenet": _open_tiny, "folder": _open_folder, "flat": _open_flat}[layout]
+              "tiny_imagenet": _open_tiny, "places365": _open_places365, "folder": _open_folder,
+              "flat": _open_flat}[layout]
     dataset = opener(root, labels)
     if not dataset.samples:
         raise DatasetError(f"no image files found in {root} (layout {layout})")
@@ -149,6 +152,10 @@ def detect_layout(root: Path, labels: Path | None = None) -> str:
         return "imagenet_devkit"
     if name == TINY_ANNOTATIONS or (name is None and _tiny_val_dir(root) is not None):
         return "tiny_imagenet"
+    from fastig.io import places365
+
+    if places365.detect(root, labels):
+        return "places365"
     if labels is not None:
         raise DatasetError(f"cannot tell the layout from the label file {labels}; give --layout")
     if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
@@ -189,6 +196,12 @@ def _open_folder(root: Path, _labels) -> ImageDataset:
     samples = [Sample(path, label_of[name], _relative_id(path, root))
                for name in folders for path in _image_files(root / name, recursive=True)]
     return ImageDataset(samples, root, "folder", classes, notes, mapping)
+
+
+def _open_places365(root: Path, labels) -> ImageDataset:
+    from fastig.io.places365 import open_places365
+
+    return open_places365(root, labels)
 
 
 def _open_flat(root: Path, _labels) -> ImageDataset:

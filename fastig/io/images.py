@@ -186,7 +186,9 @@ class Preprocess:
     """Image -> model input: resize the shorter side, center-crop, scale to [0, 1], optional grey, normalize.
 
     ``resize``: the length of the shorter side after resizing (the longer side keeps the aspect ratio, truncated
-    to an integer as torchvision does), or None to keep the size. ``crop``: the side of the square center crop, or
+    to an integer as torchvision does), an exact ``(height, width)`` (the whole image squashed to it, as
+    torchvision's ``Resize((h, w))``; the Places365 scene classifier's choice, see :mod:`fastig.io.places365`), or
+    None to keep the size. ``crop``: the side of the square center crop, or
     None for no crop; an image smaller than the crop is padded with zeros (as torchvision's CenterCrop does).
     ``mean``/``std``: per-channel normalization, both given or both None. ``grayscale``: one luma channel instead
     of RGB (then mean/std have one value each).
@@ -194,16 +196,21 @@ class Preprocess:
     Calling it on a uint8 RGB array [H, W, 3] returns a float32 tensor [C, crop, crop] (C = 3, or 1 when grey).
     """
 
-    resize: int | None = None
+    resize: int | tuple[int, int] | None = None
     crop: int | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     grayscale: bool = False
 
     def __post_init__(self):
+        if isinstance(self.resize, (tuple, list)):
+            if len(self.resize) != 2 or not all(_positive_int(v) for v in self.resize):
+                raise ValueError(f"Preprocess.resize as a size must be (height, width) of positive integers, got "
+                                 f"{self.resize!r}")
+            object.__setattr__(self, "resize", tuple(self.resize))
         for name in ("resize", "crop"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not (name == "resize" and isinstance(value, tuple)) and not _positive_int(value):
                 raise ValueError(f"Preprocess.{name} must be a positive integer or None, got {value!r}")
         if (self.mean is None) != (self.std is None):
             raise ValueError("Preprocess.mean and Preprocess.std must both be given or both be None")
@@ -252,8 +259,12 @@ class Preprocess:
         return np.ascontiguousarray(np.repeat(rgb, 3, axis=2) if channels == 1 else rgb)
 
 
-def _resize_and_crop(image: np.ndarray, resize: int | None, crop: int | None) -> np.ndarray:
-    """torchvision's ``Resize(resize)`` then ``CenterCrop(crop)`` (either may be None) of a uint8 image, bilinear
+def _positive_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
+
+
+def _resize_and_crop(image: np.ndarray, resize: int | tuple[int, int] | None, crop: int | None) -> np.ndarray:
+    """torchvision's ``Resize(resize)`` (``resize`` a short side or an exact ``(height, width)``) then ``CenterCrop(crop)`` (either may be None) of a uint8 image, bilinear
     (half-pixel centres, edges clamped: OpenCV's INTER_LINEAR, torch's bilinear without antialiasing). A crop
     larger than the resized image pads it with zeros, centred, as torchvision's CenterCrop does.
 
@@ -264,6 +275,8 @@ def _resize_and_crop(image: np.ndarray, resize: int | None, crop: int | None) ->
     h, w = image.shape[:2]
     if resize is None:
         new_h, new_w = h, w
+    elif isinstance(resize, tuple):  # the whole image squashed to exactly (height, width)
+        new_h, new_w = resize
     elif h <= w:  # torchvision: the short side becomes `resize`, the long side int(resize * long / short)
         new_h, new_w = resize, int(resize * w / h)
     else:

@@ -30,6 +30,7 @@ import torch
 from fastig.errors import FastigError, UnknownNameError
 
 METRICS = ("insertion", "deletion", "sic", "aic", "lossy_mse", "completeness")
+NEAR_UNIFORM = 0.95  # softmax entropy, as a share of log(classes), above which a prediction says nothing
 ALIASES = {"pic": ("sic", "aic")}
 IMAGE_CHUNK = 64  # images decoded and scored at a time (bounds memory on large stores)
 
@@ -219,6 +220,8 @@ def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weig
         for start in range(0, rows.size, IMAGE_CHUNK):
             chunk = rows[start:start + IMAGE_CHUNK]
             images = _uint8_images([ids[r] for r in chunk], info)
+            if start == 0:
+                _warn_if_near_uniform(net, input_fn(np.stack(images[:8])), model_name, progress)
             if len(first_images) < image_plots:
                 first_images += images[:image_plots - len(first_images)]
             saliency = torch.from_numpy(maps[chunk].astype(np.float32))
@@ -272,6 +275,23 @@ def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weig
             _write_plots(out, names, results, curves, pic_x, rows, ids, maps, first_images, model_name,
                          method_name, aggregation, skip_codes)
     return summary
+
+
+def _warn_if_near_uniform(net, inputs: torch.Tensor, model_name: str, progress) -> None:
+    """One line when the model's predictions are near uniform (random weights): the scores then mean nothing."""
+    with torch.no_grad():
+        p = torch.softmax(net(inputs).double(), dim=1)
+    entropy = -(p * p.clamp_min(1e-300).log()).sum(1) / np.log(p.shape[1])
+    if bool((entropy > NEAR_UNIFORM).all()):
+        message = (f"warning: {model_name}'s predictions are near uniform (softmax entropy above "
+                   f"{NEAR_UNIFORM:.0%} of the maximum on every image checked; random weights?): these scores are "
+                   "not meaningful")
+        if progress is not None:
+            progress(message)
+        else:
+            import warnings
+
+            warnings.warn(message, stacklevel=3)
 
 
 def _write_plots(out: Path, names, results, curves, pic_x, rows, ids, maps, first_images, model_name,

@@ -66,7 +66,7 @@ def curve_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ti
         u, v = px(fx, fy)
         cv2.line(canvas, (int(u), top), (int(u), bottom), (225, 225, 225), 1)
         cv2.line(canvas, (left, int(v)), (right, int(v)), (225, 225, 225), 1)
-        label = f"{fx:.2g}"
+        label = f"{fx:.3g}"  # 3 digits: step counts such as 128 stay integers
         _text(canvas, label, (u - _width(label) / 2, bottom + 14))
         label = f"{fy:.2g}"
         _text(canvas, label, (left - 6 - _width(label), v + 4))
@@ -77,6 +77,8 @@ def curve_plot(series: Mapping[str, tuple[Sequence[float], Sequence[float]]], ti
         if x.size:
             points = np.round(px(x, np.clip(y, y0, y1))).astype(np.int32).reshape(-1, 1, 2)
             cv2.polylines(canvas, [points], False, color, 2, cv2.LINE_AA)
+            if x.size == 1:  # a lone point draws no line: mark it
+                cv2.circle(canvas, tuple(int(v) for v in points[0, 0]), 4, color, -1, cv2.LINE_AA)
         ly = top + 16 + 16 * i  # legend, top-left inside the axes
         cv2.line(canvas, (left + 8, ly - 4), (left + 28, ly - 4), color, 2, cv2.LINE_AA)
         _text(canvas, str(label), (left + 34, ly))

@@ -5,9 +5,10 @@ toy model, behind one registry.
 >>> model = fastig.models.get("resnet50", weights="none")   # random initialization (smoke tests)
 >>> fastig.models.info("resnet50").mean               # how its inputs are normalized
 
-Weight files are never downloaded: ``weights="auto"`` reads the file named by :func:`info` from
-:func:`checkpoint_dir` (``$FASTIG_CHECKPOINTS`` or ``checkpoints/`` at the repository root) and, when it is not
-there, raises a :class:`~fastig.errors.CheckpointError` naming the file and where to get it.
+``weights="auto"`` reads the file named by :func:`info` from :func:`checkpoint_dir` (``$FASTIG_CHECKPOINTS`` or
+``checkpoints/`` at the repository root); when it is not there it is downloaded from the official URL (checked,
+see :mod:`fastig.models.download`), unless ``FASTIG_OFFLINE=1``: then, or when the download fails, a
+:class:`~fastig.errors.CheckpointError` names the file and where to get it.
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ class ModelInfo:
     ``filename``/``url``: the weight file expected under :func:`checkpoint_dir` and where to download it (None
     for models that need no file). ``sha256``: the file's sha256 digest or a prefix of it (torchvision's
     file names carry its first 8 hex digits), checked on loading; None when unknown. Inputs are resized so the
-    short side is ``resize_size``, center-cropped to ``input_size`` x ``input_size``, scaled to [0, 1] and
+    short side is ``resize_size`` (or, when it is a ``(height, width)`` pair, to exactly that size: the Places365
+    scene classifier sees whole scenes squashed to 256x256, see :mod:`fastig.io.places365`), center-cropped to
+    ``input_size`` x ``input_size``, scaled to [0, 1] and
     normalized per channel as ``(x - mean) / std`` (identity for the center-pixel model). ``builder()`` returns
     the architecture, randomly initialized, exactly as its weight file expects it.
     """
@@ -57,7 +60,7 @@ class ModelInfo:
     url: str | None
     sha256: str | None
     input_size: int
-    resize_size: int
+    resize_size: int | tuple[int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
     channels: int
@@ -89,7 +92,7 @@ _REGISTRY: dict[str, ModelInfo] = {
             name="sascenenet_rgb", filename="RGB_ResNet18_Places.pth.tar",
             url="https://dauam-my.sharepoint.com/:u:/g/personal/alejandro_lopezc01_estudiante_uam_es/"
             "EUaPpF5MpkNCqDd04GMVnYEB6BnH5inElN9ve_trAiWg-A?download=1",
-            sha256=None, input_size=224, resize_size=256, mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3,
+            sha256=None, input_size=224, resize_size=(256, 256), mean=IMAGENET_MEAN, std=IMAGENET_STD, channels=3,
             num_classes=365, builder=resnet.sascenenet_rgb,
             description="SASceneNet RGB branch (ResNet-18), Places365 scenes (vpulab/Semantic-Aware-Scene-Recognition)",
         ),
@@ -125,10 +128,11 @@ def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.devi
         seed: int | None = None, nonfinite: str = "warn") -> nn.Module:
     """Build a zoo model, load its weights, and return it in eval mode (on ``device`` if given).
 
-    ``weights``: ``"auto"`` loads the model's file from :func:`checkpoint_dir` and raises a
-    :class:`~fastig.errors.CheckpointError` naming the file and its source URL when it is not there; ``"none"``
-    keeps the random initialization (for smoke tests); anything else is the path of a weight file. The
-    center-pixel model needs no file: its weights are computed in closed form for both ``"auto"`` and ``"none"``.
+    ``weights``: ``"auto"`` loads the model's file from :func:`checkpoint_dir`, downloading it first when it is
+    not there (unless ``FASTIG_OFFLINE=1``), and raises a :class:`~fastig.errors.CheckpointError` naming the file
+    and its source URL when it cannot be had; ``"none"`` keeps the random initialization (deterministic under
+    ``torch.manual_seed``; for smoke tests); anything else is the path of a weight file. The center-pixel model
+    needs no file: its weights are computed in closed form for both ``"auto"`` and ``"none"``.
 
     ``seed``: the random initialization is drawn from a generator seeded with it (torch's global generator is
     left as it was), so ``weights="none"`` gives the same model in every process; None draws it from torch's
@@ -198,14 +202,11 @@ def weights_identity(name: str, weights: str | os.PathLike = "auto", seed: int |
 
 
 def _auto_file(spec: ModelInfo) -> Path:
-    """The weight file ``weights="auto"`` loads; CheckpointError naming it and its source when it is missing."""
-    path = checkpoint_dir() / spec.filename
-    if not path.exists():
-        raise CheckpointError(
-            f"model {spec.name!r} needs its weight file {spec.filename!r} in {checkpoint_dir()} (set "
-            f"FASTIG_CHECKPOINTS to use another folder); download it from {spec.url}"
-        )
-    return path
+    """The weight file ``weights="auto"`` loads, downloaded first when it is missing and downloads are allowed;
+    CheckpointError naming it and its source when it cannot be had."""
+    from fastig.models.download import ensure
+
+    return ensure(spec.name, checkpoint_dir() / spec.filename, spec.url, spec.sha256)
 
 
 def _check_seed(seed) -> None:
