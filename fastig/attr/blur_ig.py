@@ -38,6 +38,10 @@ class BlurIntegratedGradients(PathAttribution):
     sigma_{n-1} (the points Blur IG evaluates), f also at sigma_n, and per segment
     ``-g_k * g_k * (f(x_{k+1}) - f(x_k)) / ||g_k||^2``, signed like Blur IG so that attributions sum to
     f(input) - f(blurred). ``output="probability"`` explains the softmax probability.
+
+    ``precision`` and several targets per example (``target=[[a, b], ...]``, an [N, K] tensor or ``top_k=K``: one
+    forward pass per batch of blur levels, K backward passes, attributions [N, K, ...]) as in
+    :class:`~fastig.attr.IntegratedGradients`.
     """
 
     def attribute(
@@ -55,6 +59,8 @@ class BlurIntegratedGradients(PathAttribution):
         sqrt: bool = False,
         idgi: bool = False,
         output: str = "logit",
+        precision: str = "fp32",
+        top_k: int | None = None,
     ) -> Any:
         if baselines is not None:
             raise ValueError("Blur IG's baseline is the input blurred with max_sigma: baselines must be None")
@@ -64,7 +70,7 @@ class BlurIntegratedGradients(PathAttribution):
         check_flag("sqrt", sqrt)
         check_flag("idgi", idgi)
         xs, is_tuple = format_inputs(inputs)
-        tgt, args, engine = self._setup(xs[0].shape[0], target, additional_forward_args, output, internal_batch_size)
+        tgt, args, engine = self._setup(xs, target, additional_forward_args, output, internal_batch_size, precision, top_k)
         sigmas = blur_sigmas(max_sigma, n_steps, sqrt)
         path = BlurPath(xs, sigmas, grad_step)
 

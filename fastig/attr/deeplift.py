@@ -40,6 +40,7 @@ from torch import nn
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, format_output, row_sums
+from fastig.core.engine import Engine
 from fastig.core.targets import Target, args_for_batch, format_additional_args
 
 
@@ -244,7 +245,7 @@ class DeepLift(Attribution):
         with torch.enable_grad(), rescale_rules(self.model, self.eps, self.maxpool_accumulate):
             leaves = tuple(x.detach().requires_grad_() for x in xs)
             joint = tuple(torch.cat([x, b.detach()]) for x, b in zip(leaves, bs))
-            outputs = tgt.select(self.model(*joint, *args))
+            outputs = tgt.select(Engine(self.model).call(joint, args))
             multipliers = torch.autograd.grad(outputs, leaves, torch.ones_like(outputs), allow_unused=True)
         multipliers = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, multipliers))
 

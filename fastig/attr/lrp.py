@@ -46,6 +46,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output, row_sums
+from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
 
 
@@ -325,7 +326,7 @@ class LRP(Attribution):
         args = format_additional_args(additional_forward_args)
         with torch.enable_grad(), self._rules_applied(verbose, default):
             leaves = tuple(x.detach().requires_grad_() for x in xs)
-            outputs = tgt.select(self.model(*leaves, *args))
+            outputs = tgt.select(Engine(self.model).call(leaves, args))
             grads = torch.autograd.grad(outputs, leaves, torch.ones_like(outputs), allow_unused=True)
         relevance = tuple(x * (torch.zeros_like(x) if g is None else g) for x, g in zip(xs, grads))
         result = format_output(relevance, is_tuple)

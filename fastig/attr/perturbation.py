@@ -6,8 +6,9 @@ in batches of many copies per model call, bounded by memory, and hands each batc
 more than one batch of copies at a time.
 
 ``perturbations_per_eval`` keeps Captum's meaning (at most that many perturbed copies of the examples per model
-call) when given as an integer. Its fastig default, None, batches as many copies as fit a memory budget (on the CPU
-about ``CPU_BATCH_BYTES`` of input per call; on CUDA a much larger budget, halved after an out-of-memory error).
+call) when given as an integer. Its fastig default, None, batches as many copies as the engine's batch sizing allows
+(:mod:`fastig.core.engine`: on the CPU about ``CPU_BATCH_BYTES`` of input per call; on CUDA a much larger budget,
+halved after an out-of-memory error).
 Batching does not change the numbers, only how many model calls they take.
 
 What is not supported (clear errors instead): models that return one scalar for a whole batch (Captum's
@@ -26,11 +27,8 @@ from fastig import _ops
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
 from fastig.core import progress
-from fastig.core.engine import CPU_BATCH_BYTES
+from fastig.core.engine import Chunk, Engine, as_engine, grid
 from fastig.core.targets import Target, args_for_batch, format_additional_args
-
-# On CUDA a model pass gets cheaper per copy up to large batches: about this many bytes of input copies per call.
-CUDA_BATCH_BYTES = 512 << 20
 
 
 # -- the shared core ---------------------------------------------------------------------------------------------
@@ -43,22 +41,11 @@ def check_perturbations_per_eval(perturbations_per_eval: Any) -> None:
         raise ValueError(f"perturbations_per_eval must be a positive integer or None, got {perturbations_per_eval!r}")
 
 
-def copies_per_batch(inputs: tuple[torch.Tensor, ...], n_copies: int, perturbations_per_eval: int | None) -> int:
-    """How many perturbed copies (each holding every example) go into one model call."""
-    if n_copies <= 0:
-        return 1
-    if perturbations_per_eval is not None:
-        return min(perturbations_per_eval, n_copies)
-    budget = CUDA_BATCH_BYTES if inputs[0].device.type == "cuda" else CPU_BATCH_BYTES
-    bytes_per_copy = max(1, sum(x.numel() * x.element_size() for x in inputs))
-    return max(1, min(n_copies, budget // bytes_per_copy))
-
-
-def forward_outputs(forward_func: Callable, inputs: tuple, target: Target, args: tuple, n_rows: int) -> torch.Tensor:
-    """The explained scalar of each of ``n_rows`` rows, as a 1-D tensor (one model call, no gradient)."""
+def forward_outputs(forward_func: Callable | Engine, inputs: tuple, target: Target, args: tuple, n_rows: int) -> torch.Tensor:
+    """The explained scalar of each of ``n_rows`` rows, as a 1-D tensor (one model call through the engine, no
+    gradient). ``forward_func`` may be an :class:`~fastig.core.engine.Engine` (e.g. one with a precision)."""
     with torch.no_grad():
-        output = forward_func(*inputs, *args)
-    progress.pulse()
+        output = as_engine(forward_func).call(inputs, args)
     if isinstance(output, (int, float)) and not isinstance(output, bool):
         output = torch.tensor([output], dtype=torch.float64)
     if not isinstance(output, torch.Tensor):
@@ -72,7 +59,7 @@ def forward_outputs(forward_func: Callable, inputs: tuple, target: Target, args:
 
 
 def evaluate_copies(
-    forward_func: Callable,
+    forward_func: Callable | Engine,
     build: Callable[[int, int], tuple[tuple[torch.Tensor, ...], Any]],
     n_copies: int,
     sample_inputs: tuple[torch.Tensor, ...],
@@ -87,32 +74,33 @@ def evaluate_copies(
     ``build(start, stop)`` returns (the model inputs of copies ``start..stop-1``, copy-major: shape
     ``[(stop - start) * n, ...]`` per input; any context the caller wants back). Yields, batch by batch and in
     order, (the copies' slice, their explained outputs ``[stop - start, n]``, the context).
-    ``sample_inputs`` (the unperturbed inputs) size the batches. On CUDA with the automatic size, a batch that runs
-    out of memory is split in two and the smaller size is kept.
+    ``sample_inputs`` (the unperturbed inputs) size the batches: ``perturbations_per_eval`` copies per call, or
+    with None as many as the engine's batch sizing allows (on CUDA halved after an out-of-memory error, by the
+    engine). ``forward_func`` may be an :class:`~fastig.core.engine.Engine`.
     """
+    engine = as_engine(forward_func)
     n = target.n
-    size = copies_per_batch(sample_inputs, n_copies, perturbations_per_eval)
-    start = 0
+    bytes_per_copy = max(1, sum(x.numel() * x.element_size() for x in sample_inputs))
+    if perturbations_per_eval is not None:
+        size = min(perturbations_per_eval, max(1, n_copies))
+    else:
+        size = max(1, engine.rows_per_batch(math.ceil(bytes_per_copy / max(n, 1)), n_copies * n, grad=False) // max(n, 1))
+
+    def evaluate(chunk: Chunk):
+        start, stop = chunk.steps.start, chunk.steps.stop
+        k = stop - start
+        inputs, context = build(start, stop)
+        outputs = forward_outputs(
+            engine, inputs, target.for_batch(slice(0, n), k), args_for_batch(args, n, slice(0, n), k), k * n
+        )
+        return outputs.reshape(k, n), context
+
+    chunks = grid(n_copies, 1, size, 1, split_examples=False)
     with progress.task(description, n_copies, "perturbations", show=show_progress) as done:
-        while start < n_copies:
-            stop = min(start + size, n_copies)
-            k = stop - start
-            try:
-                inputs, context = build(start, stop)
-                outputs = forward_outputs(
-                    forward_func, inputs, target.for_batch(slice(0, n), k), args_for_batch(args, n, slice(0, n), k),
-                    k * n,
-                )
-            except torch.cuda.OutOfMemoryError:
-                if perturbations_per_eval is not None or k == 1:
-                    raise
-                inputs = context = None
-                torch.cuda.empty_cache()
-                size = max(1, k // 2)
-                continue
-            yield slice(start, stop), outputs.reshape(k, n), context
-            done.advance(k)
-            start = stop
+        for chunk, (outputs, context) in engine.run_chunks(chunks, evaluate, bytes_per_row=bytes_per_copy, grad=False,
+                                                           adaptive=perturbations_per_eval is None):
+            yield chunk.steps, outputs, context
+            done.advance(chunk.steps.stop - chunk.steps.start)
 
 
 # -- shared input handling ---------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs
 from fastig.attr.noise_tunnel import expand_target
-from fastig.core.engine import CPU_BATCH_BYTES
+from fastig.core.engine import Chunk, Engine, grid, target_vjps
 from fastig.core.targets import Target, format_additional_args
 
 
@@ -66,7 +66,7 @@ def last_spatial_layer(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     handles = [m.register_forward_hook(record) for m in model.modules() if m is not model]
     try:
         with torch.no_grad():
-            model(*(x[:1] for x in inputs), *args)
+            Engine(model).call(tuple(x[:1] for x in inputs), args)
     finally:
         for h in handles:
             h.remove()
@@ -100,71 +100,83 @@ def second_order_terms(
     target: Any = None,
     additional_forward_args: Any = None,
     rows_per_pass: int | None = None,
+    precision: str = "fp32",
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(first, quadratic), each [N, *spatial]: ``sum_d a_d max(g_d, 0)`` and the signed ``a_p^T H_pp a_p``."""
+    """(first, quadratic), each [N, *spatial]: ``sum_d a_d max(g_d, 0)`` and the signed ``a_p^T H_pp a_p``.
+
+    With K targets per example (``target=[[a, b], ...]``, [N, K], or ``top_k=K``) both are [N, K, *spatial]: one
+    forward pass per batch of rows, then per target one backward pass (first term) or one gradient and one
+    Hessian-vector product over the retained graph (second term).
+    """
     n = inputs[0].shape[0]
     args = format_additional_args(additional_forward_args)
+    engine = Engine(model, rows_per_pass, precision)
+    example_target = engine.resolve_target(target, top_k, inputs, args)
+    k = example_target.k
 
     def run(rows: torch.Tensor, row_target: Target) -> tuple[torch.Tensor, torch.Tensor]:
-        """Forward on the given example rows; (layer activations as a leaf, explained scores)."""
+        """Forward on the given example rows; (layer activations as a leaf, explained scores [B, K])."""
         capture = _Capture(layer)
         handle = layer.register_forward_hook(capture)
         try:
             row_args = tuple(
                 a[rows] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in args
             )
-            scores = row_target.select(model(*(x[rows] for x in inputs), *row_args))
+            scores = row_target.select(engine.call(tuple(x[rows] for x in inputs), row_args))
         finally:
             handle.remove()
         if capture.leaf is None:
             raise ValueError("the layer was not called during the forward pass")
-        return capture.leaf, scores
+        return capture.leaf, scores if k is not None else scores.unsqueeze(1)
 
-    per_pass = rows_per_pass or _default_rows(inputs)
+    bytes_per_row = sum(x[0].numel() * x.element_size() for x in inputs)
 
-    # First-order term: one forward/backward per batch of examples.
-    example_target = Target(target, n)
-    first_parts = []
-    with torch.enable_grad():
-        for start in range(0, n, per_pass):
-            stop = min(start + per_pass, n)
-            acts, scores = run(torch.arange(start, stop), example_target.for_batch(slice(start, stop), 1))
-            (grad,) = torch.autograd.grad(scores.sum(), acts)
-            first_parts.append((acts.detach() * grad.clamp(min=0)).sum(1))
-    first = torch.cat(first_parts)
+    # First-order term: one forward and K backward passes per batch of examples.
+    def first_order(chunk: Chunk) -> torch.Tensor:
+        e = chunk.examples
+        with torch.enable_grad():
+            acts, scores = run(torch.arange(e.start, e.stop), example_target.for_batch(e, 1))
+            (grads,) = target_vjps(scores, (acts,))  # [B, K, C, *spatial]
+        return (acts.detach().unsqueeze(1) * grads.clamp(min=0)).sum(2)
 
-    # Second-order term: one Hessian-vector product per (example, location) row, many rows per double backward.
-    spatial = tuple(first.shape[1:])
+    size = engine.rows_per_batch(bytes_per_row, n)
+    first = torch.cat([out for _, out in engine.run_chunks(grid(1, n, 1, size), first_order, bytes_per_row=bytes_per_row)])
+
+    # Second-order term: one Hessian-vector product per (example, location) row and target, many rows per pass.
+    spatial = tuple(first.shape[2:])
     n_loc = math.prod(spatial)
-    row_target = Target(expand_target(target, n_loc), n * n_loc)
-    quad = torch.empty(n * n_loc, dtype=first.dtype, device=first.device)
-    with torch.enable_grad():
-        for start in range(0, n * n_loc, per_pass):
-            pairs = torch.arange(start, min(start + per_pass, n * n_loc))
-            examples, locations = pairs // n_loc, pairs % n_loc
-            acts, scores = run(examples, row_target.for_batch(slice(start, start + len(pairs)), 1))
-            (grad,) = torch.autograd.grad(scores.sum(), acts, create_graph=True)
+    row_target = Target(expand_target(example_target.multi if k is not None else target, n_loc), n * n_loc)
+
+    def second_order(chunk: Chunk) -> torch.Tensor:
+        pairs = torch.arange(chunk.examples.start, chunk.examples.stop)
+        examples, locations = pairs // n_loc, pairs % n_loc
+        quad = torch.zeros((len(pairs), first.shape[1]), dtype=first.dtype, device=first.device)
+        with torch.enable_grad():
+            acts, scores = run(examples, row_target.for_batch(chunk.examples, 1))
             flat = acts.detach().reshape(len(pairs), acts.shape[1], n_loc)
             rows = torch.arange(len(pairs))
-            at_location = flat[rows, :, locations]  # [K, C]: a_p of each row
-            if not grad.requires_grad:  # the score is linear in the activations here: H = 0
-                quad[start : start + len(pairs)] = 0
-                continue
+            at_location = flat[rows, :, locations]  # [R, C]: a_p of each row
             direction = torch.zeros_like(flat)
             direction[rows, :, locations] = at_location
-            (hvp,) = torch.autograd.grad(grad, acts, grad_outputs=direction.reshape(acts.shape), allow_unused=True)
-            if hvp is None:
-                quad[start : start + len(pairs)] = 0
-                continue
-            hvp_at_location = hvp.reshape(len(pairs), acts.shape[1], n_loc)[rows, :, locations]
-            quad[start : start + len(pairs)] = (at_location * hvp_at_location).sum(1)
-    return first, quad.reshape((n,) + spatial)
+            for j in range(scores.shape[1]):
+                last = j == scores.shape[1] - 1
+                (grad,) = torch.autograd.grad(scores[:, j].sum(), acts, create_graph=True, retain_graph=True)
+                if not grad.requires_grad:  # the score is linear in the activations here: H = 0
+                    continue
+                (hvp,) = torch.autograd.grad(grad, acts, grad_outputs=direction.reshape(acts.shape), allow_unused=True,
+                                             retain_graph=not last)
+                if hvp is not None:
+                    quad[:, j] = (at_location * hvp.reshape(len(pairs), acts.shape[1], n_loc)[rows, :, locations]).sum(1)
+        return quad
 
-
-def _default_rows(inputs: tuple[torch.Tensor, ...]) -> int:
-    """Enough rows per pass to amortize per-call overhead, few enough to keep double-backward memory small."""
-    bytes_per_row = sum(x[0].numel() * x.element_size() for x in inputs)
-    return max(1, math.ceil(CPU_BATCH_BYTES / max(bytes_per_row, 1)))
+    size = engine.rows_per_batch(bytes_per_row, n * n_loc)
+    quad = torch.cat([out for _, out in engine.run_chunks(grid(1, n * n_loc, 1, size), second_order,
+                                                          bytes_per_row=bytes_per_row)])
+    quad = quad.reshape((n, n_loc, first.shape[1])).transpose(1, 2).reshape(first.shape)
+    if k is None:
+        return first[:, 0], quad[:, 0]
+    return first, quad
 
 
 class SecondOrderGradients(Attribution):
@@ -173,7 +185,10 @@ class SecondOrderGradients(Attribution):
     ``layer``: a submodule of ``forward_func`` or its dotted name; None picks the last layer with a spatial output.
     ``attribute()`` returns [N, 1, *spatial] at the layer's resolution (like Captum's ``LayerGradCam``), or at the
     input's resolution with ``upsample_to_input=True`` (bilinear). ``internal_batch_size``: rows per double-backward
-    pass, one row being one (example, location) pair; None picks a small number.
+    pass, one row being one (example, location) pair; None lets the engine choose (a small number on the CPU).
+    ``precision``: autocast of the model's passes (:mod:`fastig.core.engine`). Several targets per example
+    (``target=[[a, b], ...]``, an [N, K] tensor, or ``top_k=K``) give [N, K, 1, *spatial] maps from one forward
+    pass per batch of rows.
     """
 
     def __init__(self, forward_func: torch.nn.Module, layer: torch.nn.Module | str | None = None) -> None:
@@ -192,6 +207,9 @@ class SecondOrderGradients(Attribution):
         internal_batch_size: int | None = None,
         upsample_to_input: bool = False,
         layer: torch.nn.Module | str | None = None,
+        *,
+        precision: str = "fp32",
+        top_k: int | None = None,
     ) -> torch.Tensor:
         """2ndG maps for ``inputs``; ``layer`` overrides the constructor's choice for this call."""
         xs, _ = format_inputs(inputs)
@@ -206,11 +224,15 @@ class SecondOrderGradients(Attribution):
             chosen = self.layer
         else:
             chosen = last_spatial_layer(self.forward_func, xs, args)
-        first, quad = second_order_terms(self.forward_func, chosen, xs, target, args, internal_batch_size)
-        maps = (first + 0.5 * quad.abs()).unsqueeze(1)
-        if upsample_to_input and maps.dim() > 2:
+        first, quad = second_order_terms(self.forward_func, chosen, xs, target, args, internal_batch_size, precision,
+                                         top_k)
+        several = top_k is not None or Target(target, xs[0].shape[0]).k is not None  # maps [N, K, 1, ...]
+        maps = (first + 0.5 * quad.abs()).unsqueeze(2 if several else 1)
+        flat = maps.flatten(0, 1) if several else maps
+        if upsample_to_input and flat.dim() > 2:
             modes = {3: "linear", 4: "bilinear", 5: "trilinear"}
-            if maps.dim() not in modes or xs[0].dim() != maps.dim():
+            if flat.dim() not in modes or xs[0].dim() != flat.dim():
                 raise ValueError(f"cannot upsample a map of shape {tuple(maps.shape)} to inputs of shape {tuple(xs[0].shape)}")
-            maps = F.interpolate(maps, size=tuple(xs[0].shape[2:]), mode=modes[maps.dim()], align_corners=False)
+            flat = F.interpolate(flat, size=tuple(xs[0].shape[2:]), mode=modes[flat.dim()], align_corners=False)
+            maps = flat.reshape(tuple(maps.shape[:3]) + tuple(flat.shape[2:])) if several else flat
         return maps
