@@ -239,6 +239,7 @@ def test_cli_precision_flag(tmp_path):
     assert wrong.exit_code == 2
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_model_with_cpu_inputs_is_placed_by_the_engine():
     model = RGBNet().cuda().eval()
@@ -255,3 +256,16 @@ def test_engine_constants_are_the_only_batch_budgets():
     budgets = [p.relative_to(package).as_posix() for p in package.rglob("*.py")
                if "_BATCH_BYTES = " in p.read_text()]
     assert budgets == ["core/engine.py"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cuda_precision_close_to_fp32(precision):
+    torch.manual_seed(0)
+    model = RGBNet().cuda().eval()
+    x = torch.rand(2, 3, 32, 32, device="cuda")
+    exact = IntegratedGradients(model).attribute(x, target=[1, 2], n_steps=8)
+    low = IntegratedGradients(model).attribute(x, target=[1, 2], n_steps=8, precision=precision)
+    assert low.dtype == torch.float32
+    assert 0 < ((low - exact).norm() / exact.norm()).item() < 0.15

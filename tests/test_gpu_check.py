@@ -1,0 +1,57 @@
+"""scripts/gpu_check.sh and its table writer, checked on the CPU: the shell script parses, and every benchmark
+check of scripts/gpu_check.py runs on a tiny config and lands in one table with finite, sensible numbers."""
+
+import importlib.util
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_shell_script_parses_and_is_executable():
+    script = ROOT / "scripts" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert script.stat().st_mode & 0o111
+
+
+def test_table_writer_on_the_cpu_with_a_tiny_config(tmp_path):
+    pytest.importorskip("captum")
+    pytest.importorskip("saliency.core")
+    gpu_check = load_gpu_check()
+    assert gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--config", "tiny",
+                           "--only", "ig", "--only", "guided_ig", "--only", "insertion", "--only", "ops"]) == 0
+    data = json.loads((tmp_path / "gpu_check.json").read_text())
+    rows = {r["check"]: r for r in data["rows"]}
+    assert {"ig fp32", "ig bf16", "ig fp16", "guided ig", "insertion+deletion", "op path_points", "op accumulate",
+            "op accumulate_idgi", "op squared_norms", "op perturb", "op guided_step"} == set(rows)
+    for r in rows.values():
+        assert math.isfinite(r["reference_s"]) and math.isfinite(r["fastig_s"]) and r["fastig_s"] > 0, r
+    assert rows["ig fp32"]["error"] < 1e-5  # Captum's numbers
+    assert 0 < rows["ig bf16"]["error"] < 0.2 and 0 < rows["ig fp16"]["error"] < 0.2
+    assert rows["guided ig"]["error"] < 1e-4  # PAIR's numbers
+    assert rows["insertion+deletion"]["error"] < 1e-6
+    assert all(r["error"] < 1e-5 for name, r in rows.items() if name.startswith("op "))
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert table.count("\n| ") == len(rows) + 2 and "config tiny" in table
+
+
+def test_a_failing_check_becomes_a_row(tmp_path, monkeypatch):
+    gpu_check = load_gpu_check()
+
+    def broken(*args):
+        raise RuntimeError("boom")
+
+    monkeypatch.setitem(gpu_check.CHECKS, "ops", broken)
+    assert gpu_check.main(["--out", str(tmp_path), "--device", "cpu", "--config", "tiny", "--only", "ops"]) == 1
+    assert "FAILED: RuntimeError: boom" in (tmp_path / "gpu_check.md").read_text()
