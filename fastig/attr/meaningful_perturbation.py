@@ -88,7 +88,8 @@ class MeaningfulPerturbation(Attribution):
         mask = torch.ones((n, 1, mask_size, mask_size), dtype=x.dtype, device=x.device, requires_grad=True)
         optimizer = torch.optim.Adam([mask], lr=learning_rate)
         engine = Engine(self.forward_func, precision=precision)
-        chunks = list(grid(1, n, 1, engine.rows_per_batch(x[0].numel() * x.element_size(), n)))
+        bytes_per_image = x[0].numel() * x.element_size()
+        chunks = list(grid(1, n, 1, engine.rows_per_batch(bytes_per_image, n)))
         losses = []
         for _ in range(n_iter):
             image, base = x, blurred
@@ -113,7 +114,7 @@ class MeaningfulPerturbation(Attribution):
 
             optimizer.zero_grad()
             loss = torch.empty(n, dtype=x.dtype, device=x.device)
-            for chunk, part_loss in engine.run_chunks(chunks, evaluate, bytes_per_row=x[0].numel() * x.element_size()):
+            for chunk, part_loss in engine.run_chunks(chunks, evaluate, bytes_per_row=bytes_per_image):
                 loss[chunk.examples] = part_loss.to(loss.dtype)
             optimizer.step()
             with torch.no_grad():

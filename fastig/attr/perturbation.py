@@ -83,8 +83,8 @@ def evaluate_copies(
     bytes_per_copy = max(1, sum(x.numel() * x.element_size() for x in sample_inputs))
     if perturbations_per_eval is not None:
         size = min(perturbations_per_eval, max(1, n_copies))
-    else:
-        size = max(1, engine.rows_per_batch(math.ceil(bytes_per_copy / max(n, 1)), n_copies * n, grad=False) // max(n, 1))
+    else:  # a copy (all n examples) is the unit: the engine sizes batches of copies like batches of rows
+        size = engine.rows_per_batch(bytes_per_copy, n_copies, grad=False)
 
     def evaluate(chunk: Chunk):
         start, stop = chunk.steps.start, chunk.steps.stop

@@ -327,27 +327,26 @@ class Engine:
 
     def outputs(self, points: tuple[torch.Tensor, ...], target: Target, args: tuple) -> torch.Tensor:
         """Explained outputs only (no gradient) of ``target.n`` rows, in batches."""
-        n = points[0].shape[0]
-        size = self.rows_per_batch(_bytes_per_row(points), n, grad=False)
+        n, bytes_per_row = points[0].shape[0], _bytes_per_row(points)
 
         def evaluate(chunk: Chunk) -> torch.Tensor:
             part = chunk.examples
             return self.forward(tuple(p[part] for p in points), target.for_batch(part, 1),
                                 args_for_batch(args, target.n, part, 1))
 
-        chunks = grid(1, n, 1, size)
-        return torch.cat([out for _, out in self.run_chunks(chunks, evaluate, bytes_per_row=_bytes_per_row(points),
-                                                            grad=False)])
+        chunks = grid(1, n, 1, self.rows_per_batch(bytes_per_row, n, grad=False))
+        return torch.cat([out for _, out in self.run_chunks(chunks, evaluate, bytes_per_row=bytes_per_row, grad=False)])
 
     def predict(self, n: int, rows: Callable[[slice], tuple[torch.Tensor, ...]], bytes_per_row: int,
                 args: tuple = ()) -> Iterator[tuple[slice, Any]]:
         """Forward passes (no gradient) over ``n`` rows built a batch at a time by ``rows(slice)``: yields
-        ``(slice, raw model output)`` in order (used by the metrics and the dataset filter)."""
+        ``(slice, raw model output)`` in order (used by the metrics and for ``top_k``). Tensor arguments with ``n``
+        rows are sliced with the rows."""
         size = self.rows_per_batch(bytes_per_row, n, grad=False)
 
         def evaluate(chunk: Chunk):
             with torch.no_grad():
-                return self.call(rows(chunk.examples), args)
+                return self.call(rows(chunk.examples), args_for_batch(args, n, chunk.examples, 1))
 
         for chunk, out in self.run_chunks(grid(1, n, 1, size), evaluate, bytes_per_row=bytes_per_row, grad=False):
             yield chunk.examples, out
