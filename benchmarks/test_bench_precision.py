@@ -9,9 +9,11 @@ Run: ``pytest benchmarks/test_bench_precision.py -s`` (prints markdown tables).
   correlation of the channel-summed maps with fp32's, and the completeness gap
   ``|sum(attributions) - (f(x) - f(b))| / |f(x) - f(b)|`` at each precision (fp32's own gap is the quadrature
   error of 8 steps, the floor the others are compared with).
-- ``test_speed``: forward+backward passes of resnet50 (8 images at 224) at each precision, alternating rounds.
+- ``test_speed``: forward+backward passes of resnet50 (2 images at 224, prepared) at each precision, alternating
+  rounds.
 
-Error is measured off the lock's timing discipline (it does not depend on load); speed needs a quiet machine.
+FASTIG_PRECISION_MODELS (comma-separated) selects the zoo models. Error does not depend on the machine's load;
+speed needs a quiet machine.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ STEPS = int(os.environ.get("FASTIG_PRECISION_STEPS", "8"))
 SIZE = int(os.environ.get("FASTIG_PRECISION_SIZE", "112"))
 # reduced precision is about 14x slower than fp32 on an AVX2-only CPU: the VGGs are measured on smaller images
 SIZES = {"vgg16": 64, "vgg19": 64}
-ZOO = [n for n in ("resnet18", "resnet34", "resnet50", "vgg16", "vgg19", "alexnet", "googlenet", "sascenenet_rgb")]
+ZOO = os.environ.get("FASTIG_PRECISION_MODELS",
+                     "resnet18,resnet34,resnet50,vgg16,vgg19,alexnet,googlenet,sascenenet_rgb").split(",")
 LOW = ("bf16", "fp16")
 
 
@@ -81,8 +84,9 @@ def test_error_zoo(benchmark):
         torch.manual_seed(1)
         size = SIZES.get(name, SIZE)
         x = torch.randn(1, 3, size, size)
-        rows[f"{name} ({size}x{size})"] = errors(model, x)
-        print(name, rows[name], flush=True)
+        key = f"{name} ({size}x{size})"
+        rows[key] = errors(model, x)
+        print(key, rows[key], flush=True)
     print(f"\nIG ({STEPS} steps, random weights), reduced precision vs fp32:\n" + markdown(rows))
     benchmark.extra_info["rows"] = rows
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
@@ -145,11 +149,11 @@ def test_speed(benchmark):
 
     torch.manual_seed(0)
     model = fastig.prepare(models.get("resnet50", weights="none").eval())
-    x = torch.randn(8, 3, 224, 224)
+    x = torch.randn(2, 3, 224, 224)
 
     def passes(precision):
         def run():
-            IntegratedGradients(model).attribute(x, target=3, n_steps=1, internal_batch_size=8, precision=precision)
+            IntegratedGradients(model).attribute(x, target=3, n_steps=1, internal_batch_size=2, precision=precision)
         return run
 
     timings = alternate({p: passes(p) for p in ("fp32", "bf16", "fp16")}, rounds=2)

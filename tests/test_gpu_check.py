@@ -4,7 +4,9 @@ check of scripts/gpu_check.py runs on a tiny config and lands in one table with 
 import importlib.util
 import json
 import math
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,20 @@ def test_shell_script_parses_and_is_executable():
     script = ROOT / "scripts" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
     assert script.stat().st_mode & 0o111
+
+
+def test_the_whole_script_runs_on_the_cpu_in_the_tiny_config(tmp_path):
+    """Every stage of gpu_check.sh with FASTIG_GPU_CHECK_DEVICE=cpu: kernel check, the cuda-marked tests (skipped
+    here), then the table (ops only, to stay quick; the other checks are covered below)."""
+    env = dict(os.environ, PYTHON=sys.executable, FASTIG_GPU_CHECK_DEVICE="cpu", FASTIG_GPU_CHECK_CONFIG="tiny")
+    out = tmp_path / "check"
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--only", "ops"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "== 3/3" in done.stdout and "skipped" in (out / "tests.log").read_text()
+    rows = json.loads((out / "gpu_check.json").read_text())["rows"]
+    assert len(rows) == 6 and all(r["check"].startswith("op ") and r["error"] < 1e-5 for r in rows)
+    assert "config tiny" in (out / "gpu_check.md").read_text()
 
 
 def test_table_writer_on_the_cpu_with_a_tiny_config(tmp_path):
