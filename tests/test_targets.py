@@ -61,7 +61,7 @@ CASES = {
     "blur_ig_idgi": lambda m: (BlurIntegratedGradients(m), dict(n_steps=5, max_sigma=2.0, idgi=True)),
     "saliency": lambda m: (Saliency(m), dict(internal_batch_size=2)),
     "input_x_gradient": lambda m: (InputXGradient(m), {}),
-    "second_order": lambda m: (SecondOrderGradients(m, "head"), dict(internal_batch_size=17)),
+    "second_order": lambda m: (SecondOrderGradients(m, "head"), dict(internal_batch_size=50)),
 }
 
 
