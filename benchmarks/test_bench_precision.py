@@ -9,8 +9,8 @@ Run: ``pytest benchmarks/test_bench_precision.py -s`` (prints markdown tables).
   correlation of the channel-summed maps with fp32's, and the completeness gap
   ``|sum(attributions) - (f(x) - f(b))| / |f(x) - f(b)|`` at each precision (fp32's own gap is the quadrature
   error of 8 steps, the floor the others are compared with).
-- ``test_speed``: forward+backward passes of resnet50 (2 images at 224, prepared) at each precision, alternating
-  rounds.
+- ``test_speed``: forward+backward passes of resnet50 (prepared; FASTIG_PRECISION_SPEED_IMAGES=2 images at
+  FASTIG_PRECISION_SPEED_SIZE=224 pixels) at each precision, alternating rounds.
 
 FASTIG_PRECISION_MODELS (comma-separated) selects the zoo models. Error does not depend on the machine's load;
 speed needs a quiet machine.
@@ -30,7 +30,7 @@ from fastig.attr import IntegratedGradients
 
 STEPS = int(os.environ.get("FASTIG_PRECISION_STEPS", "8"))
 SIZE = int(os.environ.get("FASTIG_PRECISION_SIZE", "112"))
-# reduced precision is about 14x slower than fp32 on an AVX2-only CPU: the VGGs are measured on smaller images
+# reduced precision is several times slower than fp32 on an AVX2-only CPU: the VGGs are measured on smaller images
 SIZES = {"vgg16": 64, "vgg19": 64}
 ZOO = os.environ.get("FASTIG_PRECISION_MODELS",
                      "resnet18,resnet34,resnet50,vgg16,vgg19,alexnet,googlenet,sascenenet_rgb").split(",")
@@ -149,11 +149,13 @@ def test_speed(benchmark):
 
     torch.manual_seed(0)
     model = fastig.prepare(models.get("resnet50", weights="none").eval())
-    x = torch.randn(2, 3, 224, 224)
+    n = int(os.environ.get("FASTIG_PRECISION_SPEED_IMAGES", "2"))
+    size = int(os.environ.get("FASTIG_PRECISION_SPEED_SIZE", "224"))
+    x = torch.randn(n, 3, size, size)
 
     def passes(precision):
         def run():
-            IntegratedGradients(model).attribute(x, target=3, n_steps=1, internal_batch_size=2, precision=precision)
+            IntegratedGradients(model).attribute(x, target=3, n_steps=1, internal_batch_size=n, precision=precision)
         return run
 
     timings = alternate({p: passes(p) for p in ("fp32", "bf16", "fp16")}, rounds=2)

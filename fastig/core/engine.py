@@ -22,7 +22,11 @@ chosen dtype; the explained outputs come back as float32 and the input gradients
 casts them back), so accumulation stays fp32 (fp64 for fp64 inputs) and attributions keep the caller's dtype.
 fp64 inputs are not autocast (autocast leaves float64 alone). Measured cost and error: see the README
 ("Precision"); on a CPU without native bf16/fp16 arithmetic (AVX2 only, as this project's machine) the reduced
-precisions are about 14x *slower* than fp32, so fp32 stays the default everywhere.
+precisions are *slower* than fp32 (resnet50 forward+backward: bf16 0.40x, fp16 0.37x the speed, measured on a
+loaded machine), so fp32 stays the default everywhere. Error of IG against fp32 (8 steps, random weights; resnet18,
+resnet34, resnet50, vgg16): relative L2 of the attributions 0.14-0.25 (bf16), 0.055-0.097 (fp16); Spearman rank
+correlation of the maps 0.958-0.987 (bf16), 0.994-0.998 (fp16); completeness gap 1.9e-4-3.7e-3 of f(x) - f(b)
+(bf16), 5.0e-5-4.2e-4 (fp16), against about 1e-7-1e-6 at fp32.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ from fastig import _ops
 from fastig.core import progress
 from fastig.core.targets import Target, args_for_batch
 
-# On the CPU a model pass costs the same per point at any batch size beyond a few points, so a batch only needs
-# to amortize Python overhead: about this many bytes of input rows per batch (13 points of 3x224x224 fp32).
+# On the CPU a model pass costs nearly the same per point at any batch size beyond a few points (resnet50 IG, 32
+# steps: one pass of 32 points was about 13% cheaper than two of 16, at twice the peak memory), so a batch only
+# amortizes Python overhead and keeps memory low: about this many bytes of input rows (13 points of 3x224x224 fp32).
 CPU_BATCH_BYTES = 8 << 20
 # On CUDA a pass gets cheaper per row up to large batches: at most this many bytes of input rows per call (about
 # 850 images of 3x224x224 fp32), less once a batch has run out of memory.
