@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from fastig import methods
+from fastig.errors import InputError
 
 
 def attribute(model: Any, inputs: Any, target: Any = None, method: str = "ig", **options: Any) -> Any:
@@ -14,9 +17,27 @@ def attribute(model: Any, inputs: Any, target: Any = None, method: str = "ig", *
     that the quadrature rule of IG-style methods, Captum's ``method=``, is called ``rule=`` here, since ``method``
     names the attribution method, and that settings of the method's constructor listed in its ``build_options``
     (latent IG's ``dvae=`` folder) are given here too. ``fastig.methods.names()`` lists the methods.
+
+    ``target`` is as in Captum, except that negative indices are refused: here a class index counts from 0 (the
+    CLI and the stores use -1 for "no class"). The Captum-named classes keep Captum's, that is Python's, indexing,
+    where ``target=-1`` is the last class.
     """
+    _check_no_negative_class(target)
     spec = methods.get(method)
     if "rule" in options:
         options["method"] = options.pop("rule")
     build_options = {k: options.pop(k) for k in spec.build_options if k in options}  # e.g. latent IG's dvae=
     return spec.build(model, **build_options).attribute(inputs, target=target, **{**spec.fixed, **options})
+
+
+def _check_no_negative_class(target: Any) -> None:
+    if isinstance(target, torch.Tensor):
+        values = target.flatten().tolist() if not target.is_floating_point() else []
+    elif isinstance(target, (list, tuple)):
+        values = [v for t in target for v in (t if isinstance(t, tuple) else (t,))]
+    else:
+        values = [target]
+    negative = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v < 0]
+    if negative:
+        raise InputError(f"target holds the negative class index {negative[0]}: class indices count from 0 here "
+                         "(the Captum-named classes in fastig.attr index like Python, -1 being the last class)")

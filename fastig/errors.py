@@ -15,3 +15,8 @@ class CheckpointError(FastigError):
 
 class ImageReadError(FastigError):
     """An image file that is missing, unreadable or not an image."""
+
+
+class InputError(FastigError, ValueError):
+    """An input, baseline, target or option of an attribution that does not fit the model or the method, or asks
+    for more work than fits (the message names the argument and what was expected)."""

@@ -233,7 +233,7 @@ def _run(spec: RunSpec, dist: "_Distributed", echo) -> RunSummary:
         raise RunError(f"the selection (start {spec.start}, stride {spec.stride}, end {spec.end}) holds no image "
                        f"of the {len(dataset)} in {dataset.root}")
     device = dist.device(spec.device)
-    model = models.get(spec.model, weights=spec.weights, device=device)
+    model = models.get(spec.model, weights=spec.weights, device=device, nonfinite="refuse")
     info = models.info(spec.model)
     run_header = {"model": spec.model, "method": spec.method, "options": _recorded_options(spec, dataset),
                   "shape": [info.input_size, info.input_size], "dtype": spec.dtype}

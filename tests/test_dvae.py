@@ -6,9 +6,12 @@ widths) is pickled whole with torch.save, like OpenAI's encoder.pkl / decoder.pk
 
 import contextlib
 import importlib
+import io
 import os
 import pickle
+import struct
 import sys
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -432,3 +435,160 @@ def test_aliased_tensors_become_independent_parameters(tmp_path):
     encoder = dvae.load_encoder(path)
     conv_2, conv_3 = encoder.blocks.group_1.block_1.res_path.conv_2.w, encoder.blocks.group_1.block_1.res_path.conv_3.w
     assert torch.equal(conv_2, conv_3) and conv_2.data_ptr() != conv_3.data_ptr()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bounded reading (issue 16, item 7) and a refused file changes nothing (item 15)
+# ----------------------------------------------------------------------------------------------------------------
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _limits import memory_limit  # noqa: E402
+
+
+class _FakeStorage:
+    """Pickled by persistent id as torch.save does: ('storage', type, key, location, numel)."""
+
+    def __init__(self, numel):
+        self.numel = numel
+
+
+class _FakeTensor:
+    def __init__(self, storage):
+        self.storage = storage
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, (self.storage.numel,), (1,), False, OrderedDict())
+
+
+class _StoragePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _FakeStorage):
+            return ("storage", torch.FloatStorage, "0", "cpu", obj.numel)
+        return None
+
+
+def _metadata_pickle(obj) -> bytes:
+    buffer = io.BytesIO()
+    _StoragePickler(buffer, protocol=2).dump(obj)
+    return buffer.getvalue()
+
+
+def _deflated_zeros(n_mib: int) -> tuple[bytes, int]:
+    """A raw deflate stream of n_mib MiB of zeros and its CRC-32, built from one fully flushed 1 MiB block
+    repeated (a full flush resets the compressor, so the block is the same every time): ~1 kB per MiB."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, -15)
+    block = packer.compress(bytes(1 << 20)) + packer.flush(zlib.Z_FULL_FLUSH)
+    crc = 0
+    zeros = bytes(1 << 20)
+    for _ in range(n_mib):
+        crc = zlib.crc32(zeros, crc)
+    return block * n_mib + packer.flush(zlib.Z_FINISH), crc
+
+
+def _zip(entries) -> bytes:
+    """A zip archive written by hand from (name, method, data as stored, uncompressed size, crc) entries, so that
+    a record may inflate far beyond its compressed size."""
+    out, central = b"", b""
+    for name, method, data, size, crc in entries:
+        name = name.encode()
+        fields = struct.pack("<HHHHHIIIHH", 20, 0, method, 0, 0x21, crc, len(data), size, len(name), 0)
+        central += struct.pack("<IH", 0x02014B50, 20) + fields + struct.pack("<HHHII", 0, 0, 0, 0, len(out)) + name
+        out += struct.pack("<I", 0x04034B50) + fields + name + data
+    end = struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(entries), len(entries), len(central), len(out), 0)
+    return out + central + end
+
+
+def _stored(name, data):
+    return name, 0, data, len(data), zlib.crc32(data)
+
+
+def _bomb_archive(tmp_path, numel=1 << 28, bomb_the_pickle=False):
+    """A torch.save-style zip whose single float storage record inflates to numel * 4 bytes (1 GiB by default)."""
+    pickled = _metadata_pickle({"blocks.input.w": _FakeTensor(_FakeStorage(numel))})
+    zeros, crc = _deflated_zeros(numel * 4 >> 20)
+    entries = [_stored("archive/data.pkl", pickled), _stored("archive/byteorder", b"little"),
+               ("archive/data/0", 8, zeros, numel * 4, crc)]
+    if bomb_the_pickle:
+        entries[0] = ("archive/data.pkl", 8, zeros, numel * 4, crc)
+    path = tmp_path / "bomb.pt"
+    path.write_bytes(_zip(entries))
+    return path
+
+
+@pytest.mark.parametrize("bomb_the_pickle", [False, True])
+def test_a_zip_record_that_inflates_to_a_gibibyte_is_refused_before_reading(tmp_path, bomb_the_pickle):
+    path = _bomb_archive(tmp_path, bomb_the_pickle=bomb_the_pickle)
+    assert path.stat().st_size < (4 << 20)
+    with memory_limit(300 << 20):
+        with pytest.raises(CheckpointError, match=r"bomb.pt.*declares? 1,073,741,824 bytes.*more than"):
+            dvae.load_decoder(path)
+
+
+def test_a_legacy_file_declaring_a_huge_storage_is_refused_before_allocating(tmp_path):
+    magic = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2) + pickle.dumps(1001, protocol=2)
+    sys_info = pickle.dumps({"protocol_version": 1001, "little_endian": True}, protocol=2)
+    body = _metadata_pickle({"blocks.input.w": _FakeTensor(_FakeStorage(1 << 34))}) + pickle.dumps(["0"], protocol=2)
+    path = tmp_path / "legacy_bomb.pt"
+    path.write_bytes(magic + sys_info + body)  # 64 GiB declared, no data
+    with memory_limit(300 << 20):
+        with pytest.raises(CheckpointError, match=r"legacy_bomb.pt.*declares 68,719,476,736 bytes.*more than"):
+            dvae.load_encoder(path)
+
+
+def test_the_declared_size_bound_admits_openai_full_size_files():
+    with torch.device("meta"):
+        full = max(sum(p.numel() for p in model.parameters()) for model in (dvae.Encoder(), dvae.Decoder()))
+    assert full == 53_786_240 and dvae.MAX_STORAGE_BYTES == 8 * full  # the larger model, even in float64
+
+
+def _module_state():
+    """Everything a pickle could reach and mutate through the allow-list, copied."""
+    state = {}
+    for name, target in dvae.ALLOWED_GLOBALS.items():
+        if callable(target) and hasattr(target, "__defaults__"):
+            state[name] = (target.__defaults__, target.__kwdefaults__, dict(target.__dict__))
+        else:
+            state[name] = dict(vars(target)) if hasattr(target, "__dict__") else repr(target)
+    return state
+
+
+_BUILD_ATTACKS = {
+    # BUILD with a state dict on the shared storage marker: every later storage would have dtype "x"
+    "storage marker": b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeX\x01\x00\x00\x00xsb.",
+    # BUILD with slot state on the stand-in function: metadata="x" by default refuses every later tensor
+    "function defaults": b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__"
+                         b"\x89NX\x01\x00\x00\x00x\x87s\x86b.",
+    # BUILD with slot state on a record class: every later file would hold a 'dall_e.evil'
+    "record class": b"\x80\x02cdall_e.utils\nConv2d\nN}X\x0c\x00\x00\x00pickled_name"
+                    b"X\x0b\x00\x00\x00dall_e.evils\x86b.",
+}
+
+
+@pytest.mark.parametrize("attack", list(_BUILD_ATTACKS))
+def test_a_refused_file_changes_no_module_state(tmp_path, openai_files, attack):
+    before = _module_state()
+    path = tmp_path / "decoder.pkl"
+    path.write_bytes(_BUILD_ATTACKS[attack])
+    with pytest.raises(CheckpointError, match="refused"):
+        dvae.load_decoder(path)
+    assert _module_state() == before
+    files = openai_files["zip", 2]
+    decoder = dvae.load_decoder(files["decoder"])  # a good file still loads in the same process
+    with torch.no_grad():
+        assert torch.equal(decoder(files["codes"][0]), files["stats"][0])
+
+
+def test_a_pickle_cannot_resize_a_tensor_through_its_setstate(tmp_path):
+    """BUILD on a tensor runs Tensor.__setstate__, whose set_() would resize the storage to any size."""
+    class Resized(_FakeTensor):
+        def __reduce__(self):
+            rebuild, args = super().__reduce__()
+            return rebuild, args, (_FakeTensor(self.storage), 0, (1 << 28,), (1,))  # state -> set_(*state)
+
+    pickled = _metadata_pickle({"blocks.input.w": Resized(_FakeStorage(4))})
+    path = tmp_path / "resize.pt"
+    path.write_bytes(_zip([_stored("archive/data.pkl", pickled), _stored("archive/byteorder", b"little"),
+                           _stored("archive/data/0", bytes(16))]))
+    with memory_limit(300 << 20):
+        with pytest.raises(CheckpointError, match="refused.*state of a Tensor"):
+            dvae.load_decoder(path)

@@ -507,3 +507,76 @@ def test_centerpixel_registry_info_and_input_checks(centerpixel_model):
     assert spec.mean == (0.0,) and spec.std == (1.0,) and spec.filename is None
     with pytest.raises(ValueError, match=r"\[N, 1, 227, 227\]"):
         centerpixel_model(torch.rand(1, 3, 227, 227))
+
+
+# -- values the file holds (issue 16, item 14) ---------------------------------------------------------------
+
+
+def _small_net():
+    torch.manual_seed(4)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(16, 2))
+
+
+def test_integer_tensors_for_float_parameters_are_refused_by_name(tmp_path):
+    state = _small_net().state_dict()
+    state["0.weight"] = state["0.weight"].round().long()
+    state["3.bias"] = torch.zeros(2, dtype=torch.int32)
+    torch.save(state, tmp_path / "ints.pth")
+    with pytest.raises(CheckpointError, match=r"ints.pth.*2 integer tensor\(s\) for float parameters.*"
+                                              r"0.weight: torch.int64.*3.bias: torch.int32"):
+        load_checkpoint(_small_net(), tmp_path / "ints.pth")
+
+
+def test_non_finite_weights_warn_by_default_and_are_refused_on_request(tmp_path):
+    from fastig.models.checkpoints import NonFiniteWeightsWarning
+
+    state = _small_net().state_dict()
+    state["1.running_var"][3] = float("nan")
+    state["3.weight"][0, 0] = float("inf")
+    torch.save(state, tmp_path / "nan.pth")
+    with pytest.warns(NonFiniteWeightsWarning, match=r"nan.pth.*2 tensor\(s\).*1.running_var.*3.weight"):
+        model = load_checkpoint(_small_net(), tmp_path / "nan.pth")
+    assert torch.isnan(model[1].running_var[3])  # loaded as it is: the user was warned
+    with pytest.raises(CheckpointError, match=r"nan.pth.*non-finite.*3.weight"):
+        load_checkpoint(_small_net(), tmp_path / "nan.pth", nonfinite="refuse")
+    with pytest.raises(ValueError, match="nonfinite"):
+        load_checkpoint(_small_net(), tmp_path / "nan.pth", nonfinite="ignore")
+    resnet = _resnet18_state()
+    resnet["fc.bias"][0] = float("nan")
+    torch.save(resnet, tmp_path / "resnet_nan.pth")
+    with pytest.raises(CheckpointError, match=r"non-finite.*fc.bias"):
+        zoo.get("resnet18", weights=tmp_path / "resnet_nan.pth", nonfinite="refuse")
+
+
+def test_the_cli_run_refuses_non_finite_weights(tmp_path):
+    import cv2
+    import numpy as np
+    from click.testing import CliRunner
+
+    from fastig.cli import cli
+
+    state = _resnet18_state()
+    state["conv1.weight"][0, 0, 0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((32, 32, 3), np.uint8))
+    result = CliRunner().invoke(cli, ["attribute", "--model", "resnet18", "--weights", str(tmp_path / "nan.pth"),
+                                      "--method", "saliency", "--image", str(tmp_path / "a.png"),
+                                      "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert "non-finite" in result.output and "conv1.weight" in result.output
+
+
+def test_fastig_evaluate_refuses_non_finite_weights(tmp_path):
+    """The store's model is rebuilt with the given weights before any metric runs: NaN weights are refused there."""
+    from fastig.io.store import Store
+    from fastig.metrics import evaluate_store
+
+    state = _resnet18_state()
+    state["layer1.0.bn1.running_var"][0] = float("inf")
+    torch.save(state, tmp_path / "inf.pth")
+    store = Store.create(tmp_path / "run" / "attributions.h5", model="resnet18", method="saliency", options={},
+                         shape=(224, 224))
+    with store:
+        store.write_rows(0, ["a.png"], [0], torch.zeros(1, 224, 224))
+    with pytest.raises(CheckpointError, match=r"inf.pth.*refused.*layer1.0.bn1.running_var"):
+        evaluate_store(store.path, ["completeness"], weights=tmp_path / "inf.pth")

@@ -1,4 +1,5 @@
-"""Checking and formatting of the inputs every attribution method takes (Captum's conventions, clear errors)."""
+"""Checking and formatting of the inputs every attribution method takes (Captum's conventions, clear errors:
+an :class:`~fastig.errors.InputError` naming the argument and what it must be)."""
 
 from __future__ import annotations
 
@@ -6,24 +7,28 @@ from typing import Any
 
 import torch
 
+from fastig.errors import InputError
+
 
 def format_inputs(inputs: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
     """(inputs as a tuple of tensors, whether the caller gave a tuple)."""
     is_tuple = isinstance(inputs, tuple)
     tensors = inputs if is_tuple else (inputs,)
     if not tensors:
-        raise ValueError("inputs is an empty tuple")
+        raise InputError("inputs is an empty tuple")
     for i, x in enumerate(tensors):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"inputs[{i}] must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0:
-            raise ValueError(f"inputs[{i}] is a scalar; inputs need a leading batch dimension")
+            raise InputError(f"inputs[{i}] is a scalar; inputs need a leading batch dimension")
+        if x.shape[0] == 0:
+            raise InputError(f"inputs[{i}] holds no example (shape {tuple(x.shape)}); give at least one")
         if x.is_floating_point() and not torch.isfinite(x).all():
-            raise ValueError(f"inputs[{i}] contains NaN or infinite values")
+            raise InputError(f"inputs[{i}] contains NaN or infinite values")
     n = tensors[0].shape[0]
     for i, x in enumerate(tensors[1:], 1):
         if x.shape[0] != n:
-            raise ValueError(f"all inputs need the same batch size: inputs[0] has {n}, inputs[{i}] has {x.shape[0]}")
+            raise InputError(f"all inputs need the same batch size: inputs[0] has {n}, inputs[{i}] has {x.shape[0]}")
     return tuple(tensors), is_tuple
 
 
@@ -37,7 +42,7 @@ def format_baselines(baselines: Any, inputs: tuple[torch.Tensor, ...]) -> tuple[
     elif not isinstance(baselines, tuple):
         baselines = (baselines,)
     if len(baselines) != len(inputs):
-        raise ValueError(f"got {len(baselines)} baselines for {len(inputs)} inputs")
+        raise InputError(f"got {len(baselines)} baselines for {len(inputs)} inputs")
     out = []
     for i, (b, x) in enumerate(zip(baselines, inputs)):
         if isinstance(b, (int, float)) and not isinstance(b, bool):
@@ -46,16 +51,16 @@ def format_baselines(baselines: Any, inputs: tuple[torch.Tensor, ...]) -> tuple[
             if b.dim() == 0:
                 b = b.reshape((1,) * x.dim())
             if not (b.shape == x.shape or (b.dim() == x.dim() and b.shape[0] == 1)):
-                raise ValueError(
+                raise InputError(
                     f"baselines[{i}] has shape {tuple(b.shape)}; it must equal the input's shape {tuple(x.shape)} "
                     "or have batch size 1 and broadcast to it"
                 )
             try:
                 torch.broadcast_shapes(b.shape, x.shape)
             except RuntimeError:
-                raise ValueError(f"baselines[{i}] of shape {tuple(b.shape)} does not broadcast to {tuple(x.shape)}")
+                raise InputError(f"baselines[{i}] of shape {tuple(b.shape)} does not broadcast to {tuple(x.shape)}")
             if b.is_floating_point() and not torch.isfinite(b).all():
-                raise ValueError(f"baselines[{i}] contains NaN or infinite values")
+                raise InputError(f"baselines[{i}] contains NaN or infinite values")
             b = b.to(device=x.device, dtype=x.dtype)
         else:
             raise TypeError(f"baselines[{i}] must be a tensor or a number, got {type(b).__name__}")

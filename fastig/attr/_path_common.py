@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_baselines, format_inputs, row_sums
+from fastig.core import quadrature
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
 
@@ -42,16 +44,18 @@ def check_flag(name: str, value: Any) -> bool:
 def check_steps(n_steps: Any, minimum: int = 1) -> int:
     if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < minimum:
         raise ValueError(f"n_steps must be an integer >= {minimum}, got {n_steps!r}")
+    quadrature.check_steps_fit(None, n_steps)  # paths without a quadrature rule keep per-step tables too
     return n_steps
 
 
 def check_number(name: str, value: Any, low: float, high: float | None = None, low_open: bool = False) -> float:
-    """A real number in [low, high] (or (low, high] with ``low_open``; no upper bound when ``high`` is None)."""
+    """A finite real number in [low, high] (or (low, high] with ``low_open``; no upper bound when ``high`` is
+    None)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {value!r}")
     value = float(value)
     too_low = value <= low if low_open else value < low
-    if too_low or (high is not None and value > high) or value != value:
+    if too_low or (high is not None and value > high) or not math.isfinite(value):
         bounds = f"{'(' if low_open else '['}{low}, {'inf)' if high is None else f'{high}]'}"
         raise ValueError(f"{name} must lie in {bounds}, got {value!r}")
     return value

@@ -65,7 +65,7 @@ class BlurIntegratedGradients(PathAttribution):
         if baselines is not None:
             raise ValueError("Blur IG's baseline is the input blurred with max_sigma: baselines must be None")
         check_steps(n_steps)
-        max_sigma = check_number("max_sigma", max_sigma, 0.0, low_open=True)
+        max_sigma = check_number("max_sigma", max_sigma, 0.0, 1e300, low_open=True)  # 4 sigma must stay finite
         grad_step = check_number("grad_step", grad_step, 0.0, low_open=True)
         check_flag("sqrt", sqrt)
         check_flag("idgi", idgi)

@@ -10,6 +10,7 @@ copies are held at once, not the size of a model batch.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -19,29 +20,34 @@ from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output
 from fastig.core.engine import Engine
 from fastig.core.targets import format_additional_args
+from fastig.errors import InputError
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
 def noisy_copies(x: torch.Tensor, stdev: float, n_samples: int) -> torch.Tensor:
     """``n_samples`` copies of each example of ``x`` (example-major) plus N(0, stdev^2) noise, drawn as Captum does:
-    one draw of the whole [N * n_samples, ...] block in the default dtype."""
+    one draw of the whole [N * n_samples, ...] block in the default dtype. A stdev so large that the noisy
+    copies overflow is named here, rather than blamed on the inputs by the method that receives them."""
     shape = (x.shape[0] * n_samples,) + tuple(x.shape[1:])
     noise = torch.randn(shape, dtype=torch.get_default_dtype(), device=x.device) * stdev  # == torch.normal(0, stdev)
-    return x.repeat_interleave(n_samples, dim=0) + noise
+    noisy = x.repeat_interleave(n_samples, dim=0) + noise
+    if noisy.is_floating_point() and not torch.isfinite(noisy).all():
+        raise InputError(f"stdevs={stdev:g} makes the noisy inputs overflow {noisy.dtype}: choose a smaller stdevs")
+    return noisy
 
 
 def check_stdevs(stdevs: Any, n_inputs: int) -> tuple[float, ...]:
     if isinstance(stdevs, tuple):
         if len(stdevs) != n_inputs:
-            raise ValueError(f"got {len(stdevs)} stdevs for {n_inputs} inputs")
+            raise InputError(f"got {len(stdevs)} stdevs for {n_inputs} inputs")
     else:
         stdevs = (stdevs,) * n_inputs
     for s in stdevs:
         if isinstance(s, bool) or not isinstance(s, (int, float)):
             raise TypeError(f"stdevs must be a float or a tuple of floats, got {type(s).__name__}")
-        if not s >= 0:
-            raise ValueError(f"stdevs must be non-negative, got {s}")
+        if not (s >= 0 and math.isfinite(s)):
+            raise InputError(f"stdevs must be a finite number >= 0, got {s}")
     return tuple(float(s) for s in stdevs)
 
 

@@ -42,6 +42,7 @@ import torch
 from fastig import _ops
 from fastig.core import progress
 from fastig.core.targets import Target, args_for_batch
+from fastig.errors import InputError
 
 # On the CPU a model pass costs nearly the same per point at any batch size beyond a few points (resnet50 IG, 32
 # steps: one pass of 32 points was about 13% cheaper than two of 16, at twice the peak memory), so a batch only
@@ -57,7 +58,7 @@ _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_precision(precision: Any) -> str:
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
+        raise InputError(f"precision must be one of {', '.join(map(repr, PRECISIONS))}, got {precision!r}")
     return precision
 
 
@@ -215,7 +216,7 @@ class Engine:
         if batch_size is not None and (
             isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
         ):
-            raise ValueError(f"internal_batch_size must be a positive integer or None, got {batch_size!r}")
+            raise InputError(f"internal_batch_size must be a positive integer or None, got {batch_size!r}")
         self.forward_func = forward_func
         self.batch_size = batch_size
         self.precision = check_precision(precision)
@@ -365,13 +366,13 @@ class Engine:
         if top_k is None:
             return Target(target, n)
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+            raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
         if target is not None:
-            raise ValueError("give either target or top_k, not both")
+            raise InputError("give either target or top_k, not both")
         logits = torch.cat([out for _, out in self.predict(n, lambda part: tuple(x[part] for x in inputs),
                                                            _bytes_per_row(inputs), args)])
         if logits.dim() != 2 or logits.shape[1] < top_k:
-            raise ValueError(f"top_k={top_k} needs a model output [N, classes] with at least {top_k} classes, got "
+            raise InputError(f"top_k={top_k} needs a model output [N, classes] with at least {top_k} classes, got "
                              f"shape {tuple(logits.shape)}")
         return Target(logits.topk(top_k, dim=1).indices, n)
 

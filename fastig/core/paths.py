@@ -45,10 +45,20 @@ class StraightLine:
 BLUR_TRUNCATE = 4.0
 
 
+# the kernel's normalization is summed tap by tap up to this radius (sigma ~ 16000), in closed form beyond it
+DIRECT_RADIUS = 1 << 16
+
+
 def gaussian_blur_matrix(size: int, sigma: float, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
     """[size, size] matrix M with ``M @ v`` = 1-D Gaussian blur of ``v`` with zero padding, as
     ``scipy.ndimage.gaussian_filter1d(v, sigma, mode="constant")`` computes it: a kernel of radius
-    ``int(4 * sigma + 0.5)``, normalized over that radius, built in float64."""
+    ``int(4 * sigma + 0.5)``, normalized over that radius, built in float64.
+
+    Only the taps an image of ``size`` pixels reaches are built (the radius clamped to the image), so memory
+    does not grow with sigma; past :data:`DIRECT_RADIUS` the normalization is computed in closed form. As sigma
+    grows every entry tends to ``1 / Z`` (``Z ~ sigma sqrt(2 pi) erf(2 sqrt 2)``, the kernel's sum): the kernel's
+    mass falls outside the image, so the zero-padded blur tends to zero, not to the image's mean. (scipy, and so
+    PAIR, builds all ``2 r + 1`` taps: 64 GB at sigma = 1e9.)"""
     return _blur_matrix(int(size), float(sigma)).to(dtype=dtype, device=device, copy=True)
 
 
@@ -57,13 +67,25 @@ def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
     if sigma == 0:
         return torch.eye(size, dtype=torch.float64)
     radius = int(BLUR_TRUNCATE * sigma + 0.5)
-    taps = torch.arange(radius + 1, dtype=torch.float64)
-    half = torch.exp(-0.5 / (sigma * sigma) * taps**2)  # the kernel from its center out; it is symmetric
-    half = half / (2 * half.sum() - half[0])
+    if radius <= DIRECT_RADIUS:
+        half = torch.exp(-0.5 / (sigma * sigma) * torch.arange(radius + 1, dtype=torch.float64) ** 2)
+        half = half / (2 * half.sum() - half[0])  # the kernel from its center out; it is symmetric
+    else:
+        taps = torch.arange(min(radius, size - 1) + 1, dtype=torch.float64)
+        half = torch.exp(-0.5 / (sigma * sigma) * taps**2) / _kernel_sum(sigma, radius)
     by_distance = torch.zeros(size, dtype=torch.float64)
     by_distance[: min(radius + 1, size)] = half[:size]
     index = torch.arange(size)
     return by_distance[(index.reshape(1, -1) - index.reshape(-1, 1)).abs()]
+
+
+def _kernel_sum(sigma: float, radius: int) -> float:
+    """sum of exp(-t^2 / (2 sigma^2)) over |t| <= radius, by Euler-Maclaurin: the integral, the end terms and the
+    first derivative correction. The next term is ~ f(radius) / sigma^3 and the Poisson (aliasing) term
+    ~ exp(-2 pi^2 sigma^2): both far below float64 rounding once the radius exceeds DIRECT_RADIUS."""
+    end = math.exp(-0.5 * (radius / sigma) ** 2)
+    integral = sigma * math.sqrt(2 * math.pi) * math.erf(radius / (sigma * math.sqrt(2)))
+    return integral + end - radius * end / (6 * sigma * sigma)
 
 
 def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

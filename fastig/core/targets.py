@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from fastig.errors import InputError
+
 
 class Target:
     """A validated Captum target for ``n`` examples: None, one index for all, one index per example, or K classes
@@ -39,7 +41,7 @@ class Target:
                 self.per_example = target.long()
                 return
             else:
-                raise ValueError(
+                raise InputError(
                     f"target tensor must hold one integer, one integer per example ({n}) or K integers per example "
                     f"[{n}, K], got shape {tuple(target.shape)} and dtype {target.dtype}"
                 )
@@ -53,7 +55,7 @@ class Target:
             self.common = target
         elif isinstance(target, list):
             if len(target) != n:
-                raise ValueError(f"target list has {len(target)} entries but there are {n} examples")
+                raise InputError(f"target list has {len(target)} entries but there are {n} examples")
             if all(isinstance(t, int) and not isinstance(t, bool) for t in target):
                 self.per_example = torch.tensor(target, dtype=torch.long)
             elif all(isinstance(t, tuple) for t in target):
@@ -63,7 +65,7 @@ class Target:
                 if len(lengths) > 1 or 0 in lengths or not all(
                     isinstance(c, int) and not isinstance(c, bool) for t in target for c in t
                 ):
-                    raise ValueError("a list of target lists must hold the same number (>= 1) of integer classes "
+                    raise InputError("a list of target lists must hold the same number (>= 1) of integer classes "
                                      f"for every example, got {target!r}")
                 self.multi = torch.tensor(target, dtype=torch.long).reshape(n, -1)
             else:
@@ -104,34 +106,35 @@ class Target:
             raise TypeError(f"the model must return a tensor, got {type(output).__name__}")
         if self.common is not None:
             if len(self.common) > output.dim() - 1:
-                raise ValueError(
+                raise InputError(
                     f"target {self.common} has more indices than the model output's non-batch dimensions "
                     f"(output shape {tuple(output.shape)})"
                 )
             for index, size in zip(self.common, output.shape[1:]):
                 if not -size <= index < size:
-                    raise ValueError(f"target {index} is out of range for model output of shape {tuple(output.shape)}")
+                    raise InputError(f"target {index} is out of range for the model's output of shape "
+                                     f"[N, {', '.join(map(str, output.shape[1:]))}] ({size} classes)")
             selected = output[(slice(None), *self.common)]
         elif self.per_example is not None:
             if output.dim() != 2:
-                raise ValueError(f"per-example targets need a 2-D model output, got shape {tuple(output.shape)}")
+                raise InputError(f"per-example targets need a 2-D model output, got shape {tuple(output.shape)}")
             index = self.per_example.to(output.device)
             if index.numel() and (index.min() < 0 or index.max() >= output.shape[1]):
-                raise ValueError(f"target out of range for model output with {output.shape[1]} classes")
+                raise InputError(f"target out of range for model output with {output.shape[1]} classes")
             selected = output.gather(1, index.reshape(-1, 1))
         elif self.tuples is not None:
             selected = torch.stack([output[(i, *t)] for i, t in enumerate(self.tuples)])
         elif self.multi is not None:
             if output.dim() != 2:
-                raise ValueError(f"K targets per example need a 2-D model output, got shape {tuple(output.shape)}")
+                raise InputError(f"K targets per example need a 2-D model output, got shape {tuple(output.shape)}")
             index = self.multi.to(output.device)
             if index.numel() and (index.min() < 0 or index.max() >= output.shape[1]):
-                raise ValueError(f"target out of range for model output with {output.shape[1]} classes")
+                raise InputError(f"target out of range for model output with {output.shape[1]} classes")
             return output.gather(1, index)
         else:
             selected = output
         if selected.dim() > 1 and selected[0].numel() != 1:
-            raise ValueError(
+            raise InputError(
                 f"the model output has shape {tuple(output.shape)}: give a target to choose the scalar to explain"
             )
         return selected.reshape(selected.shape[0])

@@ -374,26 +374,11 @@ def decode(sample: Sample, preprocess) -> tuple[torch.Tensor, str | None]:
 
 
 def _read_raw(path: Path) -> np.ndarray:
-    """The file decoded by OpenCV as stored (BGR/BGRA/grey, any depth); ImageReadError naming the problem."""
-    from fastig.io.images import _is_truncated_jpeg
+    """The file decoded by OpenCV as stored (BGR/BGRA/grey, any depth), within fastig.io.images' memory bounds;
+    ImageReadError naming the problem."""
+    from fastig.io.images import read_raw
 
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageReadError(f"image file not found: {path}") from None
-    except OSError as e:
-        raise ImageReadError(f"cannot read image file {path}: {e.strerror or e}") from None
-    if data.size == 0:
-        raise ImageReadError(f"image file is empty: {path}")
-    if _is_truncated_jpeg(data):
-        raise ImageReadError(f"image file is truncated (JPEG without its end marker): {path}")
-    try:
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    except cv2.error:
-        image = None
-    if image is None or image.size == 0:
-        raise ImageReadError(f"not an image, or a corrupt one (OpenCV cannot decode it): {path}")
-    return image
+    return read_raw(path)
 
 
 class DecodingDataset(torch.utils.data.Dataset):

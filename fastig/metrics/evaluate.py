@@ -164,7 +164,7 @@ def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weig
             model_name, net = attrs["model"], model
         else:
             model_name = attrs["model"] if model is None else model
-            net = models.get(model_name, weights=weights, device=device)
+            net = models.get(model_name, weights=weights, device=device, nonfinite="refuse")
         info = models.info(model_name)
         if prepare:
             net = fastig.prepare(net)

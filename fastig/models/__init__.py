@@ -119,7 +119,8 @@ def checkpoint_path(name: str) -> Path | None:
     return None if filename is None else checkpoint_dir() / filename
 
 
-def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.device | None = None) -> nn.Module:
+def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.device | None = None,
+        nonfinite: str = "warn") -> nn.Module:
     """Build a zoo model, load its weights, and return it in eval mode (on ``device`` if given).
 
     ``weights``: ``"auto"`` loads the model's file from :func:`checkpoint_dir` and raises a
@@ -131,6 +132,9 @@ def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.devi
     GoogLeNet is built with its auxiliary heads (torchvision's file holds them) and returned without them, as
     torchvision does when ``aux_logits`` is not requested; it keeps ``transform_input=True``, so every ImageNet
     model takes the same ImageNet-normalized input.
+
+    ``nonfinite``: a weight file holding NaN or infinite values is loaded with a warning (``"warn"``) or refused
+    (``"refuse"``, as dataset runs and the CLI do).
     """
     spec = info(name)
     model = spec.builder()
@@ -142,7 +146,7 @@ def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.devi
                     f"model {name!r} needs its weight file {spec.filename!r} in {checkpoint_dir()} (set "
                     f"FASTIG_CHECKPOINTS to use another folder); download it from {spec.url}"
                 )
-            _load(model, path, spec.sha256)
+            _load(model, path, spec.sha256, nonfinite)
     elif isinstance(weights, str) and weights == "none":
         pass
     elif isinstance(weights, (str, os.PathLike)):
@@ -151,7 +155,7 @@ def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.devi
             raise CheckpointError(
                 f"weights={str(weights)!r}: no such file (weights is 'auto', 'none' or the path of a weight file)"
             )
-        _load(model, path, spec.sha256 if path.name == spec.filename else None)
+        _load(model, path, spec.sha256 if path.name == spec.filename else None, nonfinite)
     else:
         raise TypeError(f"weights must be 'auto', 'none' or a path, got {type(weights).__name__}")
     if isinstance(model, GoogLeNet):
@@ -162,8 +166,8 @@ def get(name: str, weights: str | os.PathLike = "auto", device: str | torch.devi
     return model
 
 
-def _load(model: nn.Module, path: Path, sha256: str | None) -> None:
+def _load(model: nn.Module, path: Path, sha256: str | None, nonfinite: str) -> None:
     state_dict = read_verified(path, sha256)
     if isinstance(model, GoogLeNet) and not any(k.startswith(("aux1.", "aux2.")) for k in state_dict):
         model.drop_aux_heads()  # a file saved from the zoo model (torchvision's own file holds the aux heads)
-    apply_state_dict(model, state_dict, path)
+    apply_state_dict(model, state_dict, path, nonfinite)

@@ -4,7 +4,8 @@ Files are read with ``torch.load(path, map_location="cpu", weights_only=True)``:
 are unpickled, never arbitrary objects or code, so a file that tries to run code is refused. A state_dict may be
 wrapped in a dict under ``"state_dict"`` or ``"model"`` (training checkpoints) and its keys may carry the
 ``"module."`` prefix of ``nn.DataParallel``. Every key and shape is checked against the model before anything is
-copied, and each problem is reported by name. When the file name carries torchvision's hash prefix
+copied, and each problem is reported by name (integer tensors for float parameters included); NaN or infinite values
+are warned about, or refused on request (the CLI does). When the file name carries torchvision's hash prefix
 (``resnet18-f37072fd.pth``: the text between the last-but-one ``-`` and the next ``.`` as matched by torch.hub's
 ``-([a-f0-9]*)\\.`` rule), the file's sha256 must start with it, as ``torch.hub``'s ``check_hash`` requires.
 """
@@ -15,6 +16,7 @@ import hashlib
 import os
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -27,6 +29,12 @@ HASH_PREFIX_RE = re.compile(r"-([a-f0-9]*)\.")
 
 # Names listed per problem in an error message (the count of the rest follows).
 _MAX_LISTED = 10
+# What to do with a file whose float tensors hold NaN or infinity (a model with them attributes NaN)
+NONFINITE = ("warn", "refuse")
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """A weight file holds NaN or infinite values (loaded anyway; pass ``nonfinite="refuse"`` to refuse it)."""
 
 
 def checkpoint_dir() -> Path:
@@ -131,13 +139,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return _unwrap(obj, path)
 
 
-def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path="<state_dict>") -> dict:
+def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path="<state_dict>",
+                     nonfinite: str = "warn") -> dict:
     """Compare a state_dict with the model's: return it completed, or raise :class:`CheckpointError` listing
-    missing keys, unexpected keys and shape mismatches by name.
+    missing keys, unexpected keys, shape mismatches and integer tensors for float parameters by name.
 
     BatchNorm's ``num_batches_tracked`` counters may be absent (old torchvision files lack them; PyTorch itself
-    fills them in), they are then taken from the model.
+    fills them in), they are then taken from the model. Float tensors holding NaN or infinity are named in a
+    :class:`NonFiniteWeightsWarning` (``nonfinite="warn"``) or refused (``"refuse"``, what the CLI asks for).
     """
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite must be one of {', '.join(map(repr, NONFINITE))}, got {nonfinite!r}")
     expected = model.state_dict()
     completed = dict(state_dict)
     for key, value in expected.items():
@@ -150,6 +162,9 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path
         for k in expected
         if k in completed and completed[k].shape != expected[k].shape
     ]
+    # load_state_dict would copy 3 into 3.0 silently: a float parameter stored as integers is not a weight file
+    integers = [f"{k}: {completed[k].dtype}" for k in expected if k in completed and expected[k].is_floating_point()
+                and not (completed[k].is_floating_point() or completed[k].is_complex())]
     problems = []
     if missing:
         problems.append(f"{len(missing)} missing key(s) {_listed(missing)}")
@@ -157,16 +172,26 @@ def check_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path
         problems.append(f"{len(unexpected)} unexpected key(s) {_listed(unexpected)}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatch(es) {_listed(mismatched)}")
+    if integers:
+        problems.append(f"{len(integers)} integer tensor(s) for float parameters {_listed(integers)}")
     if problems:
         raise CheckpointError(
             f"checkpoint '{path}' does not fit {type(model).__name__}: " + "; ".join(problems)
         )
+    not_finite = [k for k in expected if completed[k].is_floating_point() and not torch.isfinite(completed[k]).all()]
+    if not_finite:
+        what = f"{len(not_finite)} tensor(s) hold non-finite values (NaN or infinity) {_listed(not_finite)}"
+        if nonfinite == "refuse":
+            raise CheckpointError(f"checkpoint '{path}' refused: {what}; such weights make every attribution NaN")
+        warnings.warn(f"checkpoint '{path}': {what}; attributions of this model will not be finite",
+                      NonFiniteWeightsWarning, stacklevel=3)
     return completed
 
 
-def apply_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path="<state_dict>") -> nn.Module:
+def apply_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], path="<state_dict>",
+                     nonfinite: str = "warn") -> nn.Module:
     """Check ``state_dict`` against ``model`` (:func:`check_state_dict`) and load it strictly; returns ``model``."""
-    model.load_state_dict(check_state_dict(model, state_dict, path), strict=True)
+    model.load_state_dict(check_state_dict(model, state_dict, path, nonfinite), strict=True)
     return model
 
 
@@ -176,10 +201,12 @@ def read_verified(path: str | os.PathLike, sha256: str | None = None) -> dict[st
     return read_state_dict(path)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, sha256: str | None = None) -> nn.Module:
-    """Load the weight file at ``path`` into ``model`` (strictly, after checking hash, keys and shapes).
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, sha256: str | None = None,
+                    nonfinite: str = "warn") -> nn.Module:
+    """Load the weight file at ``path`` into ``model`` (strictly, after checking hash, keys, shapes and dtypes).
 
     ``sha256`` is an optional expected digest or digest prefix; the prefix in a torchvision-style file name is
-    always checked. Returns ``model``.
+    always checked. ``nonfinite``: ``"warn"`` (default) or ``"refuse"`` a file with NaN or infinite values.
+    Returns ``model``.
     """
-    return apply_state_dict(model, read_verified(path, sha256), path)
+    return apply_state_dict(model, read_verified(path, sha256), path, nonfinite)

@@ -91,6 +91,11 @@ LOGIT_LAPLACE_EPS = 0.1
 ENCODER_FILE = "dvae_encoder.pt"
 DECODER_FILE = "dvae_decoder.pt"
 GROUP_COUNT = 4  # OpenAI's architecture has exactly four groups (its group_count is a class constant)
+# The most a dVAE file may declare, checked before anything is read or allocated: the tensor bytes of the larger
+# full-size model (the encoder, 53,786,240 parameters; the decoder holds 175 MB in float32) even in float64, and
+# its pickled module structure (~100 modules: tens of kB).
+MAX_STORAGE_BYTES = 8 * 53_786_240
+MAX_PICKLE_BYTES = 16 << 20
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -445,12 +450,30 @@ ALLOWED_GLOBALS = {
 """Every global a dVAE file may reference, mapped onto the inert object fastig uses in its place."""
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that resolves only :data:`ALLOWED_GLOBALS` and tensor-storage persistent ids."""
+class _RestrictedUnpickler(pickle._Unpickler):
+    """Unpickler that resolves only :data:`ALLOWED_GLOBALS` and tensor-storage persistent ids, and sets the state
+    (BUILD) only of objects this load created that carry one: module records and OrderedDicts.
+
+    BUILD is the one opcode that writes attributes. On the allow-listed objects themselves (the shared storage
+    markers, a record class, a stand-in function's ``__defaults__``) it would change this module for every later
+    load, and on a tensor it runs ``Tensor.__setstate__``, whose ``set_`` resizes storage to any size; so it is
+    refused on anything else. Python's own unpickler class is used because the C one offers no hook per opcode.
+    """
+
+    dispatch = dict(pickle._Unpickler.dispatch)
 
     def __init__(self, file, load_storage):
         super().__init__(file, encoding="utf-8")
         self._load_storage = load_storage
+
+    def load_build(self):
+        target = self.stack[-2]  # the state is on top, the object below it
+        if not (isinstance(target, _Record) or type(target) is OrderedDict):
+            what = f"the class {target.__qualname__}" if isinstance(target, type) else f"a {type(target).__name__}"
+            raise _Refused(f"the pickle sets the state of {what}, which a dVAE file never does")
+        pickle._Unpickler.load_build(self)
+
+    dispatch[pickle.BUILD[0]] = load_build
 
     def find_class(self, module, name):
         module = "builtins" if module == "__builtin__" else module  # protocol-2 pickles use Python 2's name
@@ -486,27 +509,53 @@ def _unpickle(file, load_storage=None):
 
 
 def _read_zip(archive: zipfile.ZipFile):
-    """torch.save's zip format: <prefix>/data.pkl and one raw little-endian record <prefix>/data/<key> per storage."""
+    """torch.save's zip format: <prefix>/data.pkl and one raw little-endian record <prefix>/data/<key> per storage.
+
+    The sizes the archive declares are bounded before any record is inflated: a small zip can declare gigabytes
+    (zipfile never hands out more than a record's declared size, so the bounds hold)."""
     pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(pickles) != 1:
         raise CheckpointError("not a torch.save archive (no single <prefix>/data.pkl)")
     prefix = pickles[0][: -len("data.pkl")]
     names = set(archive.namelist())
+    declared = {info.filename: info.file_size for info in archive.infolist()}
+    if declared[pickles[0]] > MAX_PICKLE_BYTES:
+        raise CheckpointError(f"{pickles[0]} declares {declared[pickles[0]]:,} bytes, more than the "
+                              f"{MAX_PICKLE_BYTES:,} a dVAE's pickled structure needs")
+    records = sum(size for name, size in declared.items() if name.startswith(prefix + "data/"))
+    if records > MAX_STORAGE_BYTES:
+        raise CheckpointError(f"its tensor records declare {records:,} bytes, more than the {MAX_STORAGE_BYTES:,} "
+                              "of the largest dVAE (the full-size encoder in float64)")
     if prefix + "byteorder" in names and archive.read(prefix + "byteorder").strip() != b"little":
         raise CheckpointError("big-endian torch.save archives are not supported")
     storages = {}
+    budget = _StorageBudget()
 
     def load_storage(key, dtype, numel):
         if key not in storages:
             record = f"{prefix}data/{key}"
             if record not in names:
                 raise _Refused(f"storage record {record} is missing")
-            if archive.getinfo(record).file_size != numel * dtype.itemsize:
+            budget.take(key, numel * dtype.itemsize)
+            if declared[record] != numel * dtype.itemsize:
                 raise _Refused(f"storage record {record} has the wrong size")
             storages[key] = _Storage(_read_into_tensor(archive.open(record), dtype, numel))
         return storages[key]
 
     return _unpickle(io.BytesIO(archive.read(pickles[0])), load_storage)
+
+
+class _StorageBudget:
+    """The bytes the storages of one file declare, refused past MAX_STORAGE_BYTES before any is allocated."""
+
+    def __init__(self):
+        self.total = 0
+
+    def take(self, key, nbytes: int) -> None:
+        self.total += nbytes
+        if self.total > MAX_STORAGE_BYTES:
+            raise CheckpointError(f"storage {key} declares {nbytes:,} bytes, more than the {MAX_STORAGE_BYTES:,} "
+                                  "of the largest dVAE (the full-size encoder in float64) with the storages before it")
 
 
 def _read_into_tensor(f, dtype: torch.dtype, numel: int) -> torch.Tensor:
@@ -534,9 +583,11 @@ def _read_legacy(f):
     if isinstance(sys_info, dict) and sys_info.get("little_endian") is False:
         raise CheckpointError("big-endian torch.save files are not supported")
     storages = {}
+    budget = _StorageBudget()
 
     def load_storage(key, dtype, numel):
         if key not in storages:
+            budget.take(key, numel * dtype.itemsize)
             storages[key] = _Storage(torch.empty(numel, dtype=dtype))  # filled below, after the object pickle
         return storages[key]
 
