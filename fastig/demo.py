@@ -17,6 +17,7 @@ import torch
 
 from fastig import methods
 from fastig.errors import FastigError
+from fastig.metrics.insertion import explained_classes
 
 SIZE = 227
 CENTER = SIZE // 2
@@ -65,7 +66,7 @@ def run_demo(out_dir: Path, method_names: list[str] | None = None, echo: Callabl
         ranks, pictures, started = {}, {}, time.perf_counter()
         try:
             for label, x in inputs.items():
-                target = int(model(x).argmax(1).item())
+                target = int(explained_classes(model, x)[0])
                 attribution = fastig.attribute(model, x, target=target, method=name, **method.demo)
                 if isinstance(attribution, tuple):  # (attributions, delta)
                     attribution = attribution[0]
@@ -124,7 +125,7 @@ def _growing_patch_check(model, x: torch.Tensor, echo: Callable[[str], None]) ->
         return
     import fastig
 
-    target = int(model(x).argmax(1).item())
+    target = int(explained_classes(model, x)[0])
     attribution = fastig.attribute(model, x, target=target, method="input_x_gradient")
     outside = attribution[x == 0]
     verdict = "holds" if bool((outside == 0).all()) else "FAILS"

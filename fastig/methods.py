@@ -81,6 +81,8 @@ OPTIONS: dict[str, Option] = {
                "embedding: the decoder's first 1x1 conv of the soft codes)"),
         Option("--gap-steps", "gap_steps", int, "latent IG: pixel-space steps joining the input and the baseline to "
                "their decodings (default: steps / 4, rounded up)"),
+        Option("--precision", "precision", ("fp32", "bf16", "fp16"), "autocast precision of the model's passes "
+               "(default fp32; bf16/fp16 pay on GPUs and CPUs with native bf16/fp16, not on AVX2-only CPUs)"),
         Option("--dvae-size", "dvae_size", int, "latent IG: image side the dVAE sees, a multiple of 8 (default: the "
                "model's input size)"),
         Option("--baselines", "baselines", ("zeros", "segments"), "path methods: the baseline: zeros (default) or "
@@ -214,7 +216,7 @@ def _ig(model):
 ADAPTIVE = ("tolerance", "max_steps")  # the options of --steps auto, for the methods that have it
 
 register(Method("ig", "Integrated Gradients (straight line, Captum-compatible)", _ig,
-                ("n_steps", "rule", "internal_batch_size", "idgi", "output", "rules") + ADAPTIVE + _BASELINES, path_method=True))
+                ("n_steps", "rule", "internal_batch_size", "idgi", "output", "rules", "precision") + ADAPTIVE + _BASELINES, path_method=True))
 
 
 def _path_method(name):
@@ -228,11 +230,11 @@ def _path_method(name):
 
 register(Method("guided_ig", "Guided IG (Kapishnikov et al. 2021), PAIR saliency's algorithm, batched",
                 _path_method("guided_ig"),
-                ("n_steps", "fraction", "max_dist", "internal_batch_size", "idgi", "output", "rules") + _BASELINES,
+                ("n_steps", "fraction", "max_dist", "internal_batch_size", "idgi", "output", "rules", "precision") + _BASELINES,
                 path_method=True, demo={"n_steps": 32}))
 register(Method("blur_ig", "Blur IG (Xu et al. 2020), PAIR saliency's algorithm",
                 _path_method("blur_ig"),
-                ("n_steps", "max_sigma", "grad_step", "sqrt", "internal_batch_size", "idgi", "output", "rules") + ADAPTIVE,
+                ("n_steps", "max_sigma", "grad_step", "sqrt", "internal_batch_size", "idgi", "output", "rules", "precision") + ADAPTIVE,
                 path_method=True, demo={"n_steps": 32}))
 
 
@@ -256,7 +258,7 @@ def _check_latent_ig(options: dict) -> None:
 
 register(Method("latent_ig", "Latent IG: IG along a path decoded from the DALL-E dVAE's latent space (--dvae)",
                 _latent_ig, ("n_steps", "rule", "dvae", "interpolation", "latent", "gap_steps", "dvae_size",
-                             "internal_batch_size", "idgi", "output", "rules") + _BASELINES,
+                             "internal_batch_size", "idgi", "output", "rules", "precision") + _BASELINES,
                 path_method=True, demo={"n_steps": 8}, build_options=("dvae",), check=_check_latent_ig,
                 signature=_latent_ig_attribute))
 
@@ -285,12 +287,12 @@ def _gradient_shap_baselines(inputs):
 
 
 register(Method("saliency", "Saliency: gradient of the output (absolute by default, Captum-compatible)",
-                _gradient_family("saliency"), ("abs", "internal_batch_size", "rules")))
+                _gradient_family("saliency"), ("abs", "internal_batch_size", "rules", "precision")))
 register(Method("input_x_gradient", "Input x gradient (Captum-compatible)", _gradient_family("input_x_gradient"),
-                ("internal_batch_size", "rules")))
+                ("internal_batch_size", "rules", "precision")))
 register(Method("smoothgrad", "SmoothGrad: NoiseTunnel over Saliency (Captum-compatible; --nt-type for SG-SQ, VarGrad)",
                 _gradient_family("smoothgrad"),
-                ("nt_type", "nt_samples", "nt_samples_batch_size", "stdevs", "abs", "internal_batch_size", "rules"),
+                ("nt_type", "nt_samples", "nt_samples_batch_size", "stdevs", "abs", "internal_batch_size", "rules", "precision"),
                 demo={"nt_samples": 8, "stdevs": 0.02}))
 register(Method("guided_backprop", "Guided backpropagation (Captum-compatible; also functional ReLUs)",
                 _gradient_family("guided_backprop"), ("internal_batch_size",)))
@@ -300,10 +302,10 @@ register(Method("gradient_shap", "GradientSHAP (Captum-compatible); baselines: z
                 _gradient_family("gradient_shap"), ("n_samples", "stdevs", "internal_batch_size", "rules"),
                 fixed={"baselines": _gradient_shap_baselines}, demo={"n_samples": 8}))
 register(Method("second_order", "2ndG second-order attribution at a layer (Wang & Vasconcelos 2019), upsampled",
-                _gradient_family("second_order"), ("layer", "internal_batch_size"),
+                _gradient_family("second_order"), ("layer", "internal_batch_size", "precision"),
                 fixed={"upsample_to_input": True}))
 register(Method("gnl_ig", "Guided non-linearity IG (Kwon et al. 2020): IG with guided ReLU/max-pool gradients",
-                _gradient_family("gnl_ig"), ("n_steps", "rule", "internal_batch_size", "idgi", "output") + ADAPTIVE + _BASELINES,
+                _gradient_family("gnl_ig"), ("n_steps", "rule", "internal_batch_size", "idgi", "output", "precision") + ADAPTIVE + _BASELINES,
                 path_method=True,
                 demo={"n_steps": 32}))
 
@@ -343,9 +345,9 @@ register(Method("kernel_shap", "Kernel SHAP over superpixels (Captum-compatible,
                 _perturbation("kernel_shap"), ("n_samples", "n_segments") + _PER_EVAL,
                 demo={"n_segments": 16, "n_samples": 32}))
 register(Method("meaningful_perturbation", "Meaningful perturbation (Fong & Vedaldi 2017): optimized blur mask",
-                _perturbation("meaningful_perturbation"), ("n_iter",), demo={"n_iter": 10}))
+                _perturbation("meaningful_perturbation"), ("n_iter", "precision"), demo={"n_iter": 10}))
 register(Method("pda", "Prediction difference analysis (Zintgraf et al. 2017), marginal sampling; CLI stride 4",
-                _perturbation("pda"), ("window", "stride", "n_samples") + _PER_EVAL,
+                _perturbation("pda"), ("window", "stride", "n_samples", "precision") + _PER_EVAL,
                 demo={"window": 32, "stride": 32, "n_samples": 2}))
 
 

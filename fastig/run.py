@@ -384,8 +384,10 @@ class _BatchWorker:
         spec, summary = self.spec, self.summary
         timer = time.perf_counter()
         x = torch.stack([item.input for item in good]).to(self.device, non_blocking=True)
-        with torch.no_grad():
-            probabilities = torch.softmax(self.model(x).float(), dim=1)
+        from fastig.core.engine import Engine
+
+        with torch.no_grad():  # the filter pass: through the engine, like every model pass
+            probabilities = torch.softmax(Engine(self.model).call((x,)).float(), dim=1)
         confidence, prediction = (t.tolist() for t in probabilities.max(dim=1))
         summary.model_seconds += _elapsed(timer, self.device)
         out, kept = [], []

@@ -33,6 +33,7 @@ def explained_function(forward_func: Callable, output: str) -> Callable:
             raise ValueError(f"output='probability' needs a model output of shape [batch, classes, ...], got {shape}")
         return torch.softmax(out, dim=1)
 
+    probability.__wrapped__ = forward_func  # the engine remembers batch sizes per model, through this wrapper
     return probability
 
 
@@ -93,13 +94,15 @@ class PathAttribution(Attribution):
             cls.attribute = sampled_baselines(cls.__dict__["attribute"])
 
     def _setup(
-        self, n: int, target: Any, additional_forward_args: Any, output: str, internal_batch_size: int | None
+        self, inputs: tuple[torch.Tensor, ...], target: Any, additional_forward_args: Any, output: str,
+        internal_batch_size: int | None, precision: str = "fp32", top_k: int | None = None,
     ) -> tuple[Target, tuple, Engine]:
-        """What every attribute() needs: the target of each of the ``n`` examples, the extra model arguments, and
-        the engine over the explained output."""
-        tgt = Target(target, n)
+        """What every attribute() needs: the target of each example of ``inputs`` (``top_k``: the K classes of
+        largest explained output at the inputs), the extra model arguments, and the engine over the explained
+        output at ``precision``."""
         args = format_additional_args(additional_forward_args)
-        return tgt, args, Engine(explained_function(self.forward_func, output), internal_batch_size)
+        engine = Engine(explained_function(self.forward_func, output), internal_batch_size, precision)
+        return engine.resolve_target(target, top_k, inputs, args), args, engine
 
     def compute_convergence_delta(
         self,
@@ -123,5 +126,24 @@ class PathAttribution(Attribution):
         if f_end is None:
             f_end = engine.outputs(inputs, target, args)
         with torch.no_grad():
-            attr_sum = row_sums(attributions)
+            if target.k is not None:  # [n, K, ...] attributions: one sum per (example, target)
+                attr_sum = row_sums(tuple(a.flatten(0, 1) for a in attributions)).reshape(f_end.shape)
+            else:
+                attr_sum = row_sums(attributions)
             return attr_sum - (f_end - f_start).to(attr_sum.dtype)
+
+
+def per_target_examples(inputs: tuple, baselines: tuple, target: Target, args: tuple) -> tuple:
+    """K targets per example as ``n * K`` examples of one target each (example-major), for paths that depend on
+    the target (Guided IG): (inputs, baselines, target, args) repeated K times per example."""
+    k, n = target.k, target.n
+    xs = tuple(x.repeat_interleave(k, dim=0) for x in inputs)
+    bs = tuple(b.repeat_interleave(k, dim=0) if b.shape[0] == n and n > 1 else b for b in baselines)
+    args = tuple(a.repeat_interleave(k, dim=0) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n
+                 else a for a in args)
+    return xs, bs, target.per_pair(), args
+
+
+def per_target_results(values: tuple[torch.Tensor, ...], k: int) -> tuple[torch.Tensor, ...]:
+    """[n * K, ...] results of :func:`per_target_examples` back as [n, K, ...]."""
+    return tuple(v.reshape((v.shape[0] // k, k) + tuple(v.shape[1:])) for v in values)

@@ -12,6 +12,7 @@ from fastig.core.adaptive import BlurCurve, integrate_adaptive, integrate_schedu
 from fastig.core.engine import integrate_idgi, integrate_moves
 from fastig.core.quadrature import check_auto_steps
 from fastig.core.paths import BlurPath, gaussian_blur
+from fastig.errors import InputError
 
 
 def blur_sigmas(max_sigma: float, n_steps: int, sqrt: bool) -> list[float]:
@@ -41,6 +42,10 @@ class BlurIntegratedGradients(PathAttribution):
     sigma_{n-1} (the points Blur IG evaluates), f also at sigma_n, and per segment
     ``-g_k * g_k * (f(x_{k+1}) - f(x_k)) / ||g_k||^2``, signed like Blur IG so that attributions sum to
     f(input) - f(blurred). ``output="probability"`` explains the softmax probability.
+
+    ``precision`` and several targets per example (``target=[[a, b], ...]``, an [N, K] tensor or ``top_k=K``: one
+    forward pass per batch of blur levels, K backward passes, attributions [N, K, ...]) as in
+    :class:`~fastig.attr.IntegratedGradients`.
 
     Non-uniform blur levels (keyword-only): ``n_steps="auto"`` with ``tolerance`` (default 0.01) and
     ``max_steps`` (default 256) chooses the levels per example as
@@ -72,6 +77,8 @@ class BlurIntegratedGradients(PathAttribution):
         alphas: Any = None,
         tolerance: float = 0.01,
         max_steps: int = 256,
+        precision: str = "fp32",
+        top_k: int | None = None,
     ) -> Any:
         self.last_info = None
         if baselines is not None:
@@ -92,7 +99,10 @@ class BlurIntegratedGradients(PathAttribution):
         if sqrt and (schedule is not None or n_steps == "auto"):
             raise ValueError("sqrt=True shapes the uniform blur levels; it cannot be combined with n_steps='auto' or alphas=")
         xs, is_tuple = format_inputs(inputs)
-        tgt, args, engine = self._setup(xs[0].shape[0], target, additional_forward_args, output, internal_batch_size)
+        tgt, args, engine = self._setup(xs, target, additional_forward_args, output, internal_batch_size, precision, top_k)
+        if tgt.k is not None and (n_steps == "auto" or schedule is not None):
+            raise InputError("n_steps='auto' and alphas= take one target per example; give an integer n_steps for "
+                             "several targets per example")
         if n_steps == "auto" and schedule is None:
             sigmas = [0.0, max_sigma]
             totals, _, _, self.last_info = integrate_adaptive(

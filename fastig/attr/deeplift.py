@@ -50,6 +50,7 @@ from fastig.attr._inputs import format_baselines, format_inputs, format_output, 
 from fastig.attr._path_common import convergence_delta
 from fastig.attr.gradients import baseline_distribution
 from fastig.attr.noise_tunnel import expand_additional_args, expand_target
+from fastig.core.engine import Engine
 from fastig.core.targets import Target, args_for_batch, format_additional_args
 from fastig.errors import InvalidArgumentError
 
@@ -269,7 +270,7 @@ class DeepLift(Attribution):
         with torch.enable_grad(), rescale_rules(self.model, self.eps):
             leaves = tuple(x.detach().requires_grad_() for x in xs)
             joint = tuple(torch.cat([x, b.detach()]) for x, b in zip(leaves, bs))
-            outputs = tgt.select(self.model(*joint, *joint_args))
+            outputs = tgt.select(Engine(self.model).call(joint, joint_args))
             multipliers = torch.autograd.grad(outputs, leaves, torch.ones_like(outputs), allow_unused=True)
         multipliers = tuple(torch.zeros_like(x) if g is None else g for x, g in zip(xs, multipliers))
 

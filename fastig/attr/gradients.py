@@ -3,6 +3,10 @@
 All model passes go through :class:`fastig.core.engine.Engine`, a batch of rows at a time: the examples of
 Saliency and InputXGradient, the ``N * n_samples`` random points of GradientShap. ``internal_batch_size`` (an extra
 keyword Captum lacks for these methods) caps the rows per model call; None lets the engine choose.
+
+Saliency and InputXGradient also take (keyword-only, not in Captum) ``precision="fp32"|"bf16"|"fp16"`` (autocast
+of the model's passes) and several targets per example: ``target=[[a, b], ...]`` or an [N, K] tensor, or
+``top_k=K``: one forward pass and K backward passes per batch, attributions [N, K, ...].
 """
 
 from __future__ import annotations
@@ -49,15 +53,18 @@ def input_gradients(
     target: Any,
     additional_forward_args: Any,
     internal_batch_size: int | None = None,
+    precision: str = "fp32",
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Gradients of the explained output w.r.t. each input at ``n`` rows, computed in engine batches.
+    """Gradients of the explained output w.r.t. each input at ``n`` rows, computed in engine batches: [n, ...] per
+    input, or [n, K, ...] for K targets per row (``top_k`` needs ``rows`` as tensors: the classes are read there).
 
     ``rows`` is a tuple of [n, ...] tensors or a function ``slice -> tuple of row tensors`` that builds them lazily.
     """
     make_rows = (lambda part: tuple(t[part] for t in rows)) if isinstance(rows, tuple) else rows
-    engine = Engine(forward_func, internal_batch_size)
-    target = Target(target, n)
+    engine = Engine(forward_func, internal_batch_size, precision)
     args = format_additional_args(additional_forward_args)
+    target = engine.resolve_target(target, top_k, rows, args) if top_k is not None else Target(target, n)
     grads: list[torch.Tensor] | None = None
     for batch in engine.batches(_Rows(make_rows), target, args):
         if grads is None:
@@ -70,7 +77,8 @@ def input_gradients(
 class Saliency(Attribution):
     """Gradient of the output w.r.t. the input (Simonyan et al. 2014); absolute value by default (Captum's default).
 
-    Drop-in for ``captum.attr.Saliency``; extra keyword ``internal_batch_size``.
+    Drop-in for ``captum.attr.Saliency``; extra keywords ``internal_batch_size``, ``precision``, ``top_k`` (see the
+    module docstring).
     """
 
     multiplies_by_inputs = False
@@ -84,16 +92,19 @@ class Saliency(Attribution):
         additional_forward_args: Any = None,
         *,
         internal_batch_size: int | None = None,
+        precision: str = "fp32",
+        top_k: int | None = None,
     ) -> Any:
         xs, is_tuple = format_inputs(inputs)
-        grads = input_gradients(self.forward_func, xs, xs[0].shape[0], target, additional_forward_args, internal_batch_size)
+        grads = input_gradients(self.forward_func, xs, xs[0].shape[0], target, additional_forward_args,
+                                internal_batch_size, precision, top_k)
         return format_output(tuple(g.abs() for g in grads) if abs else grads, is_tuple)
 
 
 class InputXGradient(Attribution):
     """Input times gradient (Shrikumar et al. 2016). Drop-in for ``captum.attr.InputXGradient``.
 
-    Extra keyword ``internal_batch_size``.
+    Extra keywords ``internal_batch_size``, ``precision``, ``top_k`` (see the module docstring).
     """
 
     multiplies_by_inputs = True
@@ -106,10 +117,14 @@ class InputXGradient(Attribution):
         additional_forward_args: Any = None,
         *,
         internal_batch_size: int | None = None,
+        precision: str = "fp32",
+        top_k: int | None = None,
     ) -> Any:
         xs, is_tuple = format_inputs(inputs)
-        grads = input_gradients(self.forward_func, xs, xs[0].shape[0], target, additional_forward_args, internal_batch_size)
-        return format_output(tuple(x * g for x, g in zip(xs, grads)), is_tuple)
+        grads = input_gradients(self.forward_func, xs, xs[0].shape[0], target, additional_forward_args,
+                                internal_batch_size, precision, top_k)
+        return format_output(tuple((x if g.dim() == x.dim() else x.unsqueeze(1)) * g for x, g in zip(xs, grads)),
+                             is_tuple)
 
 
 class GradientShap(Attribution):

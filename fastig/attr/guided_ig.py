@@ -5,7 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastig.attr._inputs import format_baselines, format_inputs, format_output
-from fastig.attr._path_common import PathAttribution, check_flag, check_number, check_steps
+from fastig.attr._path_common import (
+    PathAttribution,
+    check_flag,
+    check_number,
+    check_steps,
+    per_target_examples,
+    per_target_results,
+)
 from fastig.core.engine import integrate_idgi, integrate_moves
 from fastig.core.paths import GuidedPath
 
@@ -31,6 +38,11 @@ class GuidedIntegratedGradients(PathAttribution):
     ``idgi=True`` applies IDGI to the same path: gradients at x_0 .. x_{n-1} (the points Guided IG evaluates
     anyway) and one forward pass at the path's end x_n; attributions then sum to f(x_n) - f(baseline), with
     x_n the input up to PAIR's 1e-9 tolerance. ``output="probability"`` explains the softmax probability.
+
+    ``precision`` and several targets per example (``target=[[a, b], ...]``, an [N, K] tensor or ``top_k=K``) as
+    in :class:`~fastig.attr.IntegratedGradients`. The path depends on the target's gradients, so each (example,
+    target) pair follows its own path (the K paths of an example advance together in one batch); attributions
+    are [N, K, ...].
     """
 
     def attribute(
@@ -47,6 +59,8 @@ class GuidedIntegratedGradients(PathAttribution):
         max_dist: float = 0.02,
         idgi: bool = False,
         output: str = "logit",
+        precision: str = "fp32",
+        top_k: int | None = None,
     ) -> Any:
         check_steps(n_steps)
         fraction = check_number("fraction", fraction, 0.0, 1.0)
@@ -54,7 +68,10 @@ class GuidedIntegratedGradients(PathAttribution):
         check_flag("idgi", idgi)
         xs, is_tuple = format_inputs(inputs)
         bs = format_baselines(baselines, xs)
-        tgt, args, engine = self._setup(xs[0].shape[0], target, additional_forward_args, output, internal_batch_size)
+        tgt, args, engine = self._setup(xs, target, additional_forward_args, output, internal_batch_size, precision, top_k)
+        k = tgt.k
+        if k is not None:  # one path per (example, target)
+            xs, bs, tgt, args = per_target_examples(xs, bs, tgt, args)
         path = GuidedPath(xs, bs, n_steps, fraction, max_dist)
 
         if idgi:
@@ -64,7 +81,11 @@ class GuidedIntegratedGradients(PathAttribution):
             totals, outputs = integrate_moves(engine, path, tgt, args, n_steps=n_steps)
             end = None  # the path's end is the input, which the steps never evaluate
         attributions = tuple(total.to(x.dtype) for total, x in zip(totals, xs))
-        result = format_output(attributions, is_tuple)
+        if k is None:
+            result = format_output(attributions, is_tuple)
+        else:
+            result = format_output(per_target_results(attributions, k), is_tuple)
         if not return_convergence_delta:
             return result
-        return result, self._delta(engine, attributions, xs, bs, tgt, args, outputs[0], end)
+        delta = self._delta(engine, attributions, xs, bs, tgt, args, outputs[0], end)
+        return result, (delta if k is None else delta.reshape(-1, k))

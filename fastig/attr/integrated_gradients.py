@@ -14,6 +14,7 @@ from fastig.core.adaptive import StraightCurve, integrate_adaptive
 from fastig.core.quadrature import check_auto_steps
 from fastig.core.engine import integrate, integrate_idgi
 from fastig.core.paths import StraightLine
+from fastig.errors import InputError
 
 
 class IntegratedGradients(PathAttribution):
@@ -43,6 +44,13 @@ class IntegratedGradients(PathAttribution):
       gradient and gets a forward pass only. IDGI attributions are not multiplied by ``inputs - baselines``
       (they already sum to the output difference), so ``multiply_by_inputs=False`` has no IDGI form and is
       refused.
+    - ``precision="fp32" | "bf16" | "fp16"``: the model's passes run under autocast at that precision (see
+      :mod:`fastig.core.engine`); sums stay fp32 and attributions keep the inputs' dtype. Measured error against
+      fp32 in the README ("Precision").
+    - several targets per example: ``target=[[a, b, c], ...]`` (a list of K classes per example) or an integer
+      tensor [N, K], or ``top_k=K`` (the K classes of largest output at the inputs, descending). One forward pass
+      per batch of path points and K backward passes (:func:`fastig.core.engine.target_vjps`); attributions are
+      [N, K, ...] and the convergence delta [N, K], equal to K single-target calls.
 
     Non-uniform steps (extra keyword-only options):
 
@@ -84,6 +92,8 @@ class IntegratedGradients(PathAttribution):
         alphas: Any = None,
         tolerance: float = 0.01,
         max_steps: int = 256,
+        precision: str = "fp32",
+        top_k: int | None = None,
     ) -> Any:
         check_flag("idgi", idgi)
         self.last_info = None
@@ -99,7 +109,10 @@ class IntegratedGradients(PathAttribution):
             if n_steps == "auto":
                 raise ValueError("give n_steps='auto' or alphas=, not both: alphas= is a fixed schedule")
             rule = quadrature.custom_rule(alphas)
-        tgt, args, engine = self._setup(xs[0].shape[0], target, additional_forward_args, output, internal_batch_size)
+        tgt, args, engine = self._setup(xs, target, additional_forward_args, output, internal_batch_size, precision, top_k)
+        if rule is None and tgt.k is not None:
+            raise InputError("n_steps='auto' takes one target per example (its points are chosen per example and "
+                             "target); give an integer n_steps for several targets per example")
 
         if rule is None:  # n_steps="auto"
             curve = StraightCurve(xs, bs, self._multiply_by_inputs)
@@ -117,7 +130,7 @@ class IntegratedGradients(PathAttribution):
         else:
             totals, outputs = integrate(engine, StraightLine(xs, bs, rule.alphas), rule.weights, tgt, args)
             attributions = tuple(
-                (total * (x - b) if self._multiply_by_inputs else total).to(x.dtype)
+                (total * _per_target(x - b, tgt) if self._multiply_by_inputs else total).to(x.dtype)
                 for total, x, b in zip(totals, xs, bs)
             )
             start = outputs[0] if rule.includes_start else None
@@ -126,3 +139,8 @@ class IntegratedGradients(PathAttribution):
         if not return_convergence_delta:
             return result
         return result, self._delta(engine, attributions, xs, bs, tgt, args, start, end)
+
+
+def _per_target(difference: torch.Tensor, target) -> torch.Tensor:
+    """``inputs - baselines`` aligned with [N, K, ...] totals when there are K targets per example."""
+    return difference if target.k is None else difference.unsqueeze(1)

@@ -140,6 +140,8 @@ class LatentIntegratedGradients(PathAttribution):
     ``idgi=True``: IDGI over the same points (attributions sum to f(input) - f(baseline) up to rounding; the
     quadrature rule does not apply). ``output="probability"`` explains the softmax probability. Inputs: one image
     tensor [N, 3, H, W]; baselines as Captum's (default zeros, i.e. the mean image for ImageNet normalization).
+    ``precision="bf16"|"fp16"`` autocasts the classifier's passes (the dVAE runs in fp32), as in
+    :class:`~fastig.attr.IntegratedGradients`.
 
     After each call ``last_timings`` holds the seconds spent in the encoder, the decoder and in total (the rest
     is the classifier's passes and the accumulation), with the decoder's pass and image counts.
@@ -189,6 +191,7 @@ class LatentIntegratedGradients(PathAttribution):
         idgi: bool = False,
         output: str = "logit",
         alphas: Any = None,
+        precision: str = "fp32",
     ) -> Any:
         started = time.perf_counter()
         check_flag("idgi", idgi)
@@ -202,7 +205,7 @@ class LatentIntegratedGradients(PathAttribution):
         path = self.path(xs, baselines, n_steps=n_steps, interpolation=interpolation, latent=latent,
                          gap_steps=gap_steps, dvae_size=dvae_size, rule=method, alphas=alphas)
         x, b = path.inputs, path.baselines
-        tgt, args, engine = self._setup(x.shape[0], target, additional_forward_args, output, internal_batch_size)
+        tgt, args, engine = self._setup((x,), target, additional_forward_args, output, internal_batch_size, precision)
 
         if idgi:
             totals, outputs = integrate_idgi(engine, path, tgt, args)

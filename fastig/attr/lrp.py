@@ -53,6 +53,7 @@ from torch.nn.modules.conv import _ConvNd
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output, row_sums
+from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
 
 
@@ -442,7 +443,7 @@ class LRP(Attribution):
         region = _InputRegion(convert)
         with torch.enable_grad(), self._rules_applied(verbose, default, region):
             leaves = tuple(x.detach().requires_grad_() for x in xs)
-            outputs = tgt.select(self.model(*region.mark_inputs(leaves), *args))
+            outputs = tgt.select(Engine(self.model).call(region.mark_inputs(leaves), args))
             if convert and region.reach(outputs.grad_fn)[0]:
                 region.bypass = True
             grads = torch.autograd.grad(outputs, leaves, torch.ones_like(outputs), allow_unused=True)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs
-from fastig.core.targets import Target, format_additional_args
+from fastig.core.engine import Engine, grid
+from fastig.core.targets import Target, args_for_batch, format_additional_args
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -45,6 +46,10 @@ class MeaningfulPerturbation(Attribution):
 
     ``attribute()`` returns the deletion map ``1 - m`` upsampled to the image and repeated over the channels
     (the input's shape): large where deleting evidence lowers the class score.
+
+    The model's passes go through the engine (:mod:`fastig.core.engine`): images in batches of the engine's size
+    (each image's loss and mask gradient depend on that image only, so batching changes no number), ``precision``
+    autocast (``"bf16"``/``"fp16"``).
     """
 
     multiplies_by_inputs = False
@@ -64,6 +69,7 @@ class MeaningfulPerturbation(Attribution):
         score: str = "softmax",
         jitter: int = 0,
         return_mask_history: bool = False,
+        precision: str = "fp32",
     ) -> Any:
         xs, is_tuple = format_inputs(inputs)
         if is_tuple or xs[0].dim() != 4:
@@ -81,26 +87,39 @@ class MeaningfulPerturbation(Attribution):
         blurred = gaussian_blur(x, blur_sigma)
         mask = torch.ones((n, 1, mask_size, mask_size), dtype=x.dtype, device=x.device, requires_grad=True)
         optimizer = torch.optim.Adam([mask], lr=learning_rate)
+        engine = Engine(self.forward_func, precision=precision)
+        bytes_per_image = x[0].numel() * x.element_size()
+        chunks = list(grid(1, n, 1, engine.rows_per_batch(bytes_per_image, n)))
         losses = []
         for _ in range(n_iter):
-            with torch.enable_grad():
-                upsampled = F.interpolate(mask, size=(h, w), mode="bilinear", align_corners=False)
-                image, base = x, blurred
-                if jitter:
-                    dy, dx = (int(v) for v in torch.randint(0, jitter + 1, (2,)))
-                    image, base = torch.roll(x, (dy, dx), (2, 3)), torch.roll(blurred, (dy, dx), (2, 3))
-                composite = upsampled * image + (1 - upsampled) * base
-                output = self.forward_func(composite, *args)
-                if score == "softmax":
-                    output = torch.softmax(output, dim=1)
-                class_score = tgt.select(output)
-                loss = class_score + l1_coeff * (1 - mask).abs().flatten(1).sum(1) + tv_coeff * total_variation(mask, tv_beta)
-                optimizer.zero_grad()
-                loss.sum().backward()  # images are independent: the sum gives each mask its own gradient
+            image, base = x, blurred
+            if jitter:
+                dy, dx = (int(v) for v in torch.randint(0, jitter + 1, (2,)))
+                image, base = torch.roll(x, (dy, dx), (2, 3)), torch.roll(blurred, (dy, dx), (2, 3))
+
+            def evaluate(chunk, image=image, base=base) -> torch.Tensor:
+                e = chunk.examples
+                with torch.enable_grad():
+                    part = mask[e]
+                    upsampled = F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False)
+                    composite = upsampled * image[e] + (1 - upsampled) * base[e]
+                    output = engine.call((composite,), args_for_batch(args, n, e, 1))
+                    if score == "softmax":
+                        output = torch.softmax(output, dim=1)
+                    class_score = tgt.for_batch(e, 1).select(output)
+                    loss = (class_score + l1_coeff * (1 - part).abs().flatten(1).sum(1)
+                            + tv_coeff * total_variation(part, tv_beta))
+                    loss.sum().backward()  # images are independent: the sum gives each mask its own gradient
+                return loss.detach()
+
+            optimizer.zero_grad()
+            loss = torch.empty(n, dtype=x.dtype, device=x.device)
+            for chunk, part_loss in engine.run_chunks(chunks, evaluate, bytes_per_row=bytes_per_image):
+                loss[chunk.examples] = part_loss.to(loss.dtype)
             optimizer.step()
             with torch.no_grad():
                 mask.clamp_(0, 1)
-            losses.append(loss.detach())
+            losses.append(loss)
         with torch.no_grad():
             deletion = 1 - F.interpolate(mask.detach(), size=(h, w), mode="bilinear", align_corners=False)
         result = deletion.expand_as(x).contiguous()

@@ -18,6 +18,8 @@ import torch
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output
+from fastig.core.engine import Engine
+from fastig.core.targets import format_additional_args
 from fastig.errors import InputError
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
@@ -87,6 +89,10 @@ class NoiseTunnel(Attribution):
     ``nt_type``: ``smoothgrad`` (mean of the attributions), ``smoothgrad_sq`` (mean of their squares), ``vargrad``
     (their variance). Works around any fastig attribution method (Saliency, IntegratedGradients, ...). Captum's
     signature, defaults and, for the same ``torch``/``numpy`` seeds, numbers.
+
+    Several targets per example pass through to the wrapped method (``target=[[a, b], ...]`` or [N, K], giving
+    [N, K, ...]); ``top_k=K`` takes the K classes of largest output at the clean inputs, so that every noisy copy
+    explains the same classes. ``precision=`` goes to the wrapped method.
     """
 
     def __init__(self, attribution_method: Any) -> None:
@@ -130,6 +136,8 @@ class NoiseTunnel(Attribution):
         if draw_baseline_from_distrib and "baselines" not in kwargs:
             raise ValueError("draw_baseline_from_distrib=True needs baselines=... (the distribution to draw from)")
 
+        if kwargs.get("top_k") is not None:
+            kwargs = self._top_k_as_target(xs, kwargs)
         n_full, remainder = divmod(nt_samples, chunk)
         sizes = [chunk] * n_full + ([remainder] if remainder else [])
         full_kwargs = self._expand_kwargs(kwargs, xs, chunk, draw_baseline_from_distrib)  # drawn once, as Captum
@@ -163,6 +171,17 @@ class NoiseTunnel(Attribution):
             out = tuple(sq - m * m for m, sq in zip(means, sq_means))
         result = format_output(out, attr_is_tuple)
         return (result, torch.cat(deltas)) if want_delta else result
+
+    def _top_k_as_target(self, xs: tuple, kwargs: dict) -> dict:
+        """``top_k=K`` names the K classes of largest output at the *clean* inputs (every noisy copy of an example
+        explains the same K classes): resolved here, once, into a [N, K] target for the wrapped method."""
+        if self.forward_func is None:
+            raise ValueError("top_k needs an attribution method with a forward_func")
+        engine = Engine(self.forward_func, precision=kwargs.get("precision", "fp32"))
+        args = format_additional_args(kwargs.get("additional_forward_args"))
+        out = {k: v for k, v in kwargs.items() if k != "top_k"}
+        out["target"] = engine.resolve_target(kwargs.get("target"), kwargs["top_k"], xs, args).multi
+        return out
 
     @staticmethod
     def _expand_kwargs(kwargs: dict, xs: tuple, n_samples: int, draw_baseline_from_distrib: bool) -> dict:

@@ -4,7 +4,8 @@ Captum's classes.
 All of them evaluate the model on many perturbed copies of the inputs. They share one core, :func:`evaluate_copies`:
 a method describes copy ``j`` (a function that builds copies ``[start, stop)``), and the core evaluates the copies
 in batches of many copies per model call, bounded by memory, and hands each batch's outputs back. Nothing holds
-more than one batch of copies at a time. :func:`model_output` is the one place where the model is called.
+more than one batch of copies at a time. :func:`model_output` is the one place where the model is called
+(through the engine).
 
 Captum's output forms are all accepted (after ``target`` is applied):
 
@@ -17,8 +18,9 @@ Captum's output forms are all accepted (after ``target`` is applied):
 
 ``perturbations_per_eval`` keeps Captum's meaning (at most that many perturbed copies of the examples per model
 call) when given as an integer; an integer above 1 with an aggregated output is an error, as in Captum. Its fastig
-default, None, batches as many copies as fit a memory budget (on the CPU about ``CPU_BATCH_BYTES`` of input per
-call; on CUDA a much larger budget, halved after an out-of-memory error) when the output grows with the batch, and
+default, None, batches as many copies as the engine's batch sizing allows (:mod:`fastig.core.engine`: on the CPU
+about ``CPU_BATCH_BYTES`` of input per call; on CUDA a much larger budget, halved after an out-of-memory error)
+when the output grows with the batch, and
 one copy per call otherwise (found from the unperturbed evaluation; checked on the first batch, which is
 re-evaluated one copy at a time if the output did not grow). Batching does not change the numbers, only how many
 model calls they take.
@@ -42,12 +44,10 @@ from fastig import _ops
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output
 from fastig.core import progress
-from fastig.core.engine import CPU_BATCH_BYTES
+from fastig.core.engine import Chunk, Engine, as_engine
 from fastig.core.targets import Target, args_for_batch, format_additional_args
 from fastig.errors import InvalidArgumentError, InvalidTypeError
 
-# On CUDA a model pass gets cheaper per copy up to large batches: about this many bytes of input copies per call.
-CUDA_BATCH_BYTES = 512 << 20
 
 
 # -- the shared core ---------------------------------------------------------------------------------------------
@@ -62,23 +62,12 @@ def check_perturbations_per_eval(perturbations_per_eval: Any) -> None:
         )
 
 
-def copies_per_batch(inputs: tuple[torch.Tensor, ...], n_copies: int, perturbations_per_eval: int | None) -> int:
-    """How many perturbed copies (each holding every example) go into one model call."""
-    if n_copies <= 0:
-        return 1
-    if perturbations_per_eval is not None:
-        return min(perturbations_per_eval, n_copies)
-    budget = CUDA_BATCH_BYTES if inputs[0].device.type == "cuda" else CPU_BATCH_BYTES
-    bytes_per_copy = max(1, sum(x.numel() * x.element_size() for x in inputs))
-    return max(1, min(n_copies, budget // bytes_per_copy))
-
-
 def _has_target(target: Target) -> bool:
     return target.common is not None or target.per_example is not None or target.tuples is not None
 
 
 def model_output(
-    forward_func: Callable, inputs: tuple, target: Target, args: tuple, *, one_per_row: bool = False,
+    forward_func: Callable | Engine, inputs: tuple, target: Target, args: tuple, *, one_per_row: bool = False,
     futures: bool = False,
 ) -> torch.Tensor:
     """One model call (no gradient) and the explained output, in Captum's forms.
@@ -86,11 +75,11 @@ def model_output(
     ``target`` is applied as Captum applies it; without a target the output is returned as it is (any shape, a
     Python number as a 0-d tensor of Python's dtype: int64 or float64). ``one_per_row``: the output must hold one
     scalar per input row, returned 1-D. ``futures``: ``forward_func`` returns a ``torch.futures.Future`` (for
-    ``attribute_future``), whose value is awaited.
+    ``attribute_future``), whose value is awaited. ``forward_func`` may be an :class:`~fastig.core.engine.Engine`
+    (e.g. one with a precision).
     """
     with torch.no_grad():
-        output = forward_func(*inputs, *args)
-    progress.pulse()
+        output = as_engine(forward_func).call(inputs, args)
     if isinstance(output, torch.futures.Future):
         if not futures:
             raise InvalidArgumentError(
@@ -117,7 +106,7 @@ def model_output(
     return output
 
 
-def forward_outputs(forward_func: Callable, inputs: tuple, target: Target, args: tuple, n_rows: int) -> torch.Tensor:
+def forward_outputs(forward_func: Callable | Engine, inputs: tuple, target: Target, args: tuple, n_rows: int) -> torch.Tensor:
     """The explained scalar of each of ``n_rows`` rows, as a 1-D tensor (one model call, no gradient)."""
     output = model_output(forward_func, inputs, target, args, one_per_row=True)
     if output.shape[0] != n_rows:
@@ -141,7 +130,7 @@ def aggregated(output: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> bool:
 
 
 def evaluate_copies(
-    forward_func: Callable,
+    forward_func: Callable | Engine,
     build: Callable[[int, int], tuple[tuple[torch.Tensor, ...], Any]],
     n_copies: int,
     sample_inputs: tuple[torch.Tensor, ...],
@@ -163,13 +152,16 @@ def evaluate_copies(
 
     ``initial`` is the explained output of the unperturbed inputs (see :func:`model_output`): every copy's output
     has its shape, ``n_outputs = initial.numel()``. None: one scalar per example (``n_outputs = n``).
-    ``sample_inputs`` (the unperturbed inputs) size the batches. On CUDA with the automatic size, a batch that runs
-    out of memory is split in two and the smaller size is kept. A batch that is built again (after an
-    out-of-memory error, or one copy at a time when the output did not grow with the batch) sees the same draws
-    from torch's global generator: ``build`` may draw random numbers.
+    ``sample_inputs`` (the unperturbed inputs) size the batches: ``perturbations_per_eval`` copies per call, or with
+    None as many as the engine's batch sizing allows (a copy of all examples is the unit; on CUDA halved after an
+    out-of-memory error, by the engine). A batch that is built again (after an out-of-memory error, or one copy at
+    a time when the output did not grow with the batch) sees the same draws from torch's global generator:
+    ``build`` may draw random numbers. ``forward_func`` may be an :class:`~fastig.core.engine.Engine`.
     """
+    engine = as_engine(forward_func)
     n = target.n
     n_outputs = n if initial is None else initial.numel()
+    bytes_per_copy = max(1, sum(x.numel() * x.element_size() for x in sample_inputs))
     if initial is not None and aggregated(initial, sample_inputs) and n_copies > 0:
         if perturbations_per_eval not in (None, 1):
             raise InvalidArgumentError(
@@ -178,48 +170,56 @@ def evaluate_copies(
                 "can hold only one perturbed copy; use perturbations_per_eval=1 (or None)"
             )
         size = 1
+    elif perturbations_per_eval is not None:
+        size = min(perturbations_per_eval, max(1, n_copies))
     else:
-        size = copies_per_batch(sample_inputs, n_copies, perturbations_per_eval)
+        size = engine.rows_per_batch(bytes_per_copy, max(1, n_copies), grad=False)
+
+    def evaluate(chunk: Chunk):
+        start, stop = chunk.steps.start, chunk.steps.stop
+        k = stop - start
+        rng = torch.get_rng_state()
+        try:
+            inputs, context = build(start, stop)
+            output = model_output(engine, inputs, target.for_batch(slice(0, n), k),
+                                  args_for_batch(args, n, slice(0, n), k), futures=futures)
+        except BaseException:
+            torch.set_rng_state(rng)  # the engine may retry the copies in halves: same draws
+            raise
+        if not _fits(output, k, n_outputs, initial):
+            if k == 1:
+                expected = f"{n} (one per example)" if initial is None else f"{tuple(initial.shape)}"
+                raise InvalidArgumentError(
+                    f"the model returned shape {tuple(output.shape)} for one perturbed copy of the inputs; "
+                    f"expected {expected}, as for the unperturbed inputs"
+                )
+            if perturbations_per_eval is not None:
+                raise InvalidArgumentError(
+                    f"perturbations_per_eval={perturbations_per_eval}: the model's output must grow with the "
+                    f"batch (one row per example), but {k} copies gave shape {tuple(output.shape)}; use "
+                    "perturbations_per_eval=1 (or None) for models that aggregate the batch"
+                )
+            torch.set_rng_state(rng)
+            raise _OutputDidNotGrow
+        return output.reshape(k, n_outputs), context
+
     start = 0
     with progress.task(description, n_copies, unit, show=show_progress) as done:
         while start < n_copies:
-            stop = min(start + size, n_copies)
-            k = stop - start
-            rng = torch.get_rng_state()
+            chunks = (Chunk(slice(s, min(s + size, n_copies)), slice(0, 1), False) for s in range(start, n_copies, size))
             try:
-                inputs, context = build(start, stop)
-                output = model_output(
-                    forward_func, inputs, target.for_batch(slice(0, n), k), args_for_batch(args, n, slice(0, n), k),
-                    futures=futures,
-                )
-            except torch.cuda.OutOfMemoryError:
-                if perturbations_per_eval is not None or k == 1:
-                    raise
-                inputs = context = None
-                torch.cuda.empty_cache()
-                torch.set_rng_state(rng)
-                size = max(1, k // 2)
-                continue
-            if not _fits(output, k, n_outputs, initial):
-                if k == 1:
-                    expected = f"{n} (one per example)" if initial is None else f"{tuple(initial.shape)}"
-                    raise InvalidArgumentError(
-                        f"the model returned shape {tuple(output.shape)} for one perturbed copy of the inputs; "
-                        f"expected {expected}, as for the unperturbed inputs"
-                    )
-                if perturbations_per_eval is not None:
-                    raise InvalidArgumentError(
-                        f"perturbations_per_eval={perturbations_per_eval}: the model's output must grow with the "
-                        f"batch (one row per example), but {k} copies gave shape {tuple(output.shape)}; use "
-                        "perturbations_per_eval=1 (or None) for models that aggregate the batch"
-                    )
-                inputs = context = None
-                torch.set_rng_state(rng)
+                for chunk, (outputs, context) in engine.run_chunks(
+                    chunks, evaluate, bytes_per_row=bytes_per_copy, grad=False, adaptive=perturbations_per_eval is None
+                ):
+                    yield chunk.steps, outputs, context
+                    done.advance(chunk.steps.stop - chunk.steps.start)
+                    start = chunk.steps.stop
+            except _OutputDidNotGrow:
                 size = 1  # the model aggregates: one copy per call, this batch again
-                continue
-            yield slice(start, stop), output.reshape(k, n_outputs), context
-            done.advance(k)
-            start = stop
+
+
+class _OutputDidNotGrow(Exception):
+    """The output of several stacked copies was not their outputs stacked (a model that aggregates the batch)."""
 
 
 def _fits(output: torch.Tensor, k: int, n_outputs: int, initial: torch.Tensor | None) -> bool:

@@ -9,7 +9,8 @@ import torch
 
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs
-from fastig.attr.perturbation import check_perturbations_per_eval, evaluate_copies, forward_outputs
+from fastig.attr.perturbation import check_perturbations_per_eval, evaluate_copies
+from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
 
 
@@ -42,7 +43,8 @@ class PredictionDifferenceAnalysis(Attribution):
     ``n_samples=10``, overlapping windows (``stride=1``), ``laplace_n=100000`` (the code's training-set size),
     softmax applied to the model output (``apply_softmax``; set False for a model that returns probabilities).
     Cost: ``n_windows * n_samples`` model inputs per image (about 462,000 for 224x224 at the defaults): all are
-    evaluated in large batches; ``stride`` > 1 divides the work by about ``stride**2``.
+    evaluated in large batches; ``stride`` > 1 divides the work by about ``stride**2``. ``precision``:
+    ``"bf16"``/``"fp16"`` autocast of the model's passes (:mod:`fastig.core.engine`).
     """
 
     multiplies_by_inputs = False
@@ -60,6 +62,7 @@ class PredictionDifferenceAnalysis(Attribution):
         apply_softmax: bool = True,
         perturbations_per_eval: int | None = None,
         show_progress: bool = False,
+        precision: str = "fp32",
     ) -> torch.Tensor:
         xs, is_tuple = format_inputs(inputs)
         if is_tuple or xs[0].dim() != 4:
@@ -84,10 +87,12 @@ class PredictionDifferenceAnalysis(Attribution):
             out = self.forward_func(*model_inputs)
             return torch.softmax(out, dim=1) if apply_softmax else out
 
+        probabilities.__wrapped__ = self.forward_func  # batch sizes that fit are remembered per model
+        engine = Engine(probabilities, precision=precision)
         with torch.no_grad():
-            full = self.forward_func(x, *args)
+            full = engine.call((x,), args)  # [n, classes] probabilities: one pass gives K and p(c | x)
         n_classes = full.shape[1] if full.dim() == 2 else 1
-        p_full = forward_outputs(probabilities, (x,), tgt, args, n).double()
+        p_full = tgt.select(full).double()
 
         rows, cols = _starts(h, k, stride), _starts(w, k, stride)
         corners = torch.cartesian_prod(rows, cols).to(x.device)  # [n_windows, 2]
@@ -117,7 +122,7 @@ class PredictionDifferenceAnalysis(Attribution):
             return (copies.permute(0, 1, 4, 2, 3).reshape(-1, c, h, w),), None
 
         p_marginal = torch.zeros((n_windows, n), dtype=torch.float64, device=x.device)
-        for part, out, _ in evaluate_copies(probabilities, build, n_windows * n_samples, (x,), tgt, args,
+        for part, out, _ in evaluate_copies(engine, build, n_windows * n_samples, (x,), tgt, args,
                                             perturbations_per_eval, show_progress, "PredictionDifferenceAnalysis"):
             j = torch.arange(part.start, part.stop, device=x.device)
             p_marginal.index_add_(0, torch.div(j, n_samples, rounding_mode="floor"), out.double())

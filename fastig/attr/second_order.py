@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs
 from fastig.attr._layers import batched_vjp, capture, resolve_layer
-from fastig.core.engine import CPU_BATCH_BYTES
+from fastig.core.engine import Chunk, Engine, grid
 from fastig.core.targets import Target, format_additional_args
 
 # Bytes of Hessian-vector-product directions per vectorized double-backward pass (as many again for the results).
@@ -55,7 +55,7 @@ def last_spatial_layer(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...],
     handles = [m.register_forward_hook(record) for m in model.modules() if m is not model]
     try:
         with torch.no_grad():
-            model(*(x[:1] for x in inputs), *args)
+            Engine(model).call(tuple(x[:1] for x in inputs), args)
     finally:
         for h in handles:
             h.remove()
@@ -71,35 +71,51 @@ def second_order_terms(
     target: Any = None,
     additional_forward_args: Any = None,
     rows_per_pass: int | None = None,
+    precision: str = "fp32",
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(first, quadratic), each [N, *spatial]: ``sum_d a_d max(g_d, 0)`` and the signed ``a_p^T H_pp a_p``.
 
-    One forward pass per chunk of examples; its backward graph (built with ``create_graph``) gives the gradient and
-    then, for chunks of locations, the Hessian-vector products of all (example, location) rows in one vectorized
-    double-backward pass (:func:`~fastig.attr._layers.batched_vjp`). ``rows_per_pass`` caps the examples per
-    forward pass and the rows per double-backward pass; None sizes both from memory.
+    One forward pass per chunk of examples (through the engine); its backward graph (built with ``create_graph``)
+    gives the gradient and then, for chunks of locations, the Hessian-vector products of all (example, location)
+    rows in one vectorized double-backward pass (:func:`~fastig.attr._layers.batched_vjp`). ``rows_per_pass`` caps
+    the examples per forward pass and the rows per double-backward pass; None sizes both from memory.
+
+    With K targets per example (``target=[[a, b], ...]``, [N, K], or ``top_k=K``) both are [N, K, *spatial]: the
+    same forward pass serves all K, then per target one gradient and its Hessian-vector products.
     """
     n = inputs[0].shape[0]
     args = format_additional_args(additional_forward_args)
-    example_target = Target(target, n)
-    per_forward = min(n, _default_rows(inputs), rows_per_pass or n)
-    firsts, quads = [], []
-    with torch.enable_grad():
-        for start in range(0, n, per_forward):
-            rows = slice(start, min(start + per_forward, n))
-            row_args = tuple(
-                a[rows] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in args
-            )
+    engine = Engine(model, rows_per_pass, precision)
+    example_target = engine.resolve_target(target, top_k, inputs, args)
+    bytes_per_row = sum(x[0].numel() * x.element_size() for x in inputs)
+
+    def terms(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = chunk.examples
+        row_args = tuple(
+            a[rows] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in args
+        )
+        with torch.enable_grad():
             with capture(layer) as found:
-                scores = example_target.for_batch(rows, 1).select(model(*(x[rows] for x in inputs), *row_args))
+                scores = example_target.for_batch(rows, 1).select(engine.call(tuple(x[rows] for x in inputs), row_args))
             if len(found[0]) != 1 or found[0][0].dim() < 2:
                 raise ValueError("the layer output must be one tensor [N, C, ...], got "
                                  f"{[tuple(t.shape) for t in found[0]]}")
             acts = found[0][0]
-            (grad,) = torch.autograd.grad(scores.sum(), acts, create_graph=True)
-            firsts.append((acts.detach() * grad.detach().clamp(min=0)).sum(1))
-            quads.append(_quadratic_forms(grad, acts, rows_per_pass))
-    return torch.cat(firsts), torch.cat(quads)
+            scores = scores if example_target.k is not None else scores.unsqueeze(1)  # [m, K]
+            firsts, quads = [], []
+            for j in range(scores.shape[1]):
+                (grad,) = torch.autograd.grad(scores[:, j].sum(), acts, create_graph=True, retain_graph=True)
+                firsts.append((acts.detach() * grad.detach().clamp(min=0)).sum(1))
+                quads.append(_quadratic_forms(grad, acts, rows_per_pass))
+        return torch.stack(firsts, 1), torch.stack(quads, 1)
+
+    size = engine.rows_per_batch(bytes_per_row, n)
+    parts = [out for _, out in engine.run_chunks(grid(1, n, 1, size), terms, bytes_per_row=bytes_per_row)]
+    first, quad = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    if example_target.k is None:
+        return first[:, 0], quad[:, 0]
+    return first, quad
 
 
 def _quadratic_forms(grad: torch.Tensor, acts: torch.Tensor, rows_per_pass: int | None) -> torch.Tensor:
@@ -128,19 +144,16 @@ def _quadratic_forms(grad: torch.Tensor, acts: torch.Tensor, rows_per_pass: int 
     return quad.reshape((m,) + spatial)
 
 
-def _default_rows(inputs: tuple[torch.Tensor, ...]) -> int:
-    """Enough rows per pass to amortize per-call overhead, few enough to keep double-backward memory small."""
-    bytes_per_row = sum(x[0].numel() * x.element_size() for x in inputs)
-    return max(1, math.ceil(CPU_BATCH_BYTES / max(bytes_per_row, 1)))
-
-
 class SecondOrderGradients(Attribution):
     """2ndG attribution maps at a layer (see the module docstring for exactly what is computed).
 
     ``layer``: a submodule of ``forward_func`` or its dotted name; None picks the last layer with a spatial output.
     ``attribute()`` returns [N, 1, *spatial] at the layer's resolution (like Captum's ``LayerGradCam``), or at the
     input's resolution with ``upsample_to_input=True`` (bilinear). ``internal_batch_size``: rows per double-backward
-    pass, one row being one (example, location) pair; None picks a small number.
+    pass, one row being one (example, location) pair, and examples per forward pass; None sizes both from memory.
+    ``precision``: autocast of the model's passes (:mod:`fastig.core.engine`). Several targets per example
+    (``target=[[a, b], ...]``, an [N, K] tensor, or ``top_k=K``) give [N, K, 1, *spatial] maps from one forward
+    pass per batch of rows.
     """
 
     def __init__(self, forward_func: torch.nn.Module, layer: torch.nn.Module | str | None = None) -> None:
@@ -159,6 +172,9 @@ class SecondOrderGradients(Attribution):
         internal_batch_size: int | None = None,
         upsample_to_input: bool = False,
         layer: torch.nn.Module | str | None = None,
+        *,
+        precision: str = "fp32",
+        top_k: int | None = None,
     ) -> torch.Tensor:
         """2ndG maps for ``inputs``; ``layer`` overrides the constructor's choice for this call."""
         xs, _ = format_inputs(inputs)
@@ -173,11 +189,15 @@ class SecondOrderGradients(Attribution):
             chosen = self.layer
         else:
             chosen = last_spatial_layer(self.forward_func, xs, args)
-        first, quad = second_order_terms(self.forward_func, chosen, xs, target, args, internal_batch_size)
-        maps = (first + 0.5 * quad.abs()).unsqueeze(1)
-        if upsample_to_input and maps.dim() > 2:
+        first, quad = second_order_terms(self.forward_func, chosen, xs, target, args, internal_batch_size, precision,
+                                         top_k)
+        several = top_k is not None or Target(target, xs[0].shape[0]).k is not None  # maps [N, K, 1, ...]
+        maps = (first + 0.5 * quad.abs()).unsqueeze(2 if several else 1)
+        flat = maps.flatten(0, 1) if several else maps
+        if upsample_to_input and flat.dim() > 2:
             modes = {3: "linear", 4: "bilinear", 5: "trilinear"}
-            if maps.dim() not in modes or xs[0].dim() != maps.dim():
+            if flat.dim() not in modes or xs[0].dim() != flat.dim():
                 raise ValueError(f"cannot upsample a map of shape {tuple(maps.shape)} to inputs of shape {tuple(xs[0].shape)}")
-            maps = F.interpolate(maps, size=tuple(xs[0].shape[2:]), mode=modes[maps.dim()], align_corners=False)
+            flat = F.interpolate(flat, size=tuple(xs[0].shape[2:]), mode=modes[flat.dim()], align_corners=False)
+            maps = flat.reshape(tuple(maps.shape[:3]) + tuple(flat.shape[2:])) if several else flat
         return maps

@@ -18,16 +18,26 @@ from fastig.errors import InvalidArgumentError, InvalidTypeError
 
 
 class Target:
-    """A validated Captum target for ``n`` examples: None, one index for all, or one index per example."""
+    """A validated Captum target for ``n`` examples: None, one index for all, one index per example, or K classes
+    per example.
+
+    K classes per example (fastig's extension) come as a list of lists (``[[a, b, c], ...]``, one list of K
+    classes per example) or an integer tensor [n, K]; the explained outputs are then [B, K] (one column per
+    target). Captum's list of *tuples* keeps its meaning: one multi-dimensional index per example.
+    """
 
     def __init__(self, target: Any, n: int):
         self.n = n
         self.common: tuple | None = None  # the same index (as a tuple) for every example
         self.per_example: torch.Tensor | None = None  # [n] class indices into a 2-D output
         self.tuples: list[tuple] | None = None  # per-example index tuples
+        self.multi: torch.Tensor | None = None  # [n, K] class indices into a 2-D output: K targets per example
         if target is None:
             return
         if isinstance(target, torch.Tensor):
+            if target.dim() == 2 and target.shape[0] == n and target.shape[1] >= 1 and not target.is_floating_point():
+                self.multi = target.long()
+                return
             if target.numel() == 1 and not target.is_floating_point():
                 target = int(target.item())
             elif target.dim() == 1 and target.numel() == n and not target.is_floating_point():
@@ -35,8 +45,8 @@ class Target:
                 return
             else:
                 raise InvalidArgumentError(
-                    f"target tensor must hold one integer or one integer per example ({n}), "
-                    f"got shape {tuple(target.shape)} and dtype {target.dtype}"
+                    f"target tensor must hold one integer, one integer per example ({n}) or K integers per example "
+                    f"[{n}, K], got shape {tuple(target.shape)} and dtype {target.dtype}"
                 )
         if isinstance(target, bool):
             raise InvalidTypeError("target must be an int, a tuple, a list or an integer tensor, not a bool")
@@ -53,18 +63,42 @@ class Target:
                 self.per_example = torch.tensor(target, dtype=torch.long)
             elif all(isinstance(t, tuple) for t in target):
                 self.tuples = list(target)
+            elif all(isinstance(t, list) for t in target):
+                lengths = {len(t) for t in target}
+                if len(lengths) > 1 or 0 in lengths or not all(
+                    isinstance(c, int) and not isinstance(c, bool) for t in target for c in t
+                ):
+                    raise InvalidArgumentError("a list of target lists must hold the same number (>= 1) of integer "
+                                               f"classes for every example, got {target!r}")
+                self.multi = torch.tensor(target, dtype=torch.long).reshape(n, -1)
             else:
-                raise InvalidTypeError("a target list must hold only ints or only tuples")
+                raise InvalidTypeError(
+                    "a target list must hold only ints, only tuples or only lists (K classes per example)")
         else:
             raise InvalidTypeError(
                 f"target must be None, an int, a tuple, a list or a tensor, not {type(target).__name__}"
             )
 
+    @property
+    def k(self) -> int | None:
+        """The number of targets per example when there are several (K), else None."""
+        return None if self.multi is None else self.multi.shape[1]
+
+    def per_pair(self) -> "Target":
+        """K targets per example as one target per (example, target) pair, example-major (``n * K`` rows)."""
+        pairs = Target(None, 0)
+        pairs.per_example = self.multi.reshape(-1)
+        pairs.n = pairs.per_example.numel()
+        return pairs
+
     def for_batch(self, examples: slice, repeats: int) -> "Target":
         """The target of a batch holding ``repeats`` steps of ``examples`` (step-major)."""
         part = Target(None, 0)
         part.common = self.common
-        if self.per_example is not None:
+        if self.multi is not None:
+            part.multi = self.multi[examples].repeat(repeats, 1)
+            part.n = part.multi.shape[0]
+        elif self.per_example is not None:
             part.per_example = self.per_example[examples].repeat(repeats)
             part.n = part.per_example.numel()
         elif self.tuples is not None:
@@ -98,6 +132,13 @@ class Target:
             selected = output.gather(1, index.reshape(-1, 1))
         elif self.tuples is not None:
             selected = torch.stack([output[(i, *t)] for i, t in enumerate(self.tuples)])
+        elif self.multi is not None:
+            if output.dim() != 2:
+                raise InvalidArgumentError(f"K targets per example need a 2-D model output, got shape {tuple(output.shape)}")
+            index = self.multi.to(output.device)
+            if index.numel() and (index.min() < 0 or index.max() >= output.shape[1]):
+                raise InvalidArgumentError(f"target out of range for model output with {output.shape[1]} classes")
+            return output.gather(1, index)
         else:
             selected = output
         if selected.dim() > 1 and selected[0].numel() != 1:

@@ -39,6 +39,7 @@ import cv2
 import numpy as np
 import torch
 
+from fastig.core.engine import Engine
 from fastig.metrics.insertion import DEFAULT_BATCH_SIZE
 
 PAIR_THRESHOLDS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.21, 0.34, 0.5, 0.75)
@@ -203,15 +204,16 @@ def uint8_to_input(mean: Sequence[float] | None = None, std: Sequence[float] | N
     return to_input
 
 
-def _scores(model, input_fn, images: list[np.ndarray], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities [B, classes] (float64) and top-1 classes [B] of uint8 images, in batches."""
+def _scores(engine: Engine, input_fn, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities [B, classes] (float64) and top-1 classes [B] of uint8 images, in engine batches."""
     probs, top = [], []
-    with torch.inference_mode():
-        for i in range(0, len(images), batch_size):
-            logits = model(input_fn(np.stack(images[i:i + batch_size])))
-            p = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=1)
-            probs.append(p.double().cpu().numpy())
-            top.append(logits.argmax(1).cpu().numpy())
+    sample = input_fn(np.stack(images[:1]))
+    rows = engine.predict(len(images), lambda part: (input_fn(np.stack(images[part])),),
+                          sample[0].numel() * sample.element_size())
+    for _, logits in rows:
+        p = torch.softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=1)
+        probs.append(p.double().cpu().numpy())
+        top.append(logits.argmax(1).cpu().numpy())
     return np.concatenate(probs), np.concatenate(top)
 
 
@@ -244,8 +246,8 @@ def _curve(info: np.ndarray, pred: np.ndarray, keep_monotonous: bool, num_data_p
 def pic(model: Callable, images, saliency, target=None, masks=None, seed=0,
         thresholds: Sequence[float] = PAIR_THRESHOLDS, information="webp", min_pred_value: float = 0.8,
         keep_monotonous: bool = True, num_data_points: int = 1000, input_fn=None,
-        batch_size: int = DEFAULT_BATCH_SIZE, workers: int | None = None,
-        metrics: Sequence[str] = METRICS) -> dict[str, PicScores]:
+        batch_size: int | None = DEFAULT_BATCH_SIZE, workers: int | None = None,
+        metrics: Sequence[str] = METRICS, precision: str = "fp32") -> dict[str, PicScores]:
     """SIC and AIC of ``saliency`` for ``model`` on ``images`` (see the module docstring).
 
     Args:
@@ -261,6 +263,8 @@ def pic(model: Callable, images, saliency, target=None, masks=None, seed=0,
         input_fn: uint8 batch -> model input; default :func:`uint8_to_input` without normalization.
         workers: threads for interpolation and encoding (default: the CPU count).
         metrics: which of ``"sic"``, ``"aic"`` to return.
+        batch_size: most model inputs per pass; None lets the engine choose (:mod:`fastig.core.engine`).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` autocast of the model's passes.
 
     Returns:
         ``{"sic": PicScores, "aic": PicScores}`` (those asked for).
@@ -294,6 +298,7 @@ def pic(model: Callable, images, saliency, target=None, masks=None, seed=0,
     estimate = _estimator(information)
     input_fn = uint8_to_input() if input_fn is None else input_fn
     t_count = len(thresholds)
+    engine = Engine(model, batch_size, precision)
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1) as pool:
         # Phase 1: the original and fully blurred image of every image, which decide the skip rules.
@@ -303,7 +308,7 @@ def pic(model: Callable, images, saliency, target=None, masks=None, seed=0,
 
         first = list(pool.map(start, range(n)))
         blurred = [f[0] for f in first]
-        probs, top = _scores(model, input_fn, images + blurred, batch_size)
+        probs, top = _scores(engine, input_fn, images + blurred)
         if target is None:
             classes = top[:n].astype(np.int64)
         else:
@@ -330,7 +335,7 @@ def pic(model: Callable, images, saliency, target=None, masks=None, seed=0,
 
         second = list(pool.map(middle, todo))
     if todo:
-        probs2, top2 = _scores(model, input_fn, [im for ims, _ in second for im in ims], batch_size)
+        probs2, top2 = _scores(engine, input_fn, [im for ims, _ in second for im in ims])
         probs2 = probs2.reshape(len(todo), t_count, -1)
         top2 = top2.reshape(len(todo), t_count)
         for row, i in enumerate(todo):

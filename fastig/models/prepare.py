@@ -32,7 +32,8 @@ _KNOWN_PACKAGES = ("fastig.models.", "torchvision.models.")
 
 
 def prepare(
-    model: nn.Module, *, inplace: bool = False, fold_batchnorm: bool = True, channels_last: bool = True
+    model: nn.Module, *, inplace: bool = False, fold_batchnorm: bool = True, channels_last: bool = True,
+    compile: bool = False,
 ) -> nn.Module:
     """Return a copy of ``model`` prepared for fast attribution (``inplace=True`` prepares ``model`` itself).
 
@@ -53,9 +54,17 @@ def prepare(
       (2 of 4 seeds: resnet50 1.7e-4, resnet18 8.7e-3). The unprepared float32 model deviates from a float64
       evaluation by similar amounts at such inputs: it is float32's resolution of a kinked function, not an
       error of the folding.
+
+    ``compile=True`` (opt-in) also wraps the prepared model in ``torch.compile`` (inductor): the first pass at each
+    new batch shape compiles (minutes on a small CPU), later passes run the compiled graph. Measured on this
+    project's 2-core AVX2 CPU (benchmarks/test_bench_compile.py, see the README) it does not pay there; it is
+    meant for GPUs, where ``scripts/gpu_check.sh`` measures it. Use it with the gradient and path methods; the
+    methods that patch module behaviour while they run (DeepLift, LRP, guided backprop) need the uncompiled model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"prepare() takes a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # a torch.compile wrapper: prepare what it wraps
+        model = model._orig_mod
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
@@ -66,6 +75,8 @@ def prepare(
         model.to(memory_format=torch.channels_last)
         if _inputs_to_channels_last not in model._forward_pre_hooks.values():  # preparing twice adds no second hook
             model.register_forward_pre_hook(_inputs_to_channels_last)
+    if compile:
+        return torch.compile(model)
     return model
 
 
