@@ -11,8 +11,15 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import click
+import torch
 
-from fastig.attr.rules import RULE_NAMES
+from fastig import attr
+from fastig.attr import lrp, rules
+from fastig.attr._path_common import OUTPUTS
+from fastig.attr.noise_tunnel import NT_TYPES
+from fastig.core import baselines, quadrature
+from fastig.core.engine import PRECISIONS
+from fastig.core.paths import INTERPOLATIONS, LATENTS
 from fastig.errors import UnknownNameError
 
 
@@ -46,11 +53,10 @@ OPTIONS: dict[str, Option] = {
         Option("--tolerance", "tolerance", float, "--steps auto: relative error of the map (estimated) and of its "
                "completeness to reach per image (default 0.01)"),
         Option("--max-steps", "max_steps", int, "--steps auto: most gradients per image (default 256)"),
-        Option("--rule", "rule", ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid",
-                                    "gausslegendre"), "quadrature rule of IG-style methods (latent IG: riemann_left or riemann_trapezoid)"),
+        Option("--rule", "rule", quadrature.RULES, "quadrature rule of IG-style methods (latent IG: riemann_left or riemann_trapezoid)"),
         Option("--batch-size", "internal_batch_size", int, "model inputs per forward/backward pass (default: auto)"),
         Option("--abs/--no-abs", "abs", bool, "saliency: absolute value of the gradient (default: on, as Captum)"),
-        Option("--nt-type", "nt_type", ("smoothgrad", "smoothgrad_sq", "vargrad"), "noise tunnel: how samples combine"),
+        Option("--nt-type", "nt_type", NT_TYPES, "noise tunnel: how samples combine"),
         Option("--nt-samples", "nt_samples", int, "noise tunnel: noisy copies per example"),
         Option("--nt-batch-size", "nt_samples_batch_size", int, "noise tunnel: noisy copies held at once"),
         Option("--stdevs", "stdevs", float, "standard deviation of the Gaussian input noise (absolute, input units)"),
@@ -62,8 +68,8 @@ OPTIONS: dict[str, Option] = {
         Option("--per-eval", "perturbations_per_eval", int, "perturbation methods: copies per model call (default: auto)"),
         Option("--iterations", "n_iter", int, "meaningful perturbation: optimizer iterations"),
         Option("--idgi", "idgi", bool, "path methods: IDGI accumulation (Yang et al. 2023) instead of the Riemann sum"),
-        Option("--output", "output", ("logit", "probability"), "path methods: explain the target logit or its softmax"),
-        Option("--rules", "rules", RULE_NAMES, "gradient and path methods: modified backward rules (guided: "
+        Option("--output", "output", OUTPUTS, "path methods: explain the target logit or its softmax"),
+        Option("--rules", "rules", rules.RULE_NAMES, "gradient and path methods: modified backward rules (guided: "
                "guided-backprop ReLUs; deconv: deconvnet ReLUs; gnl: guided ReLUs and positive max-pool gradients, "
                "as gnl_ig)"),
         Option("--fraction", "fraction", float, "guided IG: fraction of features moved per step (default 0.25)"),
@@ -71,29 +77,29 @@ OPTIONS: dict[str, Option] = {
         Option("--max-sigma", "max_sigma", float, "blur IG: blur of the baseline, Gaussian sigma in pixels (default 50)"),
         Option("--grad-step", "grad_step", float, "blur IG: sigma step of the path derivative (default 0.01)"),
         Option("--sqrt", "sqrt", bool, "blur IG: square-root spacing of the blur levels (PAIR's sqrt=True)"),
-        Option("--lrp-rule", "lrp_rule", ("epsilon", "z", "gamma", "alpha_beta"),
+        Option("--lrp-rule", "lrp_rule", tuple(lrp.RULES),
                "LRP: rule of every layer that has a default rule (default: epsilon, as Captum)"),
         Option("--dvae", "dvae", str, "latent IG: folder holding dvae_encoder.pt and dvae_decoder.pt (`fastig "
                "convert-dvae`; default: the checkpoints folder)"),
-        Option("--interpolation", "interpolation", ("lerp", "slerp"), "latent IG: interpolation of the latents "
+        Option("--interpolation", "interpolation", INTERPOLATIONS, "latent IG: interpolation of the latents "
                "(default lerp)"),
-        Option("--latent", "latent", ("embedding", "probs", "logits"), "latent IG: what is interpolated (default "
+        Option("--latent", "latent", LATENTS, "latent IG: what is interpolated (default "
                "embedding: the decoder's first 1x1 conv of the soft codes)"),
         Option("--gap-steps", "gap_steps", int, "latent IG: pixel-space steps joining the input and the baseline to "
                "their decodings (default: steps / 4, rounded up)"),
-        Option("--precision", "precision", ("fp32", "bf16", "fp16"), "autocast precision of the model's passes "
+        Option("--precision", "precision", PRECISIONS, "autocast precision of the model's passes "
                "(default fp32; bf16/fp16 pay on GPUs and CPUs with native bf16/fp16, not on AVX2-only CPUs)"),
         Option("--dvae-size", "dvae_size", int, "latent IG: image side the dVAE sees, a multiple of 8 (default: the "
                "model's input size)"),
-        Option("--baselines", "baselines", ("zeros", "segments"), "path methods: the baseline: zeros (default) or "
+        Option("--baselines", "baselines", baselines.BASELINE_KINDS, "path methods: the baseline: zeros (default) or "
                "the image with a random subset of its segments replaced (fastig.core.baselines; --baseline-*)"),
-        Option("--baseline-segmentation", "baseline_segmentation", ("slic", "grid", "cv2"),
+        Option("--baseline-segmentation", "baseline_segmentation", baselines.SEGMENTATIONS,
                "segment baselines: how the image is cut into segments (default slic: fastig's superpixels)"),
         Option("--baseline-segments", "baseline_segments", int,
                "segment baselines: about how many segments (default 32)"),
         Option("--baseline-fraction", "baseline_fraction", float,
                "segment baselines: fraction of the segments replaced in each baseline (default 0.5)"),
-        Option("--baseline-fill", "baseline_fill", ("blur", "mean", "noise", "telea", "navier_stokes"),
+        Option("--baseline-fill", "baseline_fill", baselines.FILLS,
                "segment baselines: what replaces the segments (default blur; telea / navier_stokes: inpainting)"),
         Option("--baseline-samples", "baseline_samples", int,
                "segment baselines: random baselines per image, attributions averaged (default 4)"),
@@ -109,18 +115,25 @@ _BASELINES = ("baselines", "baseline_segmentation", "baseline_segments", "baseli
 class Method:
     name: str
     summary: str
-    build: Callable[[Any], Any]  # model -> object with .attribute(inputs, target=..., **options)
+    cls: type  # the attribution class; its attribute() gives the defaults, its convergence delta path_method
     options: tuple[str, ...] = ()  # attribute() keywords from OPTIONS that this method accepts
     fixed: dict = field(default_factory=dict)  # keywords always passed (e.g. IDGI on)
-    path_method: bool = False  # has a convergence delta (sum of attributions vs f(input) - f(baseline))
     demo: dict = field(default_factory=dict)  # options `fastig demo` uses on the 227x227 center-pixel model
     # keywords of ``options`` that go to ``build(model, **those)`` instead of ``attribute()``: settings fixed when
     # the method object is made, such as latent IG's dVAE folder (fastig.api.attribute splits them off)
     build_options: tuple[str, ...] = ()
     # called with the chosen options before a CLI run starts any work (e.g. to name a missing weight file)
     check: Callable[[dict], None] | None = None
-    # returns the attribute() whose defaults `defaults()` reads, for a method that cannot be built without files
-    signature: Callable[[], Callable] | None = None
+    # model (+ build_options) -> object with .attribute(inputs, target=..., **options); None: ``cls`` itself
+    builder: Callable[..., Any] | None = None
+
+    @property
+    def path_method(self) -> bool:
+        """Whether the method has a convergence delta (``completeness`` can measure it)."""
+        return bool(self.cls._has_convergence_delta)
+
+    def build(self, model, **build_options):
+        return (self.builder or self.cls)(model, **build_options)
 
 
 METHODS: dict[str, Method] = {}
@@ -137,19 +150,13 @@ def register(method: Method) -> Method:
 
 
 def get(name: str) -> Method:
-    _load_all()
     if name not in METHODS:
         raise UnknownNameError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
     return METHODS[name]
 
 
 def names() -> list[str]:
-    _load_all()
     return sorted(METHODS)
-
-
-def _load_all() -> None:
-    import fastig.attr  # noqa: F401  (registers the methods)
 
 
 _ATTRIBUTE_NAMES = {"rule": "method"}  # CLI keyword -> attribute() keyword (see fastig.api.attribute)
@@ -159,18 +166,17 @@ _DEFAULTS: dict[str, dict] = {}
 def defaults(name: str) -> dict:
     """The default of each option of method ``name`` (``Method.options``), as ``attribute()`` (or the method's
     constructor, for ``build_options``) declares it, with the CLI's own defaults of the perturbation methods; None
-    where the method decides at run time ("auto"). The method is built on a stand-in model to read them."""
+    where the method decides at run time ("auto"). A method whose construction needs files (latent IG's dVAE) is
+    read from its class; the others are built on a stand-in model."""
     spec = get(name)
     if name not in _DEFAULTS:
         import inspect
 
-        import torch
-
-        method = spec.signature() if spec.signature is not None else spec.build(torch.nn.Identity())
+        method = spec.cls.attribute if spec.build_options else spec.build(torch.nn.Identity())
         found = {}
         for kwarg in spec.options:
             if kwarg in spec.build_options:
-                default = inspect.signature(spec.build).parameters[kwarg].default
+                default = inspect.signature(spec.cls).parameters[kwarg].default
                 found[kwarg] = None if default is inspect.Parameter.empty else default
             else:
                 found[kwarg] = _default_of(method, _ATTRIBUTE_NAMES.get(kwarg, kwarg))
@@ -181,8 +187,6 @@ def defaults(name: str) -> dict:
 def _default_of(method, keyword: str):
     """The default of ``keyword`` in ``method.attribute()`` (``method``: an attribution object or the function)."""
     import inspect
-
-    from fastig.attr.perturbation import WithDefaults
 
     if isinstance(method, WithDefaults):
         if keyword in method.defaults:
@@ -207,77 +211,47 @@ def describe_default(value) -> str:
     return str(value)
 
 
-def _ig(model):
-    from fastig.attr import IntegratedGradients
+class WithDefaults:
+    """A method object for the CLI: fills in default options and translates the CLI's generic ones.
 
-    return IntegratedGradients(model)
+    ``rename`` maps CLI keywords to the method's (``window`` -> ``sliding_window_shapes``). ``square_window``
+    turns int ``sliding_window_shapes`` / ``strides`` into Occlusion's tuples for image batches (the window spans
+    all channels and is square over the last two dimensions). ``n_segments`` becomes a superpixel
+    ``feature_mask`` (see :func:`fastig.attr.surrogate.superpixels`) when no mask is given.
+    """
 
+    def __init__(self, method: Any, rename: dict | None = None, square_window: bool = False, **defaults: Any) -> None:
+        self.method = method
+        self.rename = rename or {}
+        self.square_window = square_window
+        self.defaults = defaults
 
-ADAPTIVE = ("tolerance", "max_steps")  # the options of --steps auto, for the methods that have it
+    def attribute(self, inputs: Any, target: Any = None, **options: Any) -> Any:
+        merged = {**self.defaults, **{k: v for k, v in options.items() if v is not None}}
+        merged = {self.rename.get(k, k): v for k, v in merged.items()}
+        segments = merged.pop("n_segments", None)
+        if segments is not None and merged.get("feature_mask") is None:
+            from fastig.attr.surrogate import superpixels
 
-register(Method("ig", "Integrated Gradients (straight line, Captum-compatible)", _ig,
-                ("n_steps", "rule", "internal_batch_size", "idgi", "output", "rules", "precision") + ADAPTIVE + _BASELINES, path_method=True))
-
-
-def _path_method(name):
-    def build(model):
-        from fastig import attr
-
-        return {"guided_ig": attr.GuidedIntegratedGradients, "blur_ig": attr.BlurIntegratedGradients}[name](model)
-
-    return build
-
-
-register(Method("guided_ig", "Guided IG (Kapishnikov et al. 2021), PAIR saliency's algorithm, batched",
-                _path_method("guided_ig"),
-                ("n_steps", "fraction", "max_dist", "internal_batch_size", "idgi", "output", "rules", "precision") + _BASELINES,
-                path_method=True, demo={"n_steps": 32}))
-register(Method("blur_ig", "Blur IG (Xu et al. 2020), PAIR saliency's algorithm",
-                _path_method("blur_ig"),
-                ("n_steps", "max_sigma", "grad_step", "sqrt", "internal_batch_size", "idgi", "output", "rules", "precision") + ADAPTIVE,
-                path_method=True, demo={"n_steps": 32}))
-
-
-def _latent_ig(model, dvae=None):
-    from fastig.attr import LatentIntegratedGradients
-
-    return LatentIntegratedGradients(model, dvae)
+            if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
+                raise ValueError("n_segments needs a single image batch [N, C, H, W] as inputs")
+            merged["feature_mask"] = superpixels(inputs, segments)
+        if self.square_window and isinstance(inputs, torch.Tensor):
+            lead = tuple(inputs.shape[1:-2])
+            for key in ("sliding_window_shapes", "strides"):
+                value = merged.get(key)
+                if isinstance(value, int) and not isinstance(value, bool):
+                    merged[key] = (lead if key == "sliding_window_shapes" else (1,) * len(lead)) + (value, value)
+        return self.method.attribute(inputs, target=target, **merged)
 
 
-def _latent_ig_attribute():
-    from fastig.attr import LatentIntegratedGradients
-
-    return LatentIntegratedGradients.attribute
-
-
-def _check_latent_ig(options: dict) -> None:
-    from fastig.attr.latent_ig import check_options
-
-    check_options(options)
+def _with_defaults(cls: type, rename: dict | None = None, square_window: bool = False, **cli_defaults):
+    """Builder of ``cls`` with the CLI's defaults and keyword names (:class:`WithDefaults`)."""
+    return lambda model: WithDefaults(cls(model), rename, square_window, **cli_defaults)
 
 
-register(Method("latent_ig", "Latent IG: IG along a path decoded from the DALL-E dVAE's latent space (--dvae)",
-                _latent_ig, ("n_steps", "rule", "dvae", "interpolation", "latent", "gap_steps", "dvae_size",
-                             "internal_batch_size", "idgi", "output", "rules", "precision") + _BASELINES,
-                path_method=True, demo={"n_steps": 8}, build_options=("dvae",), check=_check_latent_ig,
-                signature=_latent_ig_attribute))
-
-
-def _gradient_family(name):
-    """Builder for the gradient-family methods (fastig.attr.gradients, guided, noise_tunnel, second_order)."""
-
-    def build(model):
-        from fastig import attr
-
-        if name == "smoothgrad":
-            return attr.NoiseTunnel(attr.Saliency(model))
-        classes = {"saliency": attr.Saliency, "input_x_gradient": attr.InputXGradient,
-                   "guided_backprop": attr.GuidedBackprop, "deconvnet": attr.Deconvolution,
-                   "gradient_shap": attr.GradientShap, "second_order": attr.SecondOrderGradients,
-                   "gnl_ig": attr.GuidedNonLinearityIG}
-        return classes[name](model)
-
-    return build
+def _smoothgrad(model):
+    return attr.NoiseTunnel(attr.Saliency(model))
 
 
 def _gradient_shap_baselines(inputs):
@@ -286,86 +260,83 @@ def _gradient_shap_baselines(inputs):
     return default_baseline_distribution(inputs)
 
 
-register(Method("saliency", "Saliency: gradient of the output (absolute by default, Captum-compatible)",
-                _gradient_family("saliency"), ("abs", "internal_batch_size", "rules", "precision")))
-register(Method("input_x_gradient", "Input x gradient (Captum-compatible)", _gradient_family("input_x_gradient"),
-                ("internal_batch_size", "rules", "precision")))
-register(Method("smoothgrad", "SmoothGrad: NoiseTunnel over Saliency (Captum-compatible; --nt-type for SG-SQ, VarGrad)",
-                _gradient_family("smoothgrad"),
-                ("nt_type", "nt_samples", "nt_samples_batch_size", "stdevs", "abs", "internal_batch_size", "rules", "precision"),
-                demo={"nt_samples": 8, "stdevs": 0.02}))
-register(Method("guided_backprop", "Guided backpropagation (Captum-compatible; also functional ReLUs)",
-                _gradient_family("guided_backprop"), ("internal_batch_size",)))
-register(Method("deconvnet", "Deconvnet (Captum's Deconvolution; also functional ReLUs)",
-                _gradient_family("deconvnet"), ("internal_batch_size",)))
-register(Method("gradient_shap", "GradientSHAP (Captum-compatible); baselines: zeros and a fixed uniform-noise image",
-                _gradient_family("gradient_shap"), ("n_samples", "stdevs", "internal_batch_size", "rules"),
-                fixed={"baselines": _gradient_shap_baselines}, demo={"n_samples": 8}))
-register(Method("second_order", "2ndG second-order attribution at a layer (Wang & Vasconcelos 2019), upsampled",
-                _gradient_family("second_order"), ("layer", "internal_batch_size", "precision"),
-                fixed={"upsample_to_input": True}))
-register(Method("gnl_ig", "Guided non-linearity IG (Kwon et al. 2020): IG with guided ReLU/max-pool gradients",
-                _gradient_family("gnl_ig"), ("n_steps", "rule", "internal_batch_size", "idgi", "output", "precision") + ADAPTIVE + _BASELINES,
-                path_method=True,
-                demo={"n_steps": 32}))
+def _check_latent_ig(options: dict) -> None:
+    from fastig.attr.latent_ig import check_options
+
+    check_options(options)
 
 
-def _perturbation(name):
-    """Builders of the perturbation methods, with the CLI's defaults (fastig.attr.perturbation.WithDefaults)."""
-
-    def build(model):
-        from fastig.attr import (FeatureAblation, KernelShap, Lime, MeaningfulPerturbation, Occlusion,
-                                 PredictionDifferenceAnalysis, ShapleyValueSampling)
-        from fastig.attr.perturbation import WithDefaults
-
-        window = {"window": "sliding_window_shapes", "stride": "strides"}
-        return {
-            "occlusion": lambda: WithDefaults(Occlusion(model), window, square_window=True, window=16, stride=8),
-            "feature_ablation": lambda: WithDefaults(FeatureAblation(model), n_segments=64),
-            "shapley": lambda: WithDefaults(ShapleyValueSampling(model), n_segments=32, n_samples=25),
-            "lime": lambda: WithDefaults(Lime(model), n_segments=64, n_samples=200),
-            "kernel_shap": lambda: WithDefaults(KernelShap(model), n_segments=64, n_samples=200),
-            "meaningful_perturbation": lambda: WithDefaults(MeaningfulPerturbation(model)),
-            "pda": lambda: WithDefaults(PredictionDifferenceAnalysis(model), {"window": "window_size"}, stride=4),
-        }[name]()
-
-    return build
-
-
+ADAPTIVE = ("tolerance", "max_steps")  # the options of --steps auto, for the methods that have it
+_PATH = ("internal_batch_size", "idgi", "output", "rules", "precision")  # every path method's
 _PER_EVAL = ("perturbations_per_eval",)
-register(Method("occlusion", "Occlusion with a square window over all channels (Captum-compatible; default 16, stride 8)",
-                _perturbation("occlusion"), ("window", "stride") + _PER_EVAL, demo={"window": 32, "stride": 16}))
-register(Method("feature_ablation", "Feature ablation of superpixels (Captum-compatible; default 64 segments)",
-                _perturbation("feature_ablation"), ("n_segments",) + _PER_EVAL, demo={"n_segments": 16}))
-register(Method("shapley", "Shapley value sampling over superpixels (Captum-compatible; 32 segments, 25 samples)",
-                _perturbation("shapley"), ("n_samples", "n_segments") + _PER_EVAL, demo={"n_segments": 8, "n_samples": 2}))
-register(Method("lime", "LIME over superpixels (Captum-compatible, numpy Lasso; 64 segments, 200 samples)",
-                _perturbation("lime"), ("n_samples", "n_segments") + _PER_EVAL, demo={"n_segments": 16, "n_samples": 32}))
-register(Method("kernel_shap", "Kernel SHAP over superpixels (Captum-compatible, numpy WLS; 64 segments, 200 samples)",
-                _perturbation("kernel_shap"), ("n_samples", "n_segments") + _PER_EVAL,
-                demo={"n_segments": 16, "n_samples": 32}))
-register(Method("meaningful_perturbation", "Meaningful perturbation (Fong & Vedaldi 2017): optimized blur mask",
-                _perturbation("meaningful_perturbation"), ("n_iter", "precision"), demo={"n_iter": 10}))
-register(Method("pda", "Prediction difference analysis (Zintgraf et al. 2017), marginal sampling; CLI stride 4",
-                _perturbation("pda"), ("window", "stride", "n_samples", "precision") + _PER_EVAL,
-                demo={"window": 32, "stride": 32, "n_samples": 2}))
+_WINDOW = {"window": "sliding_window_shapes", "stride": "strides"}
 
-
-def _propagation(name):
-    """Builders of the propagation-rule methods (fastig.attr.deeplift, fastig.attr.lrp)."""
-
-    def build(model):
-        from fastig.attr import LRP, DeepLift, DeepLiftShap
-
-        return {"deeplift": DeepLift, "deeplift_shap": DeepLiftShap, "lrp": LRP}[name](model)
-
-    return build
-
-
-register(Method("deeplift", "DeepLIFT, Rescale rule (Captum-compatible; zero baseline; reused modules work)",
-                _propagation("deeplift")))
-register(Method("deeplift_shap", "DeepLIFT SHAP (Captum-compatible): DeepLift against zeros and a fixed "
-                "uniform-noise image, averaged", _propagation("deeplift_shap"), ("internal_batch_size",),
-                fixed={"baselines": _gradient_shap_baselines}))
-register(Method("lrp", "Layer-wise relevance propagation (Captum-compatible rules; --lrp-rule; conserves across "
-                "skip connections)", _propagation("lrp"), ("lrp_rule",)))
+for _method in [
+    # path methods
+    Method("ig", "Integrated Gradients (straight line, Captum-compatible)", attr.IntegratedGradients,
+           ("n_steps", "rule") + _PATH + ADAPTIVE + _BASELINES),
+    Method("guided_ig", "Guided IG (Kapishnikov et al. 2021), PAIR saliency's algorithm, batched",
+           attr.GuidedIntegratedGradients, ("n_steps", "fraction", "max_dist") + _PATH + _BASELINES,
+           demo={"n_steps": 32}),
+    Method("blur_ig", "Blur IG (Xu et al. 2020), PAIR saliency's algorithm", attr.BlurIntegratedGradients,
+           ("n_steps", "max_sigma", "grad_step", "sqrt") + _PATH + ADAPTIVE, demo={"n_steps": 32}),
+    Method("latent_ig", "Latent IG: IG along a path decoded from the DALL-E dVAE's latent space (--dvae)",
+           attr.LatentIntegratedGradients,
+           ("n_steps", "rule", "dvae", "interpolation", "latent", "gap_steps", "dvae_size") + _PATH + _BASELINES,
+           demo={"n_steps": 8}, build_options=("dvae",), check=_check_latent_ig),
+    Method("gnl_ig", "Guided non-linearity IG (Kwon et al. 2020): IG with guided ReLU/max-pool gradients",
+           attr.GuidedNonLinearityIG,
+           ("n_steps", "rule", "internal_batch_size", "idgi", "output", "precision") + ADAPTIVE + _BASELINES,
+           demo={"n_steps": 32}),
+    # gradients
+    Method("saliency", "Saliency: gradient of the output (absolute by default, Captum-compatible)", attr.Saliency,
+           ("abs", "internal_batch_size", "rules", "precision")),
+    Method("input_x_gradient", "Input x gradient (Captum-compatible)", attr.InputXGradient,
+           ("internal_batch_size", "rules", "precision")),
+    Method("smoothgrad", "SmoothGrad: NoiseTunnel over Saliency (Captum-compatible; --nt-type for SG-SQ, VarGrad)",
+           attr.NoiseTunnel,
+           ("nt_type", "nt_samples", "nt_samples_batch_size", "stdevs", "abs", "internal_batch_size", "rules",
+            "precision"), demo={"nt_samples": 8, "stdevs": 0.02}, builder=_smoothgrad),
+    Method("guided_backprop", "Guided backpropagation (Captum-compatible; also functional ReLUs)",
+           attr.GuidedBackprop, ("internal_batch_size",)),
+    Method("deconvnet", "Deconvnet (Captum's Deconvolution; also functional ReLUs)", attr.Deconvolution,
+           ("internal_batch_size",)),
+    Method("gradient_shap", "GradientSHAP (Captum-compatible); baselines: zeros and a fixed uniform-noise image",
+           attr.GradientShap, ("n_samples", "stdevs", "internal_batch_size", "rules"),
+           fixed={"baselines": _gradient_shap_baselines}, demo={"n_samples": 8}),
+    Method("second_order", "2ndG second-order attribution at a layer (Wang & Vasconcelos 2019), upsampled",
+           attr.SecondOrderGradients, ("layer", "internal_batch_size", "precision"),
+           fixed={"upsample_to_input": True}),
+    # perturbation, with the CLI's defaults
+    Method("occlusion", "Occlusion with a square window over all channels (Captum-compatible; default 16, stride 8)",
+           attr.Occlusion, ("window", "stride") + _PER_EVAL, demo={"window": 32, "stride": 16},
+           builder=_with_defaults(attr.Occlusion, _WINDOW, square_window=True, window=16, stride=8)),
+    Method("feature_ablation", "Feature ablation of superpixels (Captum-compatible; default 64 segments)",
+           attr.FeatureAblation, ("n_segments",) + _PER_EVAL, demo={"n_segments": 16},
+           builder=_with_defaults(attr.FeatureAblation, n_segments=64)),
+    Method("shapley", "Shapley value sampling over superpixels (Captum-compatible; 32 segments, 25 samples)",
+           attr.ShapleyValueSampling, ("n_samples", "n_segments") + _PER_EVAL, demo={"n_segments": 8, "n_samples": 2},
+           builder=_with_defaults(attr.ShapleyValueSampling, n_segments=32, n_samples=25)),
+    Method("lime", "LIME over superpixels (Captum-compatible, numpy Lasso; 64 segments, 200 samples)",
+           attr.Lime, ("n_samples", "n_segments") + _PER_EVAL, demo={"n_segments": 16, "n_samples": 32},
+           builder=_with_defaults(attr.Lime, n_segments=64, n_samples=200)),
+    Method("kernel_shap", "Kernel SHAP over superpixels (Captum-compatible, numpy WLS; 64 segments, 200 samples)",
+           attr.KernelShap, ("n_samples", "n_segments") + _PER_EVAL, demo={"n_segments": 16, "n_samples": 32},
+           builder=_with_defaults(attr.KernelShap, n_segments=64, n_samples=200)),
+    Method("meaningful_perturbation", "Meaningful perturbation (Fong & Vedaldi 2017): optimized blur mask",
+           attr.MeaningfulPerturbation, ("n_iter", "precision"), demo={"n_iter": 10},
+           builder=_with_defaults(attr.MeaningfulPerturbation)),
+    Method("pda", "Prediction difference analysis (Zintgraf et al. 2017), marginal sampling; CLI stride 4",
+           attr.PredictionDifferenceAnalysis, ("window", "stride", "n_samples", "precision") + _PER_EVAL,
+           demo={"window": 32, "stride": 32, "n_samples": 2},
+           builder=_with_defaults(attr.PredictionDifferenceAnalysis, {"window": "window_size"}, stride=4)),
+    # propagation rules
+    Method("deeplift", "DeepLIFT, Rescale rule (Captum-compatible; zero baseline; reused modules work)",
+           attr.DeepLift),
+    Method("deeplift_shap", "DeepLIFT SHAP (Captum-compatible): DeepLift against zeros and a fixed uniform-noise "
+           "image, averaged", attr.DeepLiftShap, ("internal_batch_size",),
+           fixed={"baselines": _gradient_shap_baselines}),
+    Method("lrp", "Layer-wise relevance propagation (Captum-compatible rules; --lrp-rule; conserves across skip "
+           "connections)", attr.LRP, ("lrp_rule",)),
+]:
+    register(_method)

@@ -7,7 +7,7 @@ import torch
 
 import captum.attr as ca
 from fastig.attr import FeatureAblation, Occlusion, ShapleyValueSampling
-from fastig.attr.perturbation import WithDefaults
+from fastig.methods import WithDefaults
 
 
 def small_cnn(seed=0, dtype=torch.float32):

@@ -40,7 +40,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import cv2
 import numpy as np
@@ -50,6 +50,9 @@ from fastig.errors import FastigError, ImageReadError
 from fastig.io import imagenet_classes
 
 LAYOUTS = ("auto", "list", "imagenet_loc", "imagenet_devkit", "tiny_imagenet", "places365", "folder", "flat")
+# Layouts read by modules of their own, which register here when fastig.io is imported (fastig.io.places365):
+# name -> (detect(root, labels) -> bool, open(root, labels) -> ImageDataset), checked before "folder"
+READERS: dict[str, tuple[Callable, Callable]] = {}
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
                               ".pbm", ".pnm"})
 LOC_CSV = "LOC_val_solution.csv"
@@ -127,8 +130,8 @@ def open_dataset(root, layout: str = "auto", labels=None) -> ImageDataset:
     if layout != "list" and not root.is_dir():
         raise DatasetError(f"layout {layout!r} needs a folder, got the file {root}")
     opener = {"list": _open_list, "imagenet_loc": _open_loc, "imagenet_devkit": _open_devkit,
-              "tiny_imagenet": _open_tiny, "places365": _open_places365, "folder": _open_folder,
-              "flat": _open_flat}[layout]
+              "tiny_imagenet": _open_tiny, "folder": _open_folder, "flat": _open_flat,
+              **{name: reader for name, (_, reader) in READERS.items()}}[layout]
     dataset = opener(root, labels)
     if not dataset.samples:
         raise DatasetError(f"no image files found in {root} (layout {layout})")
@@ -152,10 +155,9 @@ def detect_layout(root: Path, labels: Path | None = None) -> str:
         return "imagenet_devkit"
     if name == TINY_ANNOTATIONS or (name is None and _tiny_val_dir(root) is not None):
         return "tiny_imagenet"
-    from fastig.io import places365
-
-    if places365.detect(root, labels):
-        return "places365"
+    for name, (detect, _) in READERS.items():
+        if detect(root, labels):
+            return name
     if labels is not None:
         raise DatasetError(f"cannot tell the layout from the label file {labels}; give --layout")
     if any(p.is_dir() and not p.name.startswith(".") for p in root.iterdir()):
@@ -196,12 +198,6 @@ def _open_folder(root: Path, _labels) -> ImageDataset:
     samples = [Sample(path, label_of[name], _relative_id(path, root))
                for name in folders for path in _image_files(root / name, recursive=True)]
     return ImageDataset(samples, root, "folder", classes, notes, mapping)
-
-
-def _open_places365(root: Path, labels) -> ImageDataset:
-    from fastig.io.places365 import open_places365
-
-    return open_places365(root, labels)
 
 
 def _open_flat(root: Path, _labels) -> ImageDataset:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fastig.io import datasets
 from fastig.io.datasets import DatasetError, ImageDataset, Sample, _image_files, _read_lines
 
 LAYOUT = "places365"
@@ -137,3 +138,6 @@ def open_places365(root, labels=None) -> ImageDataset:
     if missing:
         notes.append(f"{label_file.name} names {missing} image(s) not in {images} (left out: a subset)")
     return ImageDataset(samples, images, LAYOUT, classes, notes)
+
+
+datasets.READERS[LAYOUT] = (detect, open_places365)

@@ -35,7 +35,7 @@ class CompletenessResult:
 
 
 def completeness(model, inputs: torch.Tensor, target=None, method: str = "ig", **options) -> CompletenessResult:
-    """Attribute ``inputs`` with path method ``method`` and measure its completeness gap.
+    """Attribute ``inputs`` with ``method`` (any method with a convergence delta) and measure its completeness gap.
 
     ``target`` defaults to the model's top-1 class. ``options`` go to the method's ``attribute()``.
     """
@@ -51,8 +51,11 @@ def completeness(model, inputs: torch.Tensor, target=None, method: str = "ig", *
     classes = explained_classes(model, inputs, target).to(inputs.device)
     attributions, delta = fastig.attribute(model, inputs, target=classes, method=method,
                                            return_convergence_delta=True, **options)
-    delta = delta.detach().double().cpu().numpy().reshape(-1)
-    total = attributions.detach().double().cpu().reshape(len(delta), -1).sum(1).numpy()
+    n = inputs.shape[0]
+    # methods over random samples (GradientShap) give one delta per (example, sample), example-major: their mean is
+    # the gap of the averaged attribution against the mean of the samples' output differences
+    delta = delta.detach().double().cpu().reshape(n, -1).mean(1).numpy()
+    total = attributions.detach().double().cpu().reshape(n, -1).sum(1).numpy()
     difference = total - delta
     with np.errstate(divide="ignore", invalid="ignore"):
         relative = np.where(difference != 0, np.abs(delta) / np.abs(difference), np.nan)
