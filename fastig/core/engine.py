@@ -374,7 +374,7 @@ class Engine:
         if logits.dim() != 2 or logits.shape[1] < top_k:
             raise InputError(f"top_k={top_k} needs a model output [N, classes] with at least {top_k} classes, got "
                              f"shape {tuple(logits.shape)}")
-        return Target(logits.topk(top_k, dim=1).indices, n)
+        return Target(logits.topk(top_k, dim=1).indices.tolist(), n)  # lists: K = 1 stays K targets
 
     # -- whole paths ----------------------------------------------------------------------------------------
 

@@ -22,8 +22,8 @@ class Target:
     per example.
 
     K classes per example (fastig's extension) come as a list of lists (``[[a, b, c], ...]``, one list of K
-    classes per example) or an integer tensor [n, K]; the explained outputs are then [B, K] (one column per
-    target). Captum's list of *tuples* keeps its meaning: one multi-dimensional index per example.
+    classes per example) or an integer tensor [n, K] with K >= 2; the explained outputs are then [B, K] (one column
+    per target). Captum's list of *tuples* keeps its meaning: one multi-dimensional index per example.
     """
 
     def __init__(self, target: Any, n: int):
@@ -35,7 +35,8 @@ class Target:
         if target is None:
             return
         if isinstance(target, torch.Tensor):
-            if target.dim() == 2 and target.shape[0] == n and target.shape[1] >= 1 and not target.is_floating_point():
+            # [n, 1] is refused, not read as K=1: Captum would read it as one index per example (ambiguous)
+            if target.dim() == 2 and target.shape[0] == n and target.shape[1] >= 2 and not target.is_floating_point():
                 self.multi = target.long()
                 return
             if target.numel() == 1 and not target.is_floating_point():
@@ -45,8 +46,8 @@ class Target:
                 return
             else:
                 raise InvalidArgumentError(
-                    f"target tensor must hold one integer, one integer per example ({n}) or K integers per example "
-                    f"[{n}, K], got shape {tuple(target.shape)} and dtype {target.dtype}"
+                    f"target tensor must hold one integer, one integer per example ({n}) or K >= 2 integers per "
+                    f"example [{n}, K], got shape {tuple(target.shape)} and dtype {target.dtype}"
                 )
         if isinstance(target, bool):
             raise InvalidTypeError("target must be an int, a tuple, a list or an integer tensor, not a bool")
