@@ -91,7 +91,7 @@ def _defaults_text(kwarg: str) -> str:
     by_default: dict[str, list[str]] = {}
     for name in methods.names():
         if kwarg in methods.get(name).options:
-            by_default.setdefault(methods.describe_default(methods.defaults(name)[kwarg]), []).append(name)
+            by_default.setdefault(methods.describe_default(methods.defaults(name)[kwarg], kwarg), []).append(name)
     if len(by_default) == 1:
         (value, names), = by_default.items()
         return f"default: {value} ({', '.join(names)})"
@@ -346,7 +346,7 @@ def list_methods():
     for name in methods.names():
         method = methods.get(name)
         defaults = methods.defaults(name)
-        flags = " ".join(f"{methods.OPTIONS[o].flag.split('/')[0]} {methods.describe_default(defaults[o])}"
+        flags = " ".join(f"{methods.OPTIONS[o].flag.split('/')[0]} {methods.describe_default(defaults[o], o)}"
                          for o in method.options)
         click.echo(f"{name:24s} {method.summary}" + (f"  [{flags}]" if flags else ""))
 

@@ -202,10 +202,15 @@ def _default_of(method, keyword: str):
     return None if inner is None else _default_of(inner, keyword)
 
 
-def describe_default(value) -> str:
-    """A default as the CLI shows it."""
+# What None means for the options that a hook handles rather than attribute()'s own signature
+_NONE_MEANS = {"rules": "off", "baselines": "zeros",
+               **{kwarg: getattr(baselines.SegmentBaselines(), field) for kwarg, field in baselines.FLAT_OPTIONS.items()}}
+
+
+def describe_default(value, kwarg: str | None = None) -> str:
+    """A default as the CLI shows it (``kwarg``: the option, for what its None means)."""
     if value is None:
-        return "auto"
+        return str(_NONE_MEANS.get(kwarg, "auto"))
     if isinstance(value, bool):
         return "on" if value else "off"
     return str(value)

@@ -490,8 +490,10 @@ class _BatchWorker:
 
         timer = time.perf_counter()
         target = targets[0] if isinstance(self.spec.target, int) else torch.tensor(targets, device=x.device)
-        result, info = fastig.attribute(self.model, x, target=target, method=self.spec.method, return_info=True,
-                                        **self.spec.options)
+        adaptive = self.spec.options.get("n_steps") == "auto"  # its per-image passes and error go to the store
+        result = fastig.attribute(self.model, x, target=target, method=self.spec.method, return_info=adaptive,
+                                  **self.spec.options)
+        result, info = result if adaptive else (result, None)
         result = result[0] if isinstance(result, tuple) else result
         heat = result.detach().float().sum(1).cpu().numpy()
         self.summary.model_seconds += _elapsed(timer, self.device)
@@ -520,7 +522,7 @@ class _BatchWorker:
 def _failure(error: Exception) -> str:
     """Why an image failed, as the summary groups it ("<category>: <detail>")."""
     text = str(error).strip()
-    if isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "out of memory" in text.lower():
+    if isinstance(error, MemoryError) or "out of memory" in text.lower():  # also torch's (CUDA) out of memory
         return f"out of memory: {type(error).__name__}: {text}"
     if isinstance(error, FloatingPointError):
         return f"non-finite attribution: {text}"

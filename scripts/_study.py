@@ -134,26 +134,12 @@ def attribute(out_dir: Path, args, model: str, method: str, options: dict, datas
     return run(spec, echo=lambda line: None).store
 
 
-def image_root(store: Path) -> Path:
-    """The folder a store's image ids are relative to: its dataset's image folder (the run records the root)."""
-    from fastig.io.datasets import open_dataset
-    from fastig.io.store import Store
-
-    with Store.open(store) as s:
-        recorded = s.attrs["options"].get("dataset")
-    if not recorded:
-        return Path(".")
-    root = open_dataset(recorded["root"], recorded["layout"], recorded["labels"]).root
-    return root.parent if root.is_file() else root  # a `list` file: its paths are relative to its folder
-
-
 def evaluate(store: Path, metrics: Sequence[str], args, **settings) -> dict[str, np.ndarray]:
     """``evaluate_store`` once per store and set of metrics: a marker beside the store records what was scored
     and the store file as it was left, so a rerun skips it until the store changes (more rows, --overwrite).
     Returns {metric: per-row values} (NaN for rows not scored). It runs from the dataset's image folder, since a
     dataset store's ids are paths relative to it."""
-    import contextlib
-
+    
     from fastig.io.store import Store
     from fastig.metrics import evaluate_store
 
@@ -169,9 +155,8 @@ def evaluate(store: Path, metrics: Sequence[str], args, **settings) -> dict[str,
 
     done = json.loads(marker.read_text()) if marker.is_file() else None
     if rows and done != {**wanted, "store": stamp()}:
-        with contextlib.chdir(image_root(store)):
-            evaluate_store(store, list(metrics), model=loaded(model, args), device=args.device, plots=False,
-                           batch_size=args.batch, progress=lambda line: None, **settings)
+        evaluate_store(store, list(metrics), model=loaded(model, args), device=args.device, plots=False,
+                       batch_size=args.batch, progress=lambda line: None, **settings)  # finds the run's images
         marker.write_text(json.dumps({**wanted, "store": stamp()}))
     return read_store(store, metrics)
 
@@ -193,15 +178,14 @@ def read_store(store: Path, metrics: Sequence[str] = ()) -> dict[str, np.ndarray
     """Per-row arrays of a store: ``done``, ``ids``, ``paths`` (the image files), ``targets``, ``labels``,
     ``predictions``, ``confidences`` and each metric present (``sic``/``aic`` expand to themselves)."""
     from fastig.io.store import Store
-    from fastig.metrics.evaluate import resolve_metrics
+    from fastig.metrics.evaluate import image_paths, resolve_metrics
 
-    root = image_root(store)
     with Store.open(store) as s:
         n = len(s)
         done = np.zeros(n, bool)
         done[s.done_indices()] = True
         out = {"done": done, "ids": np.array(s.ids(), dtype=object), "targets": s.targets()}
-        out["paths"] = np.array([str(root / i) for i in out["ids"]], dtype=object)
+        out["paths"] = np.array(image_paths(s), dtype=object)  # as the run recorded them
         for name in ("labels", "predictions", "confidences"):
             out[name] = s.column(name) if name in s.column_names() else np.full(n, np.nan)
         for name in resolve_metrics(metrics) if metrics else []:

@@ -126,13 +126,17 @@ def test_method_defaults_are_shown_by_help_and_methods(tmp_path, image):
     assert "[default: 0.25 (guided_ig)]" in text and "--seed" in text
     listing = run("methods").output
     ig = next(line for line in listing.splitlines() if line.startswith("ig "))
-    assert "[--steps 50 --rule gausslegendre --batch-size auto --idgi off --output logit]" in ig
+    assert ("[--steps 50 --rule gausslegendre --batch-size auto --idgi off --output logit --rules off --precision fp32 "
+            "--tolerance 0.01 --max-steps 256 --baselines zeros --baseline-segmentation slic") in ig
     assert "--nt-samples 5" in listing and "--window 16" in listing
     assert run("attribute", "--model", "centerpixel", "--steps", "2", "--image", image, "--out", tmp_path / "o",
                "--no-heatmaps").exit_code == 0
     with h5py.File(tmp_path / "o" / "attributions.h5") as f:
+        hooks = dict.fromkeys(["rules", "baselines", "baseline_segmentation", "baseline_segments", "baseline_fraction",
+                               "baseline_fill", "baseline_samples", "baseline_seed"])  # None: off / zeros
         assert json.loads(f.attrs["options"]) == {"n_steps": 2, "rule": "gausslegendre", "internal_batch_size": None,
-                                                  "idgi": False, "output": "logit"}
+                                                  "idgi": False, "output": "logit", "precision": "fp32",
+                                                  "tolerance": 0.01, "max_steps": 256, **hooks}
 
 
 def test_unreadable_image_is_refused_before_any_work(tmp_path):

@@ -1,6 +1,8 @@
 """Places365 readers on miniature trees (official layout, subsets, label-file errors) and the scene classifier's
 preprocessing of non-square images."""
 
+import json
+
 import cv2
 import h5py
 import numpy as np
@@ -113,5 +115,5 @@ def test_attribute_on_a_places_tree_records_labels(tmp_path):
     assert result.exit_code == 0, result.output
     with h5py.File(out / "attributions.h5") as f:
         assert f["attributions/saliency"].shape == (2, 224, 224)
-        assert '"layout": "places365"' in f.attrs["options"]
+        assert json.loads(f.attrs["run"])["inputs"]["layout"] == "places365"
         assert list(f["inputs/labels"][:]) == [1, 2]

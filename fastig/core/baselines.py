@@ -383,6 +383,7 @@ def from_options(options: dict) -> dict:
     :data:`FLAT_OPTIONS` -> ``baselines=SegmentBaselines(...)`` (or None for zeros). Other options pass through."""
     options = dict(options)
     flat = {key: options.pop(key) for key in list(options) if key in FLAT_OPTIONS}
+    flat = {key: value for key, value in flat.items() if value is not None}  # None: not given (the CLI's default)
     kind = options.get("baselines")
     named = ", ".join(f"{key} (--{key.replace('_', '-')})" for key in sorted(flat))
     if not isinstance(kind, str):
