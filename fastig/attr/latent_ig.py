@@ -23,9 +23,8 @@ from fastig.core import quadrature
 from fastig.core.engine import integrate_idgi, integrate_moves
 from fastig.core.paths import INTERPOLATIONS, LATENTS, DVAEImageSpace, LatentPath
 from fastig.errors import CheckpointError
+from fastig.io.images import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RULES = ("riemann_left", "riemann_trapezoid")
 OPENAI_FILES = ("encoder.pkl", "decoder.pkl")  # OpenAI's originals, also accepted (converted files are preferred)
 OPENAI_URL = "https://cdn.openai.com/dall-e/"

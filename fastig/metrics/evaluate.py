@@ -46,10 +46,6 @@ class SummaryRow:
     count: int
     skipped: dict = field(default_factory=dict)
 
-    def as_dict(self) -> dict:
-        return {"metric": self.metric, "mean": self.mean, "median": self.median, "count": self.count,
-                "skipped": dict(self.skipped)}
-
 
 def format_table(rows: Sequence[SummaryRow]) -> str:
     """The summary rows as a plain-text table (what the CLI prints)."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from fastig.errors import CheckpointError, UnknownNameError
+from fastig.io.images import IMAGENET_MEAN, IMAGENET_STD  # noqa: F401  (also fastig.models.IMAGENET_*)
 from fastig.models import alexnet, centerpixel, googlenet, resnet, vgg  # architecture modules
 from fastig.models.checkpoints import (
     apply_state_dict,
@@ -36,8 +37,6 @@ from fastig.models.googlenet import GoogLeNet
 __all__ = ["ModelInfo", "get", "names", "info", "checkpoint_dir", "checkpoint_path", "load_checkpoint",
            "weights_identity"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_URL = "https://download.pytorch.org/models/"
 
 
