@@ -9,6 +9,7 @@ Captum rounds the weights to float32 before multiplying; :func:`rule` does the s
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import resource
@@ -48,7 +49,7 @@ def alphas(method: str, n_steps: int) -> list[float]:
     check_rule(method, n_steps)
     n = n_steps
     if method == "gausslegendre":
-        return list(0.5 * (1 + np.polynomial.legendre.leggauss(n)[0]))
+        return list(0.5 * (1 + _gauss_legendre(n)[0]))
     start, end = {
         "riemann_trapezoid": (0, 1),
         "riemann_left": (0, 1 - 1 / n),
@@ -62,12 +63,20 @@ def step_sizes(method: str, n_steps: int) -> list[float]:
     check_rule(method, n_steps)
     n = n_steps
     if method == "gausslegendre":
-        return list(0.5 * np.polynomial.legendre.leggauss(n)[1])
+        return list(0.5 * _gauss_legendre(n)[1])
     deltas = [1 / n] * n
     if method == "riemann_trapezoid":
         deltas[0] /= 2
         deltas[-1] /= 2
     return deltas
+
+
+@functools.lru_cache(maxsize=32)
+def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """numpy's Gauss-Legendre nodes and weights on [-1, 1] (O(n^3) to compute: kept for the step counts in use)."""
+    nodes, weights = np.polynomial.legendre.leggauss(n)
+    nodes.flags.writeable = weights.flags.writeable = False
+    return nodes, weights
 
 
 def rule(method: str, n_steps: int) -> Rule:
@@ -144,6 +153,9 @@ BYTES_PER_STEP_AND_EXAMPLE = 8
 # companion matrix: about 24 n^2 bytes (measured ~18 n^2) and O(n^3) time, 13 s for n = 2000 on a 2-core CPU.
 GAUSS_LEGENDRE_BYTES_PER_STEP_SQUARED = 24
 GAUSS_LEGENDRE_MAX_STEPS = 4096
+# step tables this small always fit (Gauss-Legendre's n^2 workspace: 24 MiB at 1024 steps)
+SMALL_STEPS = 1024
+SMALL_BYTES = 64 << 20
 # a path's tables may take at most this share of the memory available when it starts (the model needs the rest)
 STEP_MEMORY_SHARE = 0.5
 
@@ -191,6 +203,9 @@ def max_steps(method: str | None = None, examples: int = 1, budget: int | None =
 
 def check_steps_fit(method: str | None, n_steps: int, examples: int = 1, budget: int | None = None) -> None:
     """Refuse, in one line that says what fits, a number of steps whose tables cannot be built here."""
+    small = n_steps <= SMALL_STEPS and n_steps * (BYTES_PER_STEP + BYTES_PER_STEP_AND_EXAMPLE * examples) <= SMALL_BYTES
+    if budget is None and small:  # tables of a few MiB at most: not worth reading the memory available
+        return
     fits = max_steps(method, examples, budget)
     if fits is None or n_steps <= fits:
         return
