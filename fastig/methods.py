@@ -53,7 +53,8 @@ OPTIONS: dict[str, Option] = {
         Option("--tolerance", "tolerance", float, "--steps auto: relative error of the map (estimated) and of its "
                "completeness to reach per image (default 0.01)"),
         Option("--max-steps", "max_steps", int, "--steps auto: most gradients per image (default 256)"),
-        Option("--rule", "rule", quadrature.RULES, "quadrature rule of IG-style methods (latent IG: riemann_left or riemann_trapezoid)"),
+        Option("--rule", "rule", quadrature.RULES, "quadrature rule of IG-style methods (latent IG: riemann_left or "
+               "riemann_trapezoid)"),
         Option("--batch-size", "internal_batch_size", int, "model inputs per forward/backward pass (default: auto)"),
         Option("--abs/--no-abs", "abs", bool, "saliency: absolute value of the gradient (default: on, as Captum)"),
         Option("--nt-type", "nt_type", NT_TYPES, "noise tunnel: how samples combine"),
@@ -203,8 +204,8 @@ def _default_of(method, keyword: str):
 
 
 # What None means for the options that a hook handles rather than attribute()'s own signature
-_NONE_MEANS = {"rules": "off", "baselines": "zeros",
-               **{kwarg: getattr(baselines.SegmentBaselines(), field) for kwarg, field in baselines.FLAT_OPTIONS.items()}}
+_NONE_MEANS = {"rules": "off", "baselines": "zeros", **{
+    kwarg: getattr(baselines.SegmentBaselines(), field) for kwarg, field in baselines.FLAT_OPTIONS.items()}}
 
 
 def describe_default(value, kwarg: str | None = None) -> str:

@@ -99,7 +99,8 @@ class BlurIntegratedGradients(PathAttribution):
         if sqrt and (schedule is not None or n_steps == "auto"):
             raise ValueError("sqrt=True shapes the uniform blur levels; it cannot be combined with n_steps='auto' or alphas=")
         xs, is_tuple = format_inputs(inputs)
-        tgt, args, engine = self._setup(xs, target, additional_forward_args, output, internal_batch_size, precision, top_k)
+        tgt, args, engine = self._setup(xs, target, additional_forward_args, output, internal_batch_size, precision,
+                                        top_k)
         if tgt.k is not None and (n_steps == "auto" or schedule is not None):
             raise InputError("n_steps='auto' and alphas= take one target per example; give an integer n_steps for "
                              "several targets per example")

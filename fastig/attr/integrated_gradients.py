@@ -109,7 +109,8 @@ class IntegratedGradients(PathAttribution):
             if n_steps == "auto":
                 raise ValueError("give n_steps='auto' or alphas=, not both: alphas= is a fixed schedule")
             rule = quadrature.custom_rule(alphas)
-        tgt, args, engine = self._setup(xs, target, additional_forward_args, output, internal_batch_size, precision, top_k)
+        tgt, args, engine = self._setup(xs, target, additional_forward_args, output, internal_batch_size, precision,
+                                        top_k)
         if rule is None and tgt.k is not None:
             raise InputError("n_steps='auto' takes one target per example (its points are chosen per example and "
                              "target); give an integer n_steps for several targets per example")

@@ -206,7 +206,8 @@ def evaluate_copies(
     start = 0
     with progress.task(description, n_copies, unit, show=show_progress) as done:
         while start < n_copies:
-            chunks = (Chunk(slice(s, min(s + size, n_copies)), slice(0, 1), False) for s in range(start, n_copies, size))
+            chunks = (Chunk(slice(s, min(s + size, n_copies)), slice(0, 1), False)
+                      for s in range(start, n_copies, size))
             try:
                 for chunk, (outputs, context) in engine.run_chunks(
                     chunks, evaluate, bytes_per_row=bytes_per_copy, grad=False, adaptive=perturbations_per_eval is None
