@@ -8,8 +8,6 @@ prints them). Run: ``flock -x /tmp/fastig-cpu.lock pytest benchmarks/test_bench_
 
 from __future__ import annotations
 
-import statistics
-import time
 import warnings
 
 import pytest
@@ -19,40 +17,22 @@ from torch import nn
 import captum.attr as ca
 import fastig.attr as fa
 from fastig import models
+from _harness import alternate
 from test_bench_deeplift_lrp import DistinctReluResNet  # the same model in Captum's form
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
-def alternate(benchmark, fastig_run, captum_run, rounds: int, seed: int = 0) -> dict:
-    """Time both implementations ``rounds`` times each, alternating which goes first; one warm-up call each."""
-    times: dict[str, list[float]] = {"fastig": [], "captum": []}
-    runs = {"fastig": fastig_run, "captum": captum_run}
+def compare(benchmark, fastig_run, captum_run, rounds: int, seed: int = 0) -> None:
+    """fastig and Captum in alternating rounds (benchmarks/_harness.py), each run from the same torch seed."""
 
-    def one_round(order):
-        for name in order:
-            torch.manual_seed(seed)
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
+    def seeded(run):
+        return lambda: (torch.manual_seed(seed), run())
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        one_round(["fastig", "captum"])
-        times["fastig"].clear(), times["captum"].clear()
-        state = {"round": 0}
-
-        def pair():
-            one_round(["fastig", "captum"] if state["round"] % 2 == 0 else ["captum", "fastig"])
-            state["round"] += 1
-
-        benchmark.pedantic(pair, rounds=rounds, iterations=1, warmup_rounds=0)
-    result = {name: statistics.median(t) for name, t in times.items()}
-    result["captum / fastig"] = result["captum"] / result["fastig"]
-    benchmark.extra_info.update(result)
-    print(f"\n{benchmark.name}: captum {result['captum'] * 1e3:.1f} ms, fastig {result['fastig'] * 1e3:.1f} ms, "
-          f"ratio {result['captum / fastig']:.2f}x")
-    return result
+        timings = alternate({"captum": seeded(captum_run), "fastig": seeded(fastig_run)}, rounds=rounds)
+    timings.record(benchmark, reference="captum")
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +53,7 @@ def small_cnn():
 def test_deeplift_shap_small_cnn(benchmark, small_cnn):
     torch.manual_seed(1)
     x, distribution = torch.randn(8, 3, 32, 32), torch.randn(10, 3, 32, 32)
-    alternate(benchmark, lambda: fa.DeepLiftShap(small_cnn).attribute(x, distribution, target=1),
+    compare(benchmark, lambda: fa.DeepLiftShap(small_cnn).attribute(x, distribution, target=1),
               lambda: ca.DeepLiftShap(small_cnn).attribute(x, distribution, target=1), rounds=10)
 
 
@@ -81,7 +61,7 @@ def test_deeplift_shap_resnet18(benchmark, resnet18):
     torch.manual_seed(1)
     x, distribution = torch.randn(1, 3, 224, 224), torch.randn(4, 3, 224, 224)
     captum_model = DistinctReluResNet(resnet18).eval()
-    alternate(benchmark, lambda: fa.DeepLiftShap(resnet18).attribute(x, distribution, target=3),
+    compare(benchmark, lambda: fa.DeepLiftShap(resnet18).attribute(x, distribution, target=3),
               lambda: ca.DeepLiftShap(captum_model).attribute(x, distribution, target=3), rounds=3)
 
 
@@ -98,7 +78,7 @@ def batch():
 def test_feature_permutation_per_example_outputs(benchmark, resnet18, batch):
     # fastig batches the shuffled copies (Captum: one copy per model call, its default)
     x, mask = batch
-    alternate(benchmark, lambda: fa.FeaturePermutation(resnet18).attribute(x, target=0, feature_mask=mask),
+    compare(benchmark, lambda: fa.FeaturePermutation(resnet18).attribute(x, target=0, feature_mask=mask),
               lambda: ca.FeaturePermutation(resnet18).attribute(x, target=0, feature_mask=mask), rounds=3)
 
 
@@ -109,12 +89,12 @@ def test_feature_permutation_batch_loss(benchmark, resnet18, batch):
 
     def loss(t):
         return nn.functional.cross_entropy(resnet18(t), labels)
-    alternate(benchmark, lambda: fa.FeaturePermutation(loss).attribute(x, feature_mask=mask),
+    compare(benchmark, lambda: fa.FeaturePermutation(loss).attribute(x, feature_mask=mask),
               lambda: ca.FeaturePermutation(loss).attribute(x, feature_mask=mask), rounds=3)
 
 
 def test_feature_ablation_batch_scalar(benchmark, resnet18, batch):
     x, mask = batch
     total = lambda t: resnet18(t)[:, 0].sum()  # noqa: E731
-    alternate(benchmark, lambda: fa.FeatureAblation(total).attribute(x, feature_mask=mask),
+    compare(benchmark, lambda: fa.FeatureAblation(total).attribute(x, feature_mask=mask),
               lambda: ca.FeatureAblation(total).attribute(x, feature_mask=mask), rounds=3)
