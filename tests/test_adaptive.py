@@ -295,6 +295,22 @@ def test_bad_auto_options_are_refused(kwargs, match):
         BlurIntegratedGradients(SmallCNN()).attribute(torch.randn(1, 3, 8, 8), target=0, n_steps="auto", sqrt=True)
 
 
+def test_max_steps_beyond_memory_is_refused_before_any_pass():
+    from fastig.core.adaptive import check_points_fit
+    from fastig.errors import InputError
+
+    check_points_fit(1000, 100, budget=100_000)  # exactly fits
+    with pytest.raises(InputError, match="max_steps=1,001 does not fit in memory.* at most 1,000 of them fit"):
+        check_points_fit(1001, 100, budget=100_000)
+    calls = []
+    model = SmallCNN()
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for attribution in (IntegratedGradients(model), BlurIntegratedGradients(model)):
+        with pytest.raises(InputError, match="max_steps=10,000,000,000,000 does not fit"):
+            attribution.attribute(torch.randn(2, 3, 8, 8), target=0, n_steps="auto", max_steps=10**13)
+    assert calls == []  # refused before the first model pass
+
+
 def test_fit_schedule_puts_points_where_the_jumps_are_and_beats_uniform_on_new_inputs():
     # inputs near one direction x0, whose units switch on between alpha 0.1 and 0.3 of the way from 0
     g = torch.Generator().manual_seed(4)
@@ -373,6 +389,7 @@ def test_cli_steps_auto_records_passes_and_error_per_image(tmp_path):
         (("--method", "guided_ig", "--steps", "auto"), "--steps auto does not apply to --method guided_ig"),
         (("--method", "ig", "--tolerance", "0.1"), "--tolerance applies with --steps auto"),
         (("--method", "ig", "--steps", "many"), "'many' is neither an integer nor 'auto'"),
+        (("--method", "ig", "--steps", "auto", "--max-steps", str(10**13)), "max_steps=10,000,000,000,000 does not fit"),
     ]:
         bad = run(*args, *images, "--out", str(tmp_path / "bad"))
         assert bad.exit_code == 2 and message in bad.output, bad.output

@@ -51,6 +51,7 @@ from fastig import _ops
 from fastig.core import quadrature
 from fastig.core.engine import Engine
 from fastig.core.targets import Target
+from fastig.errors import InputError
 
 # A forward-only pass costs this much of a forward+backward pass (input gradient only). Measured on this project's
 # 2-core CPU machine with torch 2.13: resnet18 0.45, resnet50 0.44, vgg16 0.48 (224x224, batches of 4-8), a small
@@ -234,13 +235,14 @@ def integrate_adaptive(
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
         raise ValueError(f"probes must be an integer >= 0, got {probes!r}")
     n = curve.n
-    probe_alphas = [(j + 1) / (probes + 1) for j in range(probes)]
-    probe_f = torch.stack([_forward(engine, curve, target, args, a).to(torch.float64).cpu() for a in probe_alphas], 1) \
-        if probes else torch.zeros((n, 0), dtype=torch.float64)
     sample = curve.points(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64))
     shapes = [tuple(p.shape[1:]) for p in sample]
     dtype = _ops.accumulation_dtype(sample[0].dtype)
     width = sum(math.prod(s) for s in shapes)
+    check_points_fit(max_steps, width * torch.finfo(dtype).bits // 8)
+    probe_alphas = [(j + 1) / (probes + 1) for j in range(probes)]
+    probe_f = torch.stack([_forward(engine, curve, target, args, a).to(torch.float64).cpu() for a in probe_alphas], 1) \
+        if probes else torch.zeros((n, 0), dtype=torch.float64)
     group = max(1, min(n, NODE_MEMORY_BYTES // max(1, max_steps * width * torch.finfo(dtype).bits // 8)))
     # an error this small is rounding (a deep float32 network's gradients at two points of a line on which f is
     # linear differ by about 1e-6): the path is linear
@@ -289,6 +291,23 @@ def integrate_adaptive(
     attributions = tuple(part.reshape((n,) + s) for part, s in zip(totals.split([math.prod(s) for s in shapes], 1), shapes))
     ends = torch.tensor([[s.f[0], s.f[-1]] for s in states], dtype=dtype, device=sample[0].device)
     return attributions, ends[:, 0], ends[:, 1], info
+
+
+def check_points_fit(max_steps: int, bytes_per_point: int, budget: int | None = None) -> None:
+    """Refuse, before any pass, a ``max_steps`` whose node vectors cannot be held: an example keeps the integrand
+    vector of every point it takes (``bytes_per_point`` each) until it is done, so one example at ``max_steps``
+    must fit in ``budget`` bytes (default: :data:`quadrature.STEP_MEMORY_SHARE` of the memory available)."""
+    if budget is None:
+        available = quadrature.available_memory()
+        if available is None:
+            return
+        budget = int(quadrature.STEP_MEMORY_SHARE * available)
+    if max_steps * bytes_per_point <= budget:
+        return
+    fits = budget // bytes_per_point
+    raise InputError(f"max_steps={max_steps:,} does not fit in memory: n_steps='auto' keeps every point's gradient "
+                     f"({quadrature.format_bytes(bytes_per_point)} each) until an example is done, and at most "
+                     f"{fits:,} of them fit in {quadrature.format_bytes(budget)}; pass a smaller max_steps")
 
 
 class _Example:

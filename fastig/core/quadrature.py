@@ -218,14 +218,14 @@ def check_steps_fit(method: str | None, n_steps: int, examples: int = 1, budget:
     if method == "gausslegendre":
         need += GAUSS_LEGENDRE_BYTES_PER_STEP_SQUARED * n_steps**2
     if budget is None:
-        limit = f"more than {STEP_MEMORY_SHARE:.0%} of the {_bytes(available_memory() or 0)} available"
+        limit = f"more than {STEP_MEMORY_SHARE:.0%} of the {format_bytes(available_memory() or 0)} available"
     else:
-        limit = f"more than the {_bytes(budget)} allowed"
+        limit = f"more than the {format_bytes(budget)} allowed"
     raise InputError(f"{asked} does not fit in memory: at most {fits:,} steps fit (the step tables need about "
-                     f"{_bytes(need)}, {limit})")
+                     f"{format_bytes(need)}, {limit})")
 
 
-def _bytes(n: int) -> str:
+def format_bytes(n: int) -> str:
     for unit in ("B", "kB", "MB", "GB", "TB", "PB", "EB"):
         if n < 1000 or unit == "EB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
