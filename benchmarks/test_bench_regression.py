@@ -1,23 +1,26 @@
 """No method slower than before: every method and metric timed in this tree and in a baseline tree (e.g. the commit
-before a change), alternating fresh processes.
+before a change), in alternating rounds.
 
 Run (skipped unless FASTIG_BASELINE names the baseline's source tree)::
 
     git archive main | tar -x -C /tmp/fastig-main && cp fastig/_C*.so /tmp/fastig-main/fastig/
     FASTIG_BASELINE=/tmp/fastig-main pytest benchmarks/test_bench_regression.py -s
 
-Each case runs in a fresh process per tree (``PYTHONPATH`` selects the tree): one warm-up call, then
-FASTIG_REGRESSION_REPEATS=3 timed calls, whose median the process reports. The two trees alternate (baseline
-first for even cases, this tree first for odd ones). The model is resnet18 with random weights (unprepared, as a
-user calls it) on two 224x224 images; sizes are chosen so each call takes a second or two on a 2-core CPU. Only
-arguments that both trees accept are used. The table gives this tree's time over the baseline's per case
-(< 1 is faster); differences within about 10% are the machine's noise.
+Each tree gets one worker process (``PYTHONPATH`` selects the tree) that builds the model once and times the calls
+it is sent. Per case: one warm-up call in each, then FASTIG_REGRESSION_REPEATS=5 rounds of one timed call in each,
+alternating which goes first, so that a change of the machine's load hits both trees alike (the machine this runs
+on is shared). The table gives the ratio of the medians, the range of the per-round ratios and the ratio of the
+median process CPU times, this tree's over the baseline's (< 1 is faster); the figures go to
+``out/bench-regression/regression.json``. The model is resnet18 with random weights (unprepared, as a user calls
+it) on two 224x224 images; sizes are chosen so each call takes a second or two on a 2-core CPU. Only arguments that
+both trees accept are used.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +28,9 @@ from pathlib import Path
 import pytest
 
 BASELINE = os.environ.get("FASTIG_BASELINE")
-REPEATS = int(os.environ.get("FASTIG_REGRESSION_REPEATS", "3"))
+REPEATS = int(os.environ.get("FASTIG_REGRESSION_REPEATS", "5"))
 HERE = Path(__file__).resolve().parents[1]
+OUT = HERE / "out" / "bench-regression"
 
 CASES = {
     "ig": "fastig.attribute(model, x, target=[1, 2], method='ig', n_steps=16)",
@@ -47,46 +51,77 @@ CASES = {
     "pic": "pic(model, u8, s.numpy(), min_pred_value=0.0, num_data_points=100, information='png')",
 }
 
-_SCRIPT = r"""
-import json, statistics, sys, time
+_WORKER = r"""
+import json, sys, time
 import numpy as np, torch
 import fastig
 from fastig import models
 from fastig.metrics import deletion, insertion, pic
-name, code, repeats = sys.argv[1], sys.argv[2], int(sys.argv[3])
 torch.manual_seed(0)
 model = models.get("resnet18", weights="none").eval()
 x = torch.randn(2, 3, 224, 224)
 s = torch.rand(2, 224, 224)
 u8 = (np.random.default_rng(0).random((2, 224, 224, 3)) * 255).astype(np.uint8)
-run = lambda: eval(code)
-run()
-times = []
-for _ in range(repeats):
-    start = time.perf_counter()
-    run()
-    times.append(time.perf_counter() - start)
-print(json.dumps({"case": name, "median_s": statistics.median(times)}))
+print("READY", flush=True)
+for line in sys.stdin:
+    code = json.loads(line)
+    wall, cpu = time.perf_counter(), time.process_time()
+    eval(code)
+    print("RESULT " + json.dumps([time.perf_counter() - wall, time.process_time() - cpu]), flush=True)
 """
 
 
-def _time(tree: str, name: str) -> float:
-    env = {**os.environ, "PYTHONPATH": tree, "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, name, CASES[name], str(REPEATS)], env=env, check=True,
-                         capture_output=True, text=True, cwd="/tmp")
-    return json.loads(out.stdout.strip().splitlines()[-1])["median_s"]
+class _Worker:
+    """A Python process that imports one tree's fastig once and times the code it is sent (wall, CPU seconds)."""
+
+    def __init__(self, tree: str):
+        env = {**os.environ, "PYTHONPATH": tree, "PYTHONWARNINGS": "ignore"}
+        self.process = subprocess.Popen([sys.executable, "-c", _WORKER], env=env, cwd="/tmp", text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._read("READY")
+
+    def _read(self, prefix: str) -> str:
+        for line in self.process.stdout:  # anything else the tree prints is skipped
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        raise RuntimeError(f"worker exited with {self.process.wait()}")
+
+    def time(self, code: str) -> tuple[float, float]:
+        self.process.stdin.write(json.dumps(code) + "\n")
+        self.process.stdin.flush()
+        return tuple(json.loads(self._read("RESULT ")))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
 
 
 @pytest.mark.skipif(not BASELINE, reason="set FASTIG_BASELINE to the source tree to compare with")
 def test_no_method_slower_than_the_baseline(benchmark):
+    workers = {"baseline": _Worker(BASELINE), "this": _Worker(str(HERE))}
     rows = {}
-    for i, name in enumerate(CASES):
-        order = [("baseline", BASELINE), ("this", str(HERE))]
-        if i % 2:
-            order.reverse()
-        seconds = {label: _time(tree, name) for label, tree in order}
-        rows[name] = seconds
-        print(f"{name:<26} baseline {seconds['baseline']:.3f}s  this {seconds['this']:.3f}s  "
-              f"this/baseline {seconds['this'] / seconds['baseline']:.2f}", flush=True)
+    try:
+        print(f"\n{'case':<24} {'baseline':>9} {'this':>9} {'this/baseline':>14} {'rounds':>13} {'cpu':>6}")
+        for name, code in CASES.items():
+            for worker in workers.values():
+                worker.time(code)  # warm-up
+            wall, cpu = {k: [] for k in workers}, {k: [] for k in workers}
+            for r in range(REPEATS):
+                for label in (("baseline", "this") if r % 2 == 0 else ("this", "baseline")):
+                    w, c = workers[label].time(code)
+                    wall[label].append(w)
+                    cpu[label].append(c)
+            ratio = statistics.median(wall["this"]) / statistics.median(wall["baseline"])
+            pairs = [t / b for t, b in zip(wall["this"], wall["baseline"])]
+            cpu_ratio = statistics.median(cpu["this"]) / statistics.median(cpu["baseline"])
+            rows[name] = {"baseline_s": statistics.median(wall["baseline"]), "this_s": statistics.median(wall["this"]),
+                          "ratio": ratio, "round_ratios": pairs, "cpu_ratio": cpu_ratio}
+            print(f"{name:<24} {rows[name]['baseline_s']:>8.3f}s {rows[name]['this_s']:>8.3f}s {ratio:>14.2f} "
+                  f"{min(pairs):>6.2f}-{max(pairs):<6.2f} {cpu_ratio:>6.2f}", flush=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "regression.json").write_text(json.dumps(rows, indent=1))
     benchmark.extra_info["rows"] = rows
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
