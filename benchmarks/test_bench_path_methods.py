@@ -18,8 +18,9 @@ FASTIG_BENCH_IMAGES (8), FASTIG_BENCH_DEVICE (cpu, or cuda).
 from __future__ import annotations
 
 import os
+import sys
 import time
-import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +34,9 @@ from fastig.core.engine import Engine
 saliency_core = pytest.importorskip("saliency.core")
 from saliency.core import guided_ig as pair_guided_ig_module  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the PAIR shim the tests use
+from _pair import NumpyWithQuantileInterpolation  # noqa: E402
+
 MODEL = os.environ.get("FASTIG_BENCH_MODEL", "resnet50")
 GUIDED_STEPS = int(os.environ.get("FASTIG_BENCH_GUIDED_STEPS", "8"))
 N_IMAGES = int(os.environ.get("FASTIG_BENCH_IMAGES", "8"))
@@ -41,18 +45,7 @@ IG_STEPS = 32
 BLUR_STEPS = 8
 
 
-class _NumpyWithQuantileInterpolation(types.ModuleType):
-    """numpy with ``quantile(interpolation=)`` (removed in NumPy 2.4) passed on as ``method=``, so PAIR runs."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def quantile(a, q, *args, interpolation=None, **kwargs):
-        return np.quantile(a, q, *args, method=interpolation, **kwargs)
-
-
-pair_guided_ig_module.np = _NumpyWithQuantileInterpolation("numpy")
+pair_guided_ig_module.np = NumpyWithQuantileInterpolation("numpy")
 
 
 @pytest.fixture(scope="module")

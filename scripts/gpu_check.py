@@ -31,7 +31,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Callable
 
@@ -117,24 +116,16 @@ def check_ig(cfg, device, model, prepared, images) -> list[dict]:
     return rows
 
 
-class _NumpyWithQuantileInterpolation(types.ModuleType):
-    """numpy with ``quantile(interpolation=)`` (removed in NumPy 2.4) passed on as ``method=``, so PAIR runs."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def quantile(a, q, *args, interpolation=None, **kwargs):
-        return np.quantile(a, q, *args, method=interpolation, **kwargs)
-
-
 def check_guided_ig(cfg, device, model, prepared, images) -> list[dict]:
     import saliency.core as pair
     from saliency.core import guided_ig as pair_module
 
     from fastig.attr import GuidedIntegratedGradients
 
-    pair_module.np = _NumpyWithQuantileInterpolation("numpy")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the PAIR shim the tests use
+    from _pair import NumpyWithQuantileInterpolation
+
+    pair_module.np = NumpyWithQuantileInterpolation("numpy")
     targets = [3 + i for i in range(images.shape[0])]
     steps = cfg["guided_steps"]
 

@@ -1,7 +1,5 @@
 """GuidedIntegratedGradients: PAIR saliency's test vectors, parity with PAIR's GuidedIG, batching, delta, errors."""
 
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -9,29 +7,16 @@ import torch
 import fastig
 from fastig.attr import GuidedIntegratedGradients, IntegratedGradients
 
+from _pair import NumpyWithQuantileInterpolation
 from _shared import SmallCNN
 
 saliency_core = pytest.importorskip("saliency.core")
 from saliency.core import guided_ig as pair_guided_ig_module  # noqa: E402
 
 
-class _NumpyWithQuantileInterpolation(types.ModuleType):
-    """numpy, except that ``quantile(..., interpolation=...)`` (removed in NumPy 2.4) is passed on as ``method=``,
-    its documented replacement with the same meaning, so PAIR's unmodified Guided IG runs."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def quantile(a, q, *args, interpolation=None, **kwargs):
-        if interpolation is not None:
-            kwargs["method"] = interpolation
-        return np.quantile(a, q, *args, **kwargs)
-
-
 @pytest.fixture(autouse=True)
 def pair_runs_on_this_numpy(monkeypatch):
-    monkeypatch.setattr(pair_guided_ig_module, "np", _NumpyWithQuantileInterpolation("numpy"))
+    monkeypatch.setattr(pair_guided_ig_module, "np", NumpyWithQuantileInterpolation("numpy"))
 
 
 def pair_model_function(model, target, output="logit"):
