@@ -49,21 +49,17 @@ BLUR_TRUNCATE = 4.0
 DIRECT_RADIUS = 1 << 16
 
 
-def gaussian_blur_matrix(size: int, sigma: float, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """[size, size] matrix M with ``M @ v`` = 1-D Gaussian blur of ``v`` with zero padding, as
+@functools.lru_cache(maxsize=512)
+def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
+    """[size, size] float64 matrix M with ``M @ v`` = 1-D Gaussian blur of ``v`` with zero padding, as
     ``scipy.ndimage.gaussian_filter1d(v, sigma, mode="constant")`` computes it: a kernel of radius
-    ``int(4 * sigma + 0.5)``, normalized over that radius, built in float64.
+    ``int(4 * sigma + 0.5)``, normalized over that radius. Cached: callers only read it.
 
     Only the taps an image of ``size`` pixels reaches are built (the radius clamped to the image), so memory
     does not grow with sigma; past :data:`DIRECT_RADIUS` the normalization is computed in closed form. As sigma
     grows every entry tends to ``1 / Z`` (``Z ~ sigma sqrt(2 pi) erf(2 sqrt 2)``, the kernel's sum): the kernel's
     mass falls outside the image, so the zero-padded blur tends to zero, not to the image's mean. (scipy, and so
     PAIR, builds all ``2 r + 1`` taps: 64 GB at sigma = 1e9.)"""
-    return _blur_matrix(int(size), float(sigma)).to(dtype=dtype, device=device, copy=True)
-
-
-@functools.lru_cache(maxsize=512)
-def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
     if sigma == 0:
         return torch.eye(size, dtype=torch.float64)
     radius = int(BLUR_TRUNCATE * sigma + 0.5)
