@@ -42,7 +42,7 @@ import torch
 
 from fastig import _ops
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_inputs, format_output
+from fastig.core.inputs import format_inputs, format_output
 from fastig.core import progress
 from fastig.core.engine import Chunk, Engine, as_engine
 from fastig.core.targets import Target, args_for_batch, format_additional_args
