@@ -122,22 +122,15 @@ def check_guided_ig(cfg, device, model, prepared, images) -> list[dict]:
 
     from fastig.attr import GuidedIntegratedGradients
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the PAIR shim the tests use
-    from _pair import NumpyWithQuantileInterpolation
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' PAIR helpers
+    from _pair import NumpyWithQuantileInterpolation, pair_model_function
 
     pair_module.np = NumpyWithQuantileInterpolation("numpy")
     targets = [3 + i for i in range(images.shape[0])]
     steps = cfg["guided_steps"]
 
-    def model_function(target):
-        def call(x_batch, call_model_args=None, expected_keys=None):
-            x = torch.as_tensor(np.asarray(x_batch), dtype=torch.float32, device=device).requires_grad_()
-            (grad,) = torch.autograd.grad(model(x)[:, target].sum(), x)
-            return {pair.INPUT_OUTPUT_GRADIENTS: grad.detach().cpu().numpy()}
-        return call
-
     def pair_run():
-        return np.stack([pair.GuidedIG().GetMask(x, model_function(t), x_steps=steps, x_baseline=np.zeros_like(x))
+        return np.stack([pair.GuidedIG().GetMask(x, pair_model_function(model, t), x_steps=steps, x_baseline=np.zeros_like(x))
                          for x, t in zip(images.cpu().numpy(), targets)])
 
     def ours_run():

@@ -7,8 +7,8 @@ import torch
 import fastig
 from fastig.attr import GuidedIntegratedGradients, IntegratedGradients
 
-from _pair import NumpyWithQuantileInterpolation
-from _shared import SmallCNN
+from _pair import NumpyWithQuantileInterpolation, pair_model_function
+from _shared import SmallCNN, relative_error
 
 saliency_core = pytest.importorskip("saliency.core")
 from saliency.core import guided_ig as pair_guided_ig_module  # noqa: E402
@@ -17,21 +17,6 @@ from saliency.core import guided_ig as pair_guided_ig_module  # noqa: E402
 @pytest.fixture(autouse=True)
 def pair_runs_on_this_numpy(monkeypatch):
     monkeypatch.setattr(pair_guided_ig_module, "np", NumpyWithQuantileInterpolation("numpy"))
-
-
-def pair_model_function(model, target, output="logit"):
-    """PAIR's call_model_function: gradient of the target logit (or probability) for a numpy batch."""
-    dtype = next(model.parameters()).dtype
-
-    def call(x_batch, call_model_args=None, expected_keys=None):
-        x = torch.tensor(np.asarray(x_batch), dtype=dtype).requires_grad_()
-        out = model(x)
-        if output == "probability":
-            out = torch.softmax(out, 1)
-        (grad,) = torch.autograd.grad(out[:, target].sum(), x)
-        return {saliency_core.INPUT_OUTPUT_GRADIENTS: grad.numpy()}
-
-    return call
 
 
 def pair_guided_ig(model, inputs, baselines, targets, output="logit", **options):
@@ -45,8 +30,7 @@ def pair_guided_ig(model, inputs, baselines, targets, output="logit", **options)
     return torch.tensor(np.stack(masks))
 
 
-def relative_error(ours, theirs):
-    return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()).item()
+
 
 
 # --- PAIR's closed-form test vectors ------------------------------------------------------------------------
