@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 

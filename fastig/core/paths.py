@@ -191,7 +191,7 @@ class GuidedPath:
 
 
 
-# --- latent path (Latent IG through the DALL-E dVAE) -------------------------------------------------------
+# --- latent path (Latent IG: through a latent space, the DALL-E dVAE's for one) ----------------------------
 
 INTERPOLATIONS = ("lerp", "slerp")
 # slerp falls back to lerp where the two latent vectors are this close to (anti-)parallel: |cos angle| above it
