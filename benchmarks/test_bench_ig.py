@@ -31,6 +31,7 @@ import fastig
 from fastig import models
 from fastig.attr import IntegratedGradients
 from fastig.core.engine import Engine
+from test_bench_gradients import SmallCNN  # the same small CNN as the gradient benchmarks
 
 N_STEPS = int(os.environ.get("FASTIG_BENCH_STEPS", "32"))
 BATCH = int(os.environ.get("FASTIG_BENCH_BATCH", "16"))
@@ -125,19 +126,6 @@ def test_whole_process(benchmark):
     timings = alternate_processes({name: python(_PROCESS, name, *args)
                                    for name in ("captum", "fastig", "fastig_prepared")}, rounds=ROUNDS)
     timings.record(benchmark, "captum")
-
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-            torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-        )
-        self.fc = torch.nn.Linear(32, 10)
-
-    def forward(self, x):
-        return self.fc(self.features(x).flatten(1))
 
 
 def test_small_cnn(benchmark):

@@ -29,6 +29,7 @@ import fastig
 from fastig import models
 from fastig.metrics import deletion, insertion
 from fastig.metrics.insertion import blur, rise_auc
+from fastig.io.images import uint8_to_input
 
 import fastig.metrics.pic  # noqa: E402
 
@@ -148,7 +149,7 @@ def test_pair_pic(benchmark, pic_images):
     if not hasattr(np, "trapz"):  # PAIR calls np.trapz, removed in numpy 2.4 (np.trapezoid is the same)
         np.trapz = np.trapezoid
     images, saliency, masks = pic_images
-    model, to_input = DetailNet().eval(), fpic.uint8_to_input()
+    model, to_input = DetailNet().eval(), uint8_to_input()
 
     def run():
         out = []

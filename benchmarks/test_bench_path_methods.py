@@ -18,10 +18,10 @@ FASTIG_BENCH_IMAGES (8), FASTIG_BENCH_DEVICE (cpu, or cuda).
 from __future__ import annotations
 
 import os
+import sys
 import time
-import types
+from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -33,6 +33,9 @@ from fastig.core.engine import Engine
 saliency_core = pytest.importorskip("saliency.core")
 from saliency.core import guided_ig as pair_guided_ig_module  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' PAIR helpers
+from _pair import NumpyWithQuantileInterpolation, pair_model_function  # noqa: E402
+
 MODEL = os.environ.get("FASTIG_BENCH_MODEL", "resnet50")
 GUIDED_STEPS = int(os.environ.get("FASTIG_BENCH_GUIDED_STEPS", "8"))
 N_IMAGES = int(os.environ.get("FASTIG_BENCH_IMAGES", "8"))
@@ -41,18 +44,7 @@ IG_STEPS = 32
 BLUR_STEPS = 8
 
 
-class _NumpyWithQuantileInterpolation(types.ModuleType):
-    """numpy with ``quantile(interpolation=)`` (removed in NumPy 2.4) passed on as ``method=``, so PAIR runs."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def quantile(a, q, *args, interpolation=None, **kwargs):
-        return np.quantile(a, q, *args, method=interpolation, **kwargs)
-
-
-pair_guided_ig_module.np = _NumpyWithQuantileInterpolation("numpy")
+pair_guided_ig_module.np = NumpyWithQuantileInterpolation("numpy")
 
 
 @pytest.fixture(scope="module")
@@ -77,22 +69,6 @@ TARGETS = list(range(3, 3 + 64))
 
 def _run(benchmark, fn, rounds=1):
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
-
-
-def pair_model_function(model, target, layout="chw"):
-    """What a PAIR user writes for a torch model: numpy in, input gradient of the target logit out."""
-
-    def call(x_batch, call_model_args=None, expected_keys=None):
-        x = torch.as_tensor(np.asarray(x_batch), dtype=torch.float32, device=DEVICE)
-        if layout == "hwc":
-            x = x.permute(0, 3, 1, 2)
-        x.requires_grad_()
-        (grad,) = torch.autograd.grad(model(x)[:, target].sum(), x)
-        if layout == "hwc":
-            grad = grad.permute(0, 2, 3, 1)
-        return {saliency_core.INPUT_OUTPUT_GRADIENTS: grad.detach().cpu().numpy()}
-
-    return call
 
 
 # --- Guided IG ---------------------------------------------------------------------------------------------------
@@ -169,7 +145,7 @@ def test_integrated_gradients(benchmark, prepared, images, idgi):
 def test_pair_blur_ig(benchmark, model, images):
     def run():
         for i, x in enumerate(images[:2].cpu().numpy()):
-            saliency_core.BlurIG().GetMask(x.transpose(1, 2, 0), pair_model_function(model, TARGETS[i], "hwc"),
+            saliency_core.BlurIG().GetMask(x.transpose(1, 2, 0), pair_model_function(model, TARGETS[i], layout="hwc"),
                                            steps=BLUR_STEPS, batch_size=BLUR_STEPS)
 
     _run(benchmark, run)

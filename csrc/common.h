@@ -3,8 +3,12 @@
 // preparation of its tensors and output in that order.
 #pragma once
 
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/ones_like.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
 #include <cmath>
@@ -194,6 +198,17 @@ inline PreparedGrads prepare_grads(const at::Tensor& grads) {
   std::vector<int64_t> sizes(grads.sizes().begin() + 1, grads.sizes().end());
   p.out = empty_in_order(sizes, 1, cl, grads.options().dtype(accumulation_type(grads.scalar_type())));
   return p;
+}
+
+// accumulate_idgi's per-step scale (f_{k+1} - f_k) / ||g_k||^2, 0 for a zero norm: [K, N] contiguous, in the
+// accumulation dtype, computed exactly as fastig._ops.accumulate_idgi_reference does (every backend uses this one).
+inline at::Tensor idgi_scale(const PreparedGrads& p, const at::Tensor& outputs, const at::Tensor& sq_norms) {
+  const auto acc = p.out.scalar_type();
+  at::Tensor df = (outputs.narrow(0, 1, p.k_steps) - outputs.narrow(0, 0, p.k_steps)).to(acc);
+  at::Tensor norms = sq_norms.to(acc);
+  at::Tensor positive = norms > 0;
+  return at::where(positive, df / at::where(positive, norms, at::ones_like(norms)), at::zeros_like(norms))
+      .contiguous();
 }
 
 // perturb: image and substrate (broadcast to the image) [N, C, H, W] in processing order, rank and counts

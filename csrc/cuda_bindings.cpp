@@ -1,10 +1,6 @@
 // Torch glue for the CUDA kernels: the same checks and element order as the CPU kernels (common.h), then a call to
 // the plain launchers of cuda/launchers.h on the current stream. Built only when torch has CUDA
 // (-DFASTIG_WITH_CUDA). It includes no CUDA headers: the stream comes from c10's device-generic interface.
-#include <ATen/TensorOperators.h>
-#include <ATen/ops/ones_like.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <torch/library.h>
@@ -74,12 +70,7 @@ at::Tensor accumulate_idgi_cuda(const at::Tensor& grads, const at::Tensor& outpu
   c10::DeviceGuard guard(grads.device());
   PreparedGrads p = prepare_grads(grads);
   if (p.out.numel() == 0) return p.out;
-  const auto acc = p.out.scalar_type();
-  at::Tensor df = (outputs.narrow(0, 1, p.k_steps) - outputs.narrow(0, 0, p.k_steps)).to(acc);
-  at::Tensor norms = sq_norms.to(acc);
-  at::Tensor positive = norms > 0;
-  at::Tensor scale = at::where(positive, df / at::where(positive, norms, at::ones_like(norms)), at::zeros_like(norms))
-                         .contiguous();
+  at::Tensor scale = idgi_scale(p, outputs, sq_norms);
   check_launch(cuda::accumulate_idgi(dtype_of(grads), p.grads.const_data_ptr(), scale.const_data_ptr(),
                                      p.out.data_ptr(), p.k_steps, p.n, p.d, current_stream(grads)),
                "accumulate_idgi");

@@ -19,8 +19,10 @@ from fastig.attr._path_common import OUTPUTS
 from fastig.attr.noise_tunnel import NT_TYPES
 from fastig.core import baselines, quadrature
 from fastig.core.engine import PRECISIONS
-from fastig.core.paths import INTERPOLATIONS, LATENTS
+from fastig.core.paths import INTERPOLATIONS
+from fastig.core.superpixels import superpixel_mask
 from fastig.errors import UnknownNameError
+from fastig.models.dvae import LATENTS
 
 
 class StepsType(click.ParamType):
@@ -223,7 +225,7 @@ class WithDefaults:
     ``rename`` maps CLI keywords to the method's (``window`` -> ``sliding_window_shapes``). ``square_window``
     turns int ``sliding_window_shapes`` / ``strides`` into Occlusion's tuples for image batches (the window spans
     all channels and is square over the last two dimensions). ``n_segments`` becomes a superpixel
-    ``feature_mask`` (see :func:`fastig.attr.surrogate.superpixels`) when no mask is given.
+    ``feature_mask`` (see :func:`fastig.core.superpixels.superpixels`) when no mask is given.
     """
 
     def __init__(self, method: Any, rename: dict | None = None, square_window: bool = False, **defaults: Any) -> None:
@@ -237,11 +239,7 @@ class WithDefaults:
         merged = {self.rename.get(k, k): v for k, v in merged.items()}
         segments = merged.pop("n_segments", None)
         if segments is not None and merged.get("feature_mask") is None:
-            from fastig.attr.surrogate import superpixels
-
-            if not isinstance(inputs, torch.Tensor) or inputs.dim() != 4:
-                raise ValueError("n_segments needs a single image batch [N, C, H, W] as inputs")
-            merged["feature_mask"] = superpixels(inputs, segments)
+            merged["feature_mask"] = superpixel_mask(None, segments, inputs)
         if self.square_window and isinstance(inputs, torch.Tensor):
             lead = tuple(inputs.shape[1:-2])
             for key in ("sliding_window_shapes", "strides"):

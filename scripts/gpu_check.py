@@ -31,7 +31,6 @@ import platform
 import statistics
 import sys
 import time
-import types
 from pathlib import Path
 from typing import Callable
 
@@ -117,36 +116,21 @@ def check_ig(cfg, device, model, prepared, images) -> list[dict]:
     return rows
 
 
-class _NumpyWithQuantileInterpolation(types.ModuleType):
-    """numpy with ``quantile(interpolation=)`` (removed in NumPy 2.4) passed on as ``method=``, so PAIR runs."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def quantile(a, q, *args, interpolation=None, **kwargs):
-        return np.quantile(a, q, *args, method=interpolation, **kwargs)
-
-
 def check_guided_ig(cfg, device, model, prepared, images) -> list[dict]:
     import saliency.core as pair
     from saliency.core import guided_ig as pair_module
 
     from fastig.attr import GuidedIntegratedGradients
 
-    pair_module.np = _NumpyWithQuantileInterpolation("numpy")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' PAIR helpers
+    from _pair import NumpyWithQuantileInterpolation, pair_model_function
+
+    pair_module.np = NumpyWithQuantileInterpolation("numpy")
     targets = [3 + i for i in range(images.shape[0])]
     steps = cfg["guided_steps"]
 
-    def model_function(target):
-        def call(x_batch, call_model_args=None, expected_keys=None):
-            x = torch.as_tensor(np.asarray(x_batch), dtype=torch.float32, device=device).requires_grad_()
-            (grad,) = torch.autograd.grad(model(x)[:, target].sum(), x)
-            return {pair.INPUT_OUTPUT_GRADIENTS: grad.detach().cpu().numpy()}
-        return call
-
     def pair_run():
-        return np.stack([pair.GuidedIG().GetMask(x, model_function(t), x_steps=steps, x_baseline=np.zeros_like(x))
+        return np.stack([pair.GuidedIG().GetMask(x, pair_model_function(model, t), x_steps=steps, x_baseline=np.zeros_like(x))
                          for x, t in zip(images.cpu().numpy(), targets)])
 
     def ours_run():

@@ -38,3 +38,9 @@ def assert_close(ours, theirs, tol=1e-6):
     assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
     scale = max(theirs.abs().max().item(), 1e-12)
     assert (ours - theirs).abs().max().item() <= tol * scale, (ours - theirs).abs().max()
+
+
+def relative_error(ours, theirs):
+    """The largest absolute difference, relative to the reference's largest entry (in float64)."""
+    ours, theirs = torch.as_tensor(ours).double(), torch.as_tensor(theirs).double()
+    return ((ours - theirs).abs().max() / theirs.abs().max()).item()

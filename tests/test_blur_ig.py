@@ -9,39 +9,21 @@ import fastig
 from fastig.attr import BlurIntegratedGradients
 from fastig.core.paths import gaussian_blur
 
-from _shared import SmallCNN
+from _pair import pair_model_function
+from _shared import SmallCNN, relative_error
 
 saliency_core = pytest.importorskip("saliency.core")
-
-
-def pair_model_function(model, target, output="logit"):
-    """PAIR's call_model_function for HWC numpy batches: the gradient of the target logit (or probability)."""
-    dtype = next(model.parameters()).dtype
-
-    def call(x_batch, call_model_args=None, expected_keys=None):
-        x = torch.tensor(np.asarray(x_batch).transpose(0, 3, 1, 2), dtype=dtype).requires_grad_()
-        out = model(x)
-        if output == "probability":
-            out = torch.softmax(out, 1)
-        (grad,) = torch.autograd.grad(out[:, target].sum(), x)
-        return {saliency_core.INPUT_OUTPUT_GRADIENTS: grad.numpy().transpose(0, 2, 3, 1)}
-
-    return call
 
 
 def pair_blur_ig(model, inputs, targets, output="logit", **options):
     """PAIR's BlurIG.GetMask on each NCHW image (as HWC), stacked back to NCHW."""
     masks = [
         saliency_core.BlurIG().GetMask(
-            x.numpy().transpose(1, 2, 0), pair_model_function(model, t, output), **options
+            x.numpy().transpose(1, 2, 0), pair_model_function(model, t, output, layout="hwc"), **options
         ).transpose(2, 0, 1)
         for x, t in zip(inputs, targets)
     ]
     return torch.tensor(np.stack(masks))
-
-
-def relative_error(ours, theirs):
-    return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()).item()
 
 
 # --- the blur ---------------------------------------------------------------------------------------------------

@@ -11,11 +11,17 @@ from scipy import ndimage
 
 from fastig.attr import BlurIntegratedGradients, GuidedIntegratedGradients, IntegratedGradients
 from fastig.core import quadrature
-from fastig.core.paths import BLUR_TRUNCATE, gaussian_blur, gaussian_blur_matrix
+from fastig.core import paths
+from fastig.core.paths import BLUR_TRUNCATE, gaussian_blur
 from fastig.errors import InputError
 
 from _limits import memory_limit
 from _shared import SmallCNN
+
+
+def gaussian_blur_matrix(size, sigma):
+    """fastig's 1-D blur matrix (the two factors of :func:`fastig.core.paths.gaussian_blur`), a copy to compare."""
+    return paths._blur_matrix(size, float(sigma)).clone()
 
 
 def _kernel_sum(sigma):

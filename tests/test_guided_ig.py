@@ -1,7 +1,5 @@
 """GuidedIntegratedGradients: PAIR saliency's test vectors, parity with PAIR's GuidedIG, batching, delta, errors."""
 
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -9,44 +7,16 @@ import torch
 import fastig
 from fastig.attr import GuidedIntegratedGradients, IntegratedGradients
 
-from _shared import SmallCNN
+from _pair import NumpyWithQuantileInterpolation, pair_model_function
+from _shared import SmallCNN, relative_error
 
 saliency_core = pytest.importorskip("saliency.core")
 from saliency.core import guided_ig as pair_guided_ig_module  # noqa: E402
 
 
-class _NumpyWithQuantileInterpolation(types.ModuleType):
-    """numpy, except that ``quantile(..., interpolation=...)`` (removed in NumPy 2.4) is passed on as ``method=``,
-    its documented replacement with the same meaning, so PAIR's unmodified Guided IG runs."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def quantile(a, q, *args, interpolation=None, **kwargs):
-        if interpolation is not None:
-            kwargs["method"] = interpolation
-        return np.quantile(a, q, *args, **kwargs)
-
-
 @pytest.fixture(autouse=True)
 def pair_runs_on_this_numpy(monkeypatch):
-    monkeypatch.setattr(pair_guided_ig_module, "np", _NumpyWithQuantileInterpolation("numpy"))
-
-
-def pair_model_function(model, target, output="logit"):
-    """PAIR's call_model_function: gradient of the target logit (or probability) for a numpy batch."""
-    dtype = next(model.parameters()).dtype
-
-    def call(x_batch, call_model_args=None, expected_keys=None):
-        x = torch.tensor(np.asarray(x_batch), dtype=dtype).requires_grad_()
-        out = model(x)
-        if output == "probability":
-            out = torch.softmax(out, 1)
-        (grad,) = torch.autograd.grad(out[:, target].sum(), x)
-        return {saliency_core.INPUT_OUTPUT_GRADIENTS: grad.numpy()}
-
-    return call
+    monkeypatch.setattr(pair_guided_ig_module, "np", NumpyWithQuantileInterpolation("numpy"))
 
 
 def pair_guided_ig(model, inputs, baselines, targets, output="logit", **options):
@@ -60,8 +30,7 @@ def pair_guided_ig(model, inputs, baselines, targets, output="logit", **options)
     return torch.tensor(np.stack(masks))
 
 
-def relative_error(ours, theirs):
-    return ((ours.double() - theirs.double()).abs().max() / theirs.double().abs().max()).item()
+
 
 
 # --- PAIR's closed-form test vectors ------------------------------------------------------------------------

@@ -1,7 +1,5 @@
 """IDGI (Yang, Wang, Bilgic, CVPR 2023) on every path: the paper's formula, completeness, skipped steps, costs."""
 
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -11,7 +9,8 @@ from fastig.attr import BlurIntegratedGradients, GuidedIntegratedGradients, Inte
 from fastig.core import quadrature
 from fastig.core.paths import gaussian_blur
 
-from _shared import SmallCNN
+from _pair import NumpyWithQuantileInterpolation
+from _shared import SmallCNN, relative_error
 
 
 def idgi_reference(gradients, predictions):
@@ -44,11 +43,6 @@ class TwoInputNet(torch.nn.Module):
 
     def forward(self, image, vector):
         return self.cnn(image) * torch.tanh(self.extra(vector))
-
-
-def relative_error(ours, theirs):
-    ours, theirs = torch.as_tensor(ours).double(), torch.as_tensor(theirs).double()
-    return ((ours - theirs).abs().max() / theirs.abs().max()).item()
 
 
 # --- the formula on the straight line ----------------------------------------------------------------------------
@@ -189,14 +183,6 @@ def test_refuses_multiply_by_inputs_false():
 def pair():
     saliency_core = pytest.importorskip("saliency.core")
     from saliency.core import guided_ig
-
-    class NumpyWithQuantileInterpolation(types.ModuleType):  # np.quantile(interpolation=) left in NumPy 2.4
-        def __getattr__(self, name):
-            return getattr(np, name)
-
-        @staticmethod
-        def quantile(a, q, *args, interpolation=None, **kwargs):
-            return np.quantile(a, q, *args, method=interpolation, **kwargs)
 
     original = guided_ig.np
     guided_ig.np = NumpyWithQuantileInterpolation("numpy")

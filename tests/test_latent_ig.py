@@ -317,14 +317,14 @@ def test_decoder_passes_are_batched_and_no_point_is_decoded_twice(dvae):
 
 
 def test_cpu_decoder_passes_are_bounded_in_memory_and_give_the_same_points(dvae, monkeypatch):
-    from fastig.core import paths
+    from fastig.models import dvae as dvae_module
 
     x = images((2, 3, 16, 16))
     lig = LatentIntegratedGradients(small_classifier(), dvae)
     whole = lig.attribute(x, target=0, n_steps=6)
     assert lig.last_timings["decoder_passes"] == 2
     per_image = dvae[1].n_hid * 64 * 2 * 2 * 8  # largest activation of one 16x16 float64 image
-    monkeypatch.setattr(paths, "DECODER_CPU_BYTES", 2 * per_image)
+    monkeypatch.setattr(dvae_module, "DECODER_CPU_BYTES", 2 * per_image)
     split = lig.attribute(x, target=0, n_steps=6)
     # endpoints: 1 baseline + 2 inputs in 2 passes; interior: 5 steps x 2 examples in 5 passes
     assert lig.last_timings["decoder_passes"] == 2 + 5

@@ -10,7 +10,7 @@ from torch import nn
 import fastig
 from fastig.metrics import completeness, lossy_mse, step_sweep
 from fastig.metrics.lossy import normalized_map_mse, reencode
-from fastig.metrics.pic import uint8_to_input
+from fastig.io.images import uint8_to_input
 
 
 def small_cnn(channels=3, classes=5):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import fastig.metrics.pic
+from fastig.io.images import uint8_to_input
 
 fpic = sys.modules["fastig.metrics.pic"]  # the module (fastig.metrics.pic is also the function)
 
@@ -48,7 +49,7 @@ class DetailNet(nn.Module):
                                    nn.Flatten(), nn.Linear(16, classes)).double()
         self.scale = 1.0
         with torch.no_grad():
-            detail = self.detail(fpic.uint8_to_input(dtype=torch.float64)(images))
+            detail = self.detail(uint8_to_input(dtype=torch.float64)(images))
         self.scale = 6.0 / float(detail.min())  # the least detailed original image gets logit 6 - 2 = 4 over the rest
 
     def detail(self, x):
@@ -111,7 +112,7 @@ def test_equals_pair_compute_pic_metric(monkeypatch, channels, information, min_
     saliency[0] = np.round(saliency[0])  # many ties at the quantiles
     masks = [fpic.random_mask(h, w, 0.01, rng) for _ in range(n)]
     model = detail_net(channels, images)
-    input_fn = fpic.uint8_to_input(dtype=torch.float64)
+    input_fn = uint8_to_input(dtype=torch.float64)
     # PAIR's thresholds once; a shorter list elsewhere keeps the test fast (PAIR's loop is the slow side)
     thresholds = fpic.PAIR_THRESHOLDS if channels == 3 and information == "webp_pil" else (0.01, 0.05, 0.2, 0.6)
     ours = fpic.pic(model, images, saliency, masks=masks, information=information, min_pred_value=min_pred,
@@ -129,7 +130,7 @@ def test_skip_cases_match_pair():
     images[2] = 77  # a flat image: blurring cannot lose information -> skip reason 2
     saliency = np.random.default_rng(1).normal(size=(n, h, w))
     masks = [fpic.random_mask(h, w, 0.01, s) for s in range(n)]
-    input_fn = fpic.uint8_to_input(dtype=torch.float64)
+    input_fn = uint8_to_input(dtype=torch.float64)
 
     constant = nn.Sequential(nn.Flatten(), nn.Linear(3 * h * w, 4)).double().eval()
     with torch.no_grad():
@@ -163,7 +164,7 @@ def test_aggregate_equals_pair(monkeypatch):
     images = smooth_images(n, h, w, 3, seed=4)
     saliency = np.random.default_rng(3).normal(size=(n, h, w))
     model = detail_net(3, images, seed=1)
-    input_fn = fpic.uint8_to_input(dtype=torch.float64)
+    input_fn = uint8_to_input(dtype=torch.float64)
     ours = fpic.pic(model, images, saliency, seed=11, information="webp_pil", min_pred_value=0.0, input_fn=input_fn,
                     thresholds=(0.05, 0.3))
     scored = [i for i in range(n) if ours["sic"].skipped[i] == 0]

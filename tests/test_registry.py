@@ -19,8 +19,9 @@ from fastig.attr.noise_tunnel import NT_TYPES
 from fastig.cli import cli
 from fastig.core import baselines, quadrature
 from fastig.core.engine import PRECISIONS
-from fastig.core.paths import INTERPOLATIONS, LATENTS
+from fastig.core.paths import INTERPOLATIONS
 from fastig.metrics.completeness import completeness
+from fastig.models.dvae import LATENTS
 
 from _shared import SmallCNN
 
@@ -124,3 +125,18 @@ def test_the_package_has_no_import_cycle():
     for name in sorted(graph):
         if name not in state:
             visit(name, [])
+
+
+def test_core_imports_nothing_above_it():
+    """fastig.core (the engine, paths, rules, baselines) imports only itself and the layers below it (the compiled
+    ops, the errors, io), also inside functions: never fastig.attr, fastig.models, fastig.metrics or the drivers."""
+    package = Path(fastig.__file__).parent
+    modules = {".".join(p.relative_to(package.parent).with_suffix("").parts).removesuffix(".__init__")
+               for p in package.rglob("*.py")}
+    below = ("fastig.core", "fastig._ops", "fastig.errors", "fastig.io")
+    core_files = sorted((package / "core").glob("*.py"))
+    assert len(core_files) > 5
+    for path in core_files:
+        upward = {m for m in _imports(path, package, modules)
+                  if not any(m == b or m.startswith(b + ".") for b in below)}
+        assert not upward, f"{path.relative_to(package.parent)} imports {sorted(upward)}"

@@ -23,7 +23,7 @@ from fastig.errors import InputError, UnknownNameError
 
 saliency_core = pytest.importorskip("saliency.core")
 from saliency.core import guided_ig as pair_guided_ig_module  # noqa: E402
-from test_guided_ig import _NumpyWithQuantileInterpolation  # noqa: E402  (PAIR's Guided IG on NumPy >= 2.4)
+from _pair import NumpyWithQuantileInterpolation  # noqa: E402  (PAIR's Guided IG on NumPy >= 2.4)
 
 SHAPE = (3, 4, 4)  # one image: 48 inputs
 
@@ -121,7 +121,7 @@ def pair_gradient_function(model, target, channels_last=False):
 
 
 def test_guided_guided_ig_is_pairs_guided_ig_of_the_guided_gradient(model, monkeypatch):
-    monkeypatch.setattr(pair_guided_ig_module, "np", _NumpyWithQuantileInterpolation("numpy"))
+    monkeypatch.setattr(pair_guided_ig_module, "np", NumpyWithQuantileInterpolation("numpy"))
     x, baselines, targets = inputs(), inputs(seed=2) * 0.1, [0, 3, 1]
     ours = GuidedIntegratedGradients(model).attribute(x, baselines, target=targets, n_steps=16, fraction=0.25,
                                                       max_dist=0.1, rules="guided")

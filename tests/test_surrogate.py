@@ -7,7 +7,8 @@ import torch
 
 import captum.attr as ca
 from fastig.attr import KernelShap, Lime
-from fastig.attr.surrogate import Lasso, LinearRegression, get_exp_kernel_similarity_function, superpixels
+from fastig.attr.surrogate import Lasso, LinearRegression, get_exp_kernel_similarity_function
+from fastig.core.superpixels import superpixels
 
 
 def scaled_cnn(seed=0):

@@ -2,10 +2,6 @@
 // Deterministic: every output element sums its K terms in step order whatever the thread count (no atomics).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/TensorOperators.h>
-#include <ATen/ops/ones_like.h>
-#include <ATen/ops/where.h>
-#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -101,13 +97,7 @@ at::Tensor accumulate_idgi_cpu(const at::Tensor& grads, const at::Tensor& output
   check_idgi(grads, outputs, sq_norms);
   PreparedGrads p = prepare_grads(grads);
   if (p.out.numel() == 0) return p.out;
-  // Per-step scale (f_{k+1} - f_k) / ||g_k||^2, 0 for a zero norm: [K, N], computed exactly as the reference does.
-  const auto acc = p.out.scalar_type();
-  at::Tensor df = (outputs.narrow(0, 1, p.k_steps) - outputs.narrow(0, 0, p.k_steps)).to(acc);
-  at::Tensor norms = sq_norms.to(acc);
-  at::Tensor positive = norms > 0;
-  at::Tensor scale = at::where(positive, df / at::where(positive, norms, at::ones_like(norms)), at::zeros_like(norms))
-                         .contiguous();
+  at::Tensor scale = idgi_scale(p, outputs, sq_norms);
   const int64_t n = p.n, d = p.d;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads.scalar_type(), "fastig::accumulate_idgi", [&] {
     using acc_t = acc_type<scalar_t>;

@@ -8,7 +8,7 @@ from typing import Any, Callable
 import torch
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_baselines, format_inputs, row_sums
+from fastig.core.inputs import format_baselines, format_inputs, row_sums
 from fastig.core import quadrature
 from fastig.core.baselines import sampled_baselines
 from fastig.core.engine import Engine

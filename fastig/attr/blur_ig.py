@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from fastig.attr._inputs import format_inputs, format_output
+from fastig.core.inputs import format_inputs, format_output
 from fastig.attr._path_common import PathAttribution, check_flag, check_number, check_steps
 from fastig.core import quadrature
 from fastig.core.adaptive import BlurCurve, integrate_adaptive, integrate_schedule

@@ -46,12 +46,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_baselines, format_inputs, format_output, row_sums
+from fastig.core.inputs import format_baselines, format_inputs, format_output, row_sums
 from fastig.attr._path_common import convergence_delta
 from fastig.attr.gradients import baseline_distribution
-from fastig.attr.noise_tunnel import expand_additional_args, expand_target
 from fastig.core.engine import Engine
-from fastig.core.targets import Target, args_for_batch, format_additional_args
+from fastig.core.targets import (
+    Target,
+    args_for_batch,
+    expand_additional_args,
+    expand_target,
+    format_additional_args,
+)
 from fastig.errors import InvalidArgumentError
 
 

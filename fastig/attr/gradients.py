@@ -18,19 +18,12 @@ import numpy as np
 import torch
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_inputs, format_output
+from fastig.core.inputs import check_stdevs, draw_baselines, format_inputs, format_output, noisy_copies
 from fastig.attr._path_common import convergence_delta
 from fastig.attr.integrated_gradients import IntegratedGradients
-from fastig.attr.noise_tunnel import (
-    check_positive_int,
-    check_stdevs,
-    draw_baselines,
-    expand_additional_args,
-    expand_target,
-    noisy_copies,
-)
+from fastig.attr.noise_tunnel import check_positive_int
 from fastig.core.engine import Engine
-from fastig.core.targets import Target, format_additional_args
+from fastig.core.targets import Target, expand_additional_args, expand_target, format_additional_args
 from fastig.errors import InvalidArgumentError, InvalidTypeError
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_inputs, format_output
+from fastig.core.inputs import format_inputs, format_output
 from fastig.attr.gradients import input_gradients
 from fastig.attr.integrated_gradients import IntegratedGradients
 

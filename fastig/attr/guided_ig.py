@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastig.attr._inputs import format_baselines, format_inputs, format_output
+from fastig.core.inputs import format_baselines, format_inputs, format_output
 from fastig.attr._path_common import (
     PathAttribution,
     check_flag,

@@ -7,7 +7,7 @@ from typing import Any, Callable
 import torch
 
 from fastig.attr import rules as backward_rules
-from fastig.attr._inputs import format_baselines, format_inputs, format_output
+from fastig.core.inputs import format_baselines, format_inputs, format_output
 from fastig.attr._path_common import PathAttribution, check_flag
 from fastig.core import quadrature
 from fastig.core.adaptive import StraightCurve, integrate_adaptive

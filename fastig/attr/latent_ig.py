@@ -17,13 +17,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from fastig.attr._inputs import format_baselines, format_inputs, format_output
+from fastig.core.inputs import format_baselines, format_inputs, format_output
 from fastig.attr._path_common import PathAttribution, check_flag, check_steps
 from fastig.core import quadrature
 from fastig.core.engine import integrate_idgi, integrate_moves
-from fastig.core.paths import INTERPOLATIONS, LATENTS, DVAEImageSpace, LatentPath
+from fastig.core.paths import INTERPOLATIONS, LatentPath
 from fastig.errors import CheckpointError
 from fastig.io.images import IMAGENET_MEAN, IMAGENET_STD
+from fastig.models.dvae import LATENTS, DVAEImageSpace
 
 RULES = ("riemann_left", "riemann_trapezoid")
 OPENAI_FILES = ("encoder.pkl", "decoder.pkl")  # OpenAI's originals, also accepted (converted files are preferred)
@@ -124,7 +125,7 @@ class LatentIntegratedGradients(PathAttribution):
     ``interpolation``: ``"lerp"`` or ``"slerp"`` (great circle per latent position, lerp where the two vectors
     are nearly parallel). ``latent``: ``"embedding"`` (default; the decoder's first 1x1 conv of the soft codes,
     linear in them and 64x smaller), ``"probs"`` or ``"logits"`` (see
-    :class:`~fastig.core.paths.DVAEImageSpace`). ``dvae_size``: side of the square the dVAE sees (a multiple of
+    :class:`~fastig.models.dvae.DVAEImageSpace`). ``dvae_size``: side of the square the dVAE sees (a multiple of
     8, e.g. 256, its training size); None = the classifier's size rounded up to a multiple of 8.
 
     ``alphas=``: non-uniform positions of the latent points (the interpolation parameter t of each decoded point,

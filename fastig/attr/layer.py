@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_baselines, format_inputs, format_output
+from fastig.core.inputs import format_baselines, format_inputs, format_output
 from fastig.attr._layers import capture, check_layer, substitute
 from fastig.attr._path_common import PathAttribution, check_flag
 from fastig.attr.guided import GuidedBackprop

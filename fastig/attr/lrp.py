@@ -52,7 +52,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_inputs, format_output, row_sums
+from fastig.core.inputs import format_inputs, format_output, row_sums
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
 

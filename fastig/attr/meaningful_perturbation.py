@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_inputs
+from fastig.core.inputs import format_inputs
 from fastig.core.engine import Engine, grid
 from fastig.core.targets import Target, args_for_batch, format_additional_args
 

@@ -10,77 +10,22 @@ copies are held at once, not the size of a model batch.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-import numpy as np
 import torch
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_inputs, format_output
+from fastig.core.inputs import check_stdevs, draw_baselines, format_inputs, format_output, noisy_copies
 from fastig.core.engine import Engine
-from fastig.core.targets import format_additional_args
-from fastig.errors import InputError
+from fastig.core.targets import expand_additional_args, expand_target, format_additional_args
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
-
-
-def noisy_copies(x: torch.Tensor, stdev: float, n_samples: int) -> torch.Tensor:
-    """``n_samples`` copies of each example of ``x`` (example-major) plus N(0, stdev^2) noise, drawn as Captum does:
-    one draw of the whole [N * n_samples, ...] block in the default dtype. A stdev so large that the noisy
-    copies overflow is named here, rather than blamed on the inputs by the method that receives them."""
-    shape = (x.shape[0] * n_samples,) + tuple(x.shape[1:])
-    noise = torch.randn(shape, dtype=torch.get_default_dtype(), device=x.device) * stdev  # == torch.normal(0, stdev)
-    noisy = x.repeat_interleave(n_samples, dim=0) + noise
-    if noisy.is_floating_point() and not torch.isfinite(noisy).all():
-        raise InputError(f"stdevs={stdev:g} makes the noisy inputs overflow {noisy.dtype}: choose a smaller stdevs")
-    return noisy
-
-
-def check_stdevs(stdevs: Any, n_inputs: int) -> tuple[float, ...]:
-    if isinstance(stdevs, tuple):
-        if len(stdevs) != n_inputs:
-            raise InputError(f"got {len(stdevs)} stdevs for {n_inputs} inputs")
-    else:
-        stdevs = (stdevs,) * n_inputs
-    for s in stdevs:
-        if isinstance(s, bool) or not isinstance(s, (int, float)):
-            raise TypeError(f"stdevs must be a float or a tuple of floats, got {type(s).__name__}")
-        if not (s >= 0 and math.isfinite(s)):
-            raise InputError(f"stdevs must be a finite number >= 0, got {s}")
-    return tuple(float(s) for s in stdevs)
 
 
 def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return value
-
-
-def expand_target(target: Any, n_samples: int) -> Any:
-    """Captum's repeat_interleave expansion of a per-example target."""
-    if isinstance(target, list):
-        return [t for t in target for _ in range(n_samples)]
-    if isinstance(target, torch.Tensor) and target.numel() > 1:
-        return target.repeat_interleave(n_samples, dim=0)
-    return target
-
-
-def expand_additional_args(args: Any, n_samples: int) -> Any:
-    """Captum's repeat_interleave expansion of every non-scalar tensor argument."""
-    if args is None:
-        return None
-    args = args if isinstance(args, tuple) else (args,)
-    return tuple(
-        a.repeat_interleave(n_samples, dim=0) if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args
-    )
-
-
-def draw_baselines(baselines: tuple, n_rows: int) -> tuple:
-    """Baseline rows drawn uniformly with replacement (``numpy.random.choice``, one draw per tensor, as Captum)."""
-    return tuple(
-        b[np.random.choice(b.shape[0], n_rows).tolist()] if isinstance(b, torch.Tensor) else b for b in baselines
-    )
 
 
 class NoiseTunnel(Attribution):

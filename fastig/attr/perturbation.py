@@ -42,7 +42,7 @@ import torch
 
 from fastig import _ops
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_inputs, format_output
+from fastig.core.inputs import format_inputs, format_output
 from fastig.core import progress
 from fastig.core.engine import Chunk, Engine, as_engine
 from fastig.core.targets import Target, args_for_batch, format_additional_args
@@ -67,15 +67,13 @@ def _has_target(target: Target) -> bool:
 
 
 def model_output(
-    forward_func: Callable | Engine, inputs: tuple, target: Target, args: tuple, *, one_per_row: bool = False,
-    futures: bool = False,
+    forward_func: Callable | Engine, inputs: tuple, target: Target, args: tuple, *, futures: bool = False,
 ) -> torch.Tensor:
     """One model call (no gradient) and the explained output, in Captum's forms.
 
     ``target`` is applied as Captum applies it; without a target the output is returned as it is (any shape, a
-    Python number as a 0-d tensor of Python's dtype: int64 or float64). ``one_per_row``: the output must hold one
-    scalar per input row, returned 1-D. ``futures``: ``forward_func`` returns a ``torch.futures.Future`` (for
-    ``attribute_future``), whose value is awaited. ``forward_func`` may be an :class:`~fastig.core.engine.Engine`
+    Python number as a 0-d tensor of Python's dtype: int64 or float64). ``futures``: ``forward_func`` returns a
+    ``torch.futures.Future`` (for ``attribute_future``), whose value is awaited. ``forward_func`` may be an :class:`~fastig.core.engine.Engine`
     (e.g. one with a precision).
     """
     with torch.no_grad():
@@ -96,24 +94,11 @@ def model_output(
         output = torch.tensor(output, dtype=torch.int64 if isinstance(output, int) else torch.float64)
     if not isinstance(output, torch.Tensor):
         raise InvalidTypeError(f"the model must return a tensor, an int or a float, got {type(output).__name__}")
-    if one_per_row or _has_target(target):
+    if _has_target(target):
         if output.dim() == 0:
-            raise InvalidArgumentError(
-                "the model returned one value for the whole batch (a 0-d output); "
-                + ("it cannot take a target" if _has_target(target) else "this needs one output per example")
-            )
+            raise InvalidArgumentError("the model returned one value for the whole batch (a 0-d output); it cannot "
+                                       "take a target")
         output = target.select(output)
-    return output
-
-
-def forward_outputs(forward_func: Callable | Engine, inputs: tuple, target: Target, args: tuple, n_rows: int) -> torch.Tensor:
-    """The explained scalar of each of ``n_rows`` rows, as a 1-D tensor (one model call, no gradient)."""
-    output = model_output(forward_func, inputs, target, args, one_per_row=True)
-    if output.shape[0] != n_rows:
-        raise InvalidArgumentError(
-            f"the model returned {output.shape[0]} outputs for a batch of {n_rows} inputs; this needs one output "
-            "row per input example"
-        )
     return output
 
 

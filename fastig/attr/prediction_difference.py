@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_inputs
+from fastig.core.inputs import format_inputs
 from fastig.attr.perturbation import check_perturbations_per_eval, evaluate_copies
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args

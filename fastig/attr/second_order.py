@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_inputs
+from fastig.core.inputs import format_inputs
 from fastig.attr._layers import batched_vjp, capture, resolve_layer
 from fastig.core.engine import Chunk, Engine, grid
 from fastig.core.targets import Target, format_additional_args

@@ -1,5 +1,5 @@
-"""Surrogate-model attributions: Lime and KernelShap (drop-ins for Captum's classes), their least-squares fits, and
-a built-in superpixel segmentation for image feature masks.
+"""Surrogate-model attributions: Lime and KernelShap (drop-ins for Captum's classes) and their least-squares fits;
+``n_segments`` takes the image feature masks from :func:`fastig.core.superpixels.superpixels`.
 
 Captum's default interpretable models come from scikit-learn (``Lasso(alpha=0.01)`` for Lime, weighted
 ``LinearRegression`` for KernelShap). fastig does not depend on scikit-learn: :class:`Lasso` and
@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from fastig.attr._base import Attribution
-from fastig.attr._inputs import format_inputs, format_output
+from fastig.core.inputs import format_inputs, format_output
 from fastig.attr.perturbation import (
     mixed,
     check_n_samples,
@@ -36,6 +36,7 @@ from fastig.attr.perturbation import (
     model_output,
 )
 from fastig.core import progress
+from fastig.core.superpixels import superpixel_mask
 from fastig.core.targets import Target, format_additional_args
 from fastig.errors import InvalidArgumentError
 
@@ -217,69 +218,7 @@ def default_perturb_func(original_inp: Any, **kwargs: Any) -> torch.Tensor:
     return torch.bernoulli(probs).to(device=device).long()
 
 
-# -- superpixels -------------------------------------------------------------------------------------------------
-
-
-def superpixels(
-    images: torch.Tensor, n_segments: int = 64, method: str = "slic", compactness: float = 1.0, n_iter: int = 10
-) -> torch.Tensor:
-    """Feature masks [N, 1, H, W] (ids 0..K-1 per image) that group the pixels of image batches [N, C, H, W].
-
-    ``method="grid"``: a regular grid of about ``n_segments`` cells. ``method="slic"``: SLIC-like k-means on color
-    and position, started from the grid's cell centers; colors are standardized per image, positions are divided
-    by the grid spacing and weighted by ``compactness`` (larger: more regular, grid-like segments). Unlike SLIC
-    proper, segments are not forced to be connected. Ids are renumbered to be consecutive per image.
-    """
-    if not isinstance(images, torch.Tensor) or images.dim() != 4:
-        raise ValueError(f"superpixels need an image batch [N, C, H, W], got {getattr(images, 'shape', images)!r}")
-    if method not in ("grid", "slic"):
-        raise ValueError(f"method must be 'grid' or 'slic', got {method!r}")
-    if not isinstance(n_segments, int) or n_segments < 1:
-        raise ValueError(f"n_segments must be a positive integer, got {n_segments!r}")
-    n, _, h, w = images.shape
-    rows = max(1, min(h, round(math.sqrt(n_segments * h / w))))
-    cols = max(1, min(w, math.ceil(n_segments / rows)))
-    row_of = torch.div(torch.arange(h, device=images.device) * rows, h, rounding_mode="floor")
-    col_of = torch.div(torch.arange(w, device=images.device) * cols, w, rounding_mode="floor")
-    grid = (row_of[:, None] * cols + col_of[None, :]).expand(n, h, w)
-    if method == "grid":
-        return _consecutive(grid).unsqueeze(1)
-    spacing = math.sqrt(h * w / (rows * cols))
-    yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
-    position = torch.stack([yy, xx]).to(images.device) * (compactness / spacing)  # [2, H, W]
-    out = []
-    for image, labels in zip(images.float(), grid):
-        color = (image - image.mean((1, 2), keepdim=True)) / image.std().clamp_min(1e-12)
-        points = torch.cat([color, position]).reshape(color.shape[0] + 2, -1).T  # [HW, C + 2]
-        labels = labels.reshape(-1)
-        k = rows * cols
-        for _ in range(n_iter):
-            sums = torch.zeros(k, points.shape[1], device=points.device).index_add_(0, labels, points)
-            counts = torch.bincount(labels, minlength=k).clamp_min(1).unsqueeze(1)
-            centers = sums / counts
-            new = torch.cdist(points, centers).argmin(1)
-            if torch.equal(new, labels):
-                break
-            labels = new
-        out.append(_consecutive(labels.reshape(h, w)))
-    return torch.stack(out).unsqueeze(1)
-
-
-def _consecutive(labels: torch.Tensor) -> torch.Tensor:
-    """Renumber each image's labels to 0..K-1 in order of the old ids."""
-    return torch.stack([torch.unique(one, return_inverse=True)[1] for one in labels])
-
-
 # -- Lime --------------------------------------------------------------------------------------------------------
-
-
-def _mask_or_superpixels(feature_mask: Any, n_segments: int | None, xs: tuple[torch.Tensor, ...]) -> Any:
-    """``feature_mask``, or the :func:`superpixels` of the image batch when only ``n_segments`` is given."""
-    if feature_mask is None and n_segments is not None:
-        if len(xs) != 1 or xs[0].dim() != 4:
-            raise ValueError("n_segments needs a single image batch [N, C, H, W] as inputs")
-        feature_mask = superpixels(xs[0], n_segments)
-    return feature_mask
 
 
 def _lime_feature_mask(feature_mask: Any, xs: tuple[torch.Tensor, ...]) -> tuple[tuple[torch.Tensor, ...], int]:
@@ -312,7 +251,8 @@ class Lime(Attribution):
     Same constructor, ``attribute()`` signature, defaults and sampling as ``captum.attr.Lime``: a Lasso with
     ``alpha=0.01`` (fastig's numpy :class:`Lasso`, scikit-learn's objective), the exponential cosine kernel of
     width 1, and features kept with probability 0.5. Extra keyword: ``n_segments`` builds the feature mask with
-    :func:`superpixels` (SLIC-like) when no ``feature_mask`` is given, for image batches [N, C, H, W].
+    :func:`~fastig.core.superpixels.superpixels` (SLIC-like) when no ``feature_mask`` is given, for image batches
+    [N, C, H, W].
     ``perturbations_per_eval=None`` (fastig's default) batches as many samples per model call as fit in memory.
     """
 
@@ -358,7 +298,7 @@ class Lime(Attribution):
         check_n_samples(n_samples)
         xs, is_tuple = format_inputs(inputs, same_batch=False)
         bs = format_perturbation_baselines(baselines, xs)
-        feature_mask = _mask_or_superpixels(feature_mask, n_segments, xs)
+        feature_mask = superpixel_mask(feature_mask, n_segments, xs)
         masks, n_features = _lime_feature_mask(feature_mask, xs)
         if n_features > 10000:
             warnings.warn(f"fitting a surrogate with {n_features} features is slow: group them with a feature_mask "
@@ -492,7 +432,7 @@ class KernelShap(Lime):
         n_segments: int | None = None,
     ) -> Any:
         xs, _ = format_inputs(inputs, same_batch=False)
-        feature_mask = _mask_or_superpixels(feature_mask, n_segments, xs)
+        feature_mask = superpixel_mask(feature_mask, n_segments, xs)
         _, n_features = _lime_feature_mask(feature_mask, xs)
         sizes = torch.arange(n_features, dtype=torch.float)
         probs = torch.tensor(n_features - 1) / (sizes * (n_features - sizes))

@@ -50,7 +50,8 @@ import torch
 from fastig import _ops
 from fastig.core import quadrature
 from fastig.core.engine import Engine
-from fastig.core.targets import Target
+from fastig.core.inputs import format_baselines, format_inputs
+from fastig.core.targets import Target, format_additional_args
 from fastig.errors import InputError
 
 # A forward-only pass costs this much of a forward+backward pass (input gradient only). Measured on this project's
@@ -559,9 +560,6 @@ def fit_schedule(
     or ``"blur_ig"`` (alpha = sigma / max_sigma). Costs ``fit_steps`` gradients per input, once; a list of step
     counts gives one rule per count from the same gradients.
     """
-    from fastig.attr._inputs import format_baselines, format_inputs
-    from fastig.core.targets import format_additional_args
-
     if method not in ("ig", "blur_ig"):
         raise ValueError(f"fit_schedule fits 'ig' or 'blur_ig' paths, got method={method!r}")
     counts = [n_steps] if isinstance(n_steps, int) and not isinstance(n_steps, bool) else list(n_steps)

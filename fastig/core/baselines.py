@@ -4,7 +4,7 @@ A path method explains ``f(input) - f(baseline)``; with the default black (zero)
 makes this image differ from nothing". A *segment baseline* asks what makes the image differ from the same image
 with some of its regions removed. :class:`SegmentBaselines` describes how such baselines are drawn:
 
-- **segments**: ``"slic"`` (fastig's SLIC-like superpixels, :func:`fastig.attr.surrogate.superpixels`),
+- **segments**: ``"slic"`` (fastig's SLIC-like superpixels, :func:`fastig.core.superpixels.superpixels`),
   ``"cv2"`` (OpenCV's SLICO from ``cv2.ximgproc``, needs ``opencv-contrib-python-headless``), ``"grid"``, or the
   user's own label maps: an integer tensor [N, H, W] / [N, 1, H, W] (or [1, ...] shared by all images), e.g. a
   semantic segmentation, or a callable ``images [N, C, H, W] -> labels``;
@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 import torch
+
+from fastig.core.superpixels import opencv_slic, superpixels
 
 SEGMENTATIONS = ("slic", "grid", "cv2")
 FILLS = ("blur", "mean", "noise", "telea", "navier_stokes")
@@ -186,8 +187,6 @@ def segment_labels(images: torch.Tensor, segments: Any = "slic", n_segments: int
     if isinstance(segments, str):
         if segments == "cv2":
             return opencv_slic(images, n_segments)
-        from fastig.attr.surrogate import superpixels  # the one superpixel function of fastig (Lime & co use it)
-
         return superpixels(images, n_segments, method=segments, compactness=compactness)
     labels = segments(images) if callable(segments) and not isinstance(segments, torch.Tensor) else segments
     if not isinstance(labels, torch.Tensor) or labels.is_floating_point():
@@ -197,28 +196,6 @@ def segment_labels(images: torch.Tensor, segments: Any = "slic", n_segments: int
         raise ValueError(f"segment labels must have shape [{n} or 1, 1, {h}, {w}] (or without the 1), got "
                          f"{tuple(labels.shape)}")
     return labels.expand(n, 1, h, w).to(images.device)
-
-
-def opencv_slic(images: torch.Tensor, n_segments: int, ruler: float = 10.0, iterations: int = 10) -> torch.Tensor:
-    """OpenCV's SLICO superpixels (``cv2.ximgproc.createSuperpixelSLIC``) of each image, region size
-    ``sqrt(H * W / n_segments)``; images are min-max scaled to 8 bits per image for the segmentation only."""
-    import cv2
-
-    ximgproc = getattr(cv2, "ximgproc", None)
-    if ximgproc is None:
-        raise ValueError("segments='cv2' needs OpenCV's contrib modules (cv2.ximgproc): pip install "
-                         "opencv-contrib-python-headless (in place of opencv-python-headless), or use 'slic'")
-    n, _, h, w = images.shape
-    region = max(2, round(math.sqrt(h * w / n_segments)))
-    out = []
-    for x in images.detach().to("cpu", torch.float32):
-        low, high = x.min(), x.max()
-        u8 = ((x - low) / (high - low).clamp_min(1e-12) * 255).round().to(torch.uint8)
-        u8 = u8.permute(1, 2, 0).contiguous().numpy()
-        slic = ximgproc.createSuperpixelSLIC(u8, algorithm=ximgproc.SLICO, region_size=region, ruler=ruler)
-        slic.iterate(iterations)
-        out.append(torch.from_numpy(np.asarray(slic.getLabels(), dtype=np.int64)))
-    return torch.stack(out).unsqueeze(1).to(images.device)
 
 
 # ---- fills --------------------------------------------------------------------------------------------------

@@ -5,19 +5,17 @@ range of examples, step-major (``[k * m, ...]`` per input tensor), generated on 
 batch of points is ever alive.
 
 Paths here: :class:`StraightLine` (IG), :class:`BlurPath` (Blur IG), :class:`GuidedPath` (Guided IG) and
-:class:`LatentPath` (Latent IG: through the DALL-E dVAE's latent space, with :class:`DVAEImageSpace` converting
-between the classifier's inputs and the dVAE's latents).
+:class:`LatentPath` (Latent IG: through a latent space, :class:`LatentSpace`; the DALL-E dVAE's is
+:class:`fastig.models.dvae.DVAEImageSpace`).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import time
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from fastig import _ops
 
@@ -49,21 +47,17 @@ BLUR_TRUNCATE = 4.0
 DIRECT_RADIUS = 1 << 16
 
 
-def gaussian_blur_matrix(size: int, sigma: float, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
-    """[size, size] matrix M with ``M @ v`` = 1-D Gaussian blur of ``v`` with zero padding, as
+@functools.lru_cache(maxsize=512)
+def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
+    """[size, size] float64 matrix M with ``M @ v`` = 1-D Gaussian blur of ``v`` with zero padding, as
     ``scipy.ndimage.gaussian_filter1d(v, sigma, mode="constant")`` computes it: a kernel of radius
-    ``int(4 * sigma + 0.5)``, normalized over that radius, built in float64.
+    ``int(4 * sigma + 0.5)``, normalized over that radius. Cached: callers only read it.
 
     Only the taps an image of ``size`` pixels reaches are built (the radius clamped to the image), so memory
     does not grow with sigma; past :data:`DIRECT_RADIUS` the normalization is computed in closed form. As sigma
     grows every entry tends to ``1 / Z`` (``Z ~ sigma sqrt(2 pi) erf(2 sqrt 2)``, the kernel's sum): the kernel's
     mass falls outside the image, so the zero-padded blur tends to zero, not to the image's mean. (scipy, and so
     PAIR, builds all ``2 r + 1`` taps: 64 GB at sigma = 1e9.)"""
-    return _blur_matrix(int(size), float(sigma)).to(dtype=dtype, device=device, copy=True)
-
-
-@functools.lru_cache(maxsize=512)
-def _blur_matrix(size: int, sigma: float) -> torch.Tensor:
     if sigma == 0:
         return torch.eye(size, dtype=torch.float64)
     radius = int(BLUR_TRUNCATE * sigma + 0.5)
@@ -197,17 +191,12 @@ class GuidedPath:
 
 
 
-# --- latent path (Latent IG through the DALL-E dVAE) -------------------------------------------------------
+# --- latent path (Latent IG: through a latent space, the DALL-E dVAE's for one) ----------------------------
 
-LATENTS = ("embedding", "probs", "logits")
 INTERPOLATIONS = ("lerp", "slerp")
 # slerp falls back to lerp where the two latent vectors are this close to (anti-)parallel: |cos angle| above it
 # (about 1.8 degrees), where sin(angle) is too small to divide by safely
 SLERP_PARALLEL_COS = 0.9995
-# on the CPU, the decoder's passes hold at most this many bytes in their largest activation (n_hid channels at
-# full resolution: 51 MB per 224x224 image for OpenAI's model, so 5 images per pass); on CUDA one pass decodes all
-# the points of an engine batch (the engine halves its batches when the device runs out of memory)
-DECODER_CPU_BYTES = 256 << 20
 
 
 def lerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -234,113 +223,15 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor, dim: int = 1) -> 
     return (w0 * a + w1 * b).to(z0.dtype)
 
 
-def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of [N, C, H, W] images to ``size`` (antialiased when shrinking); unchanged if already there."""
-    size = (int(size[0]), int(size[1]))
-    if tuple(x.shape[-2:]) == size:
-        return x
-    shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+class LatentSpace(Protocol):
+    """What a latent path needs of its latent space (:class:`fastig.models.dvae.DVAEImageSpace` is one): both
+    conversions run without gradients, the points being constants to the classifier."""
 
-
-class DVAEImageSpace:
-    """The two conversions between the classifier's input space and a latent space of the DALL-E dVAE.
-
-    ``encode(x)``: classifier inputs [n, 3, H, W] (normalized as ``(pixels - mean) / std``) -> unnormalized and
-    clamped to [0, 1] -> resized to the dVAE's size -> :func:`~fastig.models.dvae.map_pixels` -> encoder logits
-    -> the chosen latent. ``decode(z, size)``: latent -> decoder -> image in [0, 1] (``Decoder.to_image``) ->
-    resized to ``size`` -> normalized again. Both run without gradients: the path's points are constants to the
-    classifier, whose gradient is taken at each of them.
-
-    ``latent`` picks what is interpolated:
-
-    - ``"embedding"`` (default): the decoder's first 1x1 convolution applied to the soft codes (softmax of the
-      logits), [n, 128, h, w] for OpenAI's model. That convolution is affine, so lerp here gives exactly the same
-      path as lerp of the soft codes, at 1/64 of the size (128 channels instead of 8192: less memory per step,
-      and the decoder's widest layer runs twice per image instead of once per path point); slerp here follows the
-      great circle in the space the rest of the decoder actually reads.
-    - ``"probs"``: the soft codes themselves, [n, 8192, h, w] (slerp of probability vectors leaves the simplex).
-    - ``"logits"``: the encoder's logits; every point is decoded from their softmax, so even lerp bends through
-      the softmax.
-
-    ``size``: the (H, W) the dVAE sees; None rounds the classifier's H and W up to multiples of 8 (224 stays
-    224). OpenAI's dVAE was trained at 256. Time spent in the encoder and decoder is added to ``seconds``
-    (synchronized on CUDA); ``decoder_passes`` and ``decoded_images`` count the decoder's calls and images.
-    """
-
-    def __init__(self, encoder, decoder, mean: Sequence[float], std: Sequence[float], latent: str = "embedding",
-                 size: tuple[int, int] | None = None):
-        if latent not in LATENTS:
-            raise ValueError(f"latent must be one of {', '.join(map(repr, LATENTS))}, got {latent!r}")
-        if size is not None and (len(size) != 2 or any(s < 8 or s % 8 for s in size)):
-            raise ValueError(f"the dVAE's image size must be a positive multiple of 8 per side, got {tuple(size)}")
-        if len(mean) != len(std) or any(s <= 0 for s in std):
-            raise ValueError(f"mean and std need one entry per channel and std > 0, got mean {mean}, std {std}")
-        self.encoder, self.decoder = encoder, decoder
-        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self.latent, self.size = latent, size
-        self.seconds = {"encoder": 0.0, "decoder": 0.0}
-        self.decoder_passes = 0
-        self.decoded_images = 0
-
-    def dvae_size(self, classifier_size: tuple[int, int]) -> tuple[int, int]:
-        return self.size if self.size is not None else tuple(-(-int(s) // 8) * 8 for s in classifier_size)
-
-    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        shape = (1, len(self.mean), 1, 1)
-        if x.shape[1] != len(self.mean):
-            raise ValueError(f"the images have {x.shape[1]} channels but mean/std have {len(self.mean)} entries")
-        return (torch.tensor(self.mean, dtype=x.dtype, device=x.device).reshape(shape),
-                torch.tensor(self.std, dtype=x.dtype, device=x.device).reshape(shape))
-
-    @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        from fastig.models.dvae import map_pixels, soft_codes
+        """Classifier inputs [n, C, H, W] -> latents [n, ...]."""
 
-        started = _clock(x.device)
-        mean, std = self._stats(x)
-        pixels = resize_images((x * std + mean).clamp(0, 1), self.dvae_size(x.shape[-2:]))
-        logits = self.encoder(map_pixels(pixels))
-        if self.latent == "logits":
-            z = logits
-        else:
-            z = soft_codes(logits)
-            if self.latent == "embedding":
-                z = self.decoder.embed(z)
-        self.seconds["encoder"] += _clock(x.device) - started
-        return z
-
-    @torch.no_grad()
     def decode(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        """Latents [N, ...] -> classifier inputs [N, C, size]: one decoder pass (on the CPU, passes of at most
-        :data:`DECODER_CPU_BYTES` of the decoder's largest activation each)."""
-        from fastig.models.dvae import soft_codes
-
-        started = _clock(z.device)
-        per_pass = z.shape[0]
-        if z.device.type == "cpu":  # full-resolution activations are ~100x an image: bound the memory per pass
-            largest = self.decoder.n_hid * 64 * z.shape[-2] * z.shape[-1] * z.element_size()
-            per_pass = max(1, DECODER_CPU_BYTES // largest)
-        parts = []
-        for chunk in z.split(per_pass):
-            if self.latent == "embedding":
-                stats = self.decoder.from_embedding(chunk)
-            else:
-                stats = self.decoder(soft_codes(chunk) if self.latent == "logits" else chunk)
-            parts.append(resize_images(self.decoder.to_image(stats), size))
-            self.decoder_passes += 1
-        pixels = torch.cat(parts)
-        mean, std = self._stats(pixels)
-        x = (pixels - mean) / std
-        self.seconds["decoder"] += _clock(z.device) - started
-        self.decoded_images += z.shape[0]
-        return x
-
-
-def _clock(device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
+        """Latents [n, ...] -> classifier inputs [n, C, *size]."""
 
 
 class LatentPath:
@@ -366,7 +257,7 @@ class LatentPath:
     request (a batch's right neighbour is the next batch's first point), so no point is decoded twice in order.
     """
 
-    def __init__(self, inputs: torch.Tensor, baselines: torch.Tensor, space: DVAEImageSpace, interpolation: str,
+    def __init__(self, inputs: torch.Tensor, baselines: torch.Tensor, space: LatentSpace, interpolation: str,
                  latent_steps: int, gap_steps: int, rule: str = "riemann_left", latent_alphas=None):
         if interpolation not in INTERPOLATIONS:
             raise ValueError(f"interpolation must be one of {', '.join(map(repr, INTERPOLATIONS))}, got {interpolation!r}")

@@ -167,3 +167,22 @@ def args_for_batch(args: tuple, n: int, examples: slice, repeats: int) -> tuple:
             arg = arg.repeat((repeats,) + (1,) * (arg.dim() - 1)) if repeats > 1 else arg
         out.append(arg)
     return tuple(out)
+
+
+def expand_target(target: Any, n_samples: int) -> Any:
+    """Captum's repeat_interleave expansion of a per-example target."""
+    if isinstance(target, list):
+        return [t for t in target for _ in range(n_samples)]
+    if isinstance(target, torch.Tensor) and target.numel() > 1:
+        return target.repeat_interleave(n_samples, dim=0)
+    return target
+
+
+def expand_additional_args(args: Any, n_samples: int) -> Any:
+    """Captum's repeat_interleave expansion of every non-scalar tensor argument."""
+    if args is None:
+        return None
+    args = args if isinstance(args, tuple) else (args,)
+    return tuple(
+        a.repeat_interleave(n_samples, dim=0) if isinstance(a, torch.Tensor) and a.dim() > 0 else a for a in args
+    )

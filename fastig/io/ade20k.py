@@ -119,9 +119,6 @@ class Ade20k(Split):
                 task.advance()
         return counts / np.maximum(totals, 1)[:, None]
 
-    def shared_objects(self) -> "ObjectTable":
-        return ObjectTable.build(self.object_presence())
-
 
 def _object_names(path: Path) -> list[str]:
     if not path.is_file():

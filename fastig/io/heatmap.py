@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from fastig.errors import FastigError
+from fastig.io.images import swap_rgb_bgr
 
 SIGNS = ("absolute", "positive", "negative", "all")
 
@@ -124,7 +125,7 @@ def save_png(path, rgb) -> Path:
     """Write a uint8 RGB [H, W, 3] (or grey [H, W]) image as PNG, creating parent directories; returns the path."""
     path = Path(path)
     rgb = _as_rgb8(rgb, "the image to save")
-    ok, data = cv2.imencode(".png", np.ascontiguousarray(rgb[:, :, ::-1]))
+    ok, data = cv2.imencode(".png", swap_rgb_bgr(rgb))
     if not ok:
         raise FastigError(f"cannot encode a {rgb.shape} image as PNG for {path}")
     try:

@@ -26,7 +26,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -257,6 +257,29 @@ class Preprocess:
             x = x * np.array(self.std) + np.array(self.mean)
         rgb = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(rgb, 3, axis=2) if channels == 1 else rgb)
+
+
+def uint8_to_input(mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                   dtype: torch.dtype = torch.float32, device=None) -> Callable[[np.ndarray], torch.Tensor]:
+    """A function uint8 images [B, H, W, C] (or grey [B, H, W]) -> model inputs [B, C, H, W]: ``/ 255`` then
+    ``(x - mean) / std``, computed in float32 exactly like :class:`Preprocess`."""
+    m = None if mean is None else np.asarray(mean, dtype=np.float32)
+    s = None if std is None else np.asarray(std, dtype=np.float32)
+
+    def to_input(batch: np.ndarray) -> torch.Tensor:
+        x = batch.astype(np.float32) / 255.0
+        if x.ndim == 3:
+            x = x[..., None]
+        if m is not None:
+            x = (x - m) / s
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device=device, dtype=dtype)
+
+    return to_input
+
+
+def swap_rgb_bgr(image: np.ndarray) -> np.ndarray:
+    """An RGB image [H, W, 3] in OpenCV's BGR order (or back), contiguous; a grey image [H, W] as it is."""
+    return np.ascontiguousarray(image[:, :, ::-1]) if image.ndim == 3 else image
 
 
 def _positive_int(value) -> bool:

@@ -40,9 +40,3 @@ def write_table(rows: Sequence[dict], stem, columns: Sequence[str] | None = None
         writer.writeheader()
         writer.writerows(rows)
     return md, csv_path
-
-
-def read_csv(path) -> list[dict]:
-    """The rows of a CSV written by :func:`write_table` (values as strings)."""
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))

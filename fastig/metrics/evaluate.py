@@ -166,7 +166,8 @@ def evaluate_store(store_path, metrics: Sequence[str] | str, *, model=None, weig
     from fastig.metrics.completeness import completeness
     from fastig.metrics.insertion import causal_metric
     from fastig.metrics.lossy import lossy_mse
-    from fastig.metrics.pic import PAIR_THRESHOLDS, pic, random_mask, uint8_to_input
+    from fastig.io.images import uint8_to_input
+    from fastig.metrics.pic import PAIR_THRESHOLDS, pic, random_mask
 
     names = resolve_metrics(metrics)
     if aggregation not in ("median", "mean"):

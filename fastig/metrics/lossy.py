@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 import torch
 
+from fastig.io.images import swap_rgb_bgr, uint8_to_input
+
 CODECS = ("jpeg", "png", "webp")
 
 
@@ -26,14 +28,13 @@ def reencode(image: np.ndarray, codec: str = "jpeg", quality: int = 75) -> np.nd
         raise ValueError(f"image must be uint8 [H, W, 3] or [H, W], got {image.dtype} {image.shape}")
     if not 0 <= quality <= 101 or (codec == "jpeg" and quality > 100):
         raise ValueError(f"quality {quality} is out of range for {codec}")
-    bgr = np.ascontiguousarray(image[:, :, ::-1]) if image.ndim == 3 else image
     params = {"jpeg": [cv2.IMWRITE_JPEG_QUALITY, int(quality)], "webp": [cv2.IMWRITE_WEBP_QUALITY, int(quality)],
               "png": []}[codec]
-    ok, data = cv2.imencode("." + codec.replace("jpeg", "jpg"), bgr, params)
+    ok, data = cv2.imencode("." + codec.replace("jpeg", "jpg"), swap_rgb_bgr(image), params)
     if not ok:
         raise RuntimeError(f"OpenCV could not encode the image as {codec}")
     decoded = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
-    return np.ascontiguousarray(decoded[:, :, ::-1]) if decoded.ndim == 3 else decoded
+    return swap_rgb_bgr(decoded)
 
 
 def normalized_map_mse(a, b) -> np.ndarray:
@@ -57,12 +58,11 @@ def lossy_mse(model, images: Sequence[np.ndarray], target=None, method: str = "i
 
     ``target``: explained class (int or [N]); default the top-1 class of each original image (the re-encoded
     image is explained for the same class). ``input_fn``: uint8 batch [B, H, W, C] -> model input (default
-    ``fastig.metrics.pic.uint8_to_input()``). ``options`` go to ``fastig.attribute`` (e.g. ``n_steps``).
+    ``fastig.io.images.uint8_to_input()``). ``options`` go to ``fastig.attribute`` (e.g. ``n_steps``).
     Originals and re-encoded images are attributed together, ``batch_size`` images (2x as many inputs) at a time.
     """
     import fastig
     from fastig.metrics.insertion import explained_classes
-    from fastig.metrics.pic import uint8_to_input
 
     images = [np.asarray(im) for im in images]
     if not images:

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from fastig.core.engine import Engine
+from fastig.io.images import swap_rgb_bgr, uint8_to_input
 from fastig.metrics.insertion import DEFAULT_BATCH_SIZE
 
 PAIR_THRESHOLDS = (0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.21, 0.34, 0.5, 0.75)
@@ -55,10 +56,6 @@ SKIP_REASONS = {
 # --- information estimators ----------------------------------------------------------------------------------
 
 
-def _bgr(image: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(image[:, :, ::-1]) if image.ndim == 3 else image
-
-
 def webp_size(image: np.ndarray) -> int:
     """Bytes of the image as lossless WebP, encoded by OpenCV (``IMWRITE_WEBP_QUALITY`` > 100 means lossless).
 
@@ -67,7 +64,7 @@ def webp_size(image: np.ndarray) -> int:
     benchmarks/test_bench_metrics.py); it is ~2.5x faster than PIL's encoder. Use ``"webp_pil"`` for PAIR's
     exact numbers.
     """
-    ok, data = cv2.imencode(".webp", _bgr(image), [cv2.IMWRITE_WEBP_QUALITY, 101])
+    ok, data = cv2.imencode(".webp", swap_rgb_bgr(image), [cv2.IMWRITE_WEBP_QUALITY, 101])
     if not ok:
         raise RuntimeError("OpenCV could not encode the image as WebP")
     return int(data.size)
@@ -78,7 +75,7 @@ def png_size(image: np.ndarray) -> int:
     fastest (~8x faster to encode than OpenCV's lossless WebP). PNG sizes respond differently to blur, so AUCs are
     on another scale (about 0.09 lower than WebP's in benchmarks/test_bench_metrics.py): compare methods under
     one estimator only."""
-    ok, data = cv2.imencode(".png", _bgr(image), [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    ok, data = cv2.imencode(".png", swap_rgb_bgr(image), [cv2.IMWRITE_PNG_COMPRESSION, 3])
     if not ok:
         raise RuntimeError("OpenCV could not encode the image as PNG")
     return int(data.size)
@@ -186,24 +183,6 @@ class PicScores:
         return curve, float(np.trapezoid(curve, self.curve_x))
 
 
-def uint8_to_input(mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                   dtype: torch.dtype = torch.float32, device=None) -> Callable[[np.ndarray], torch.Tensor]:
-    """A function uint8 images [B, H, W, C] (or grey [B, H, W]) -> model inputs [B, C, H, W]: ``/ 255`` then
-    ``(x - mean) / std``, computed in float32 exactly like :class:`fastig.io.images.Preprocess`."""
-    m = None if mean is None else np.asarray(mean, dtype=np.float32)
-    s = None if std is None else np.asarray(std, dtype=np.float32)
-
-    def to_input(batch: np.ndarray) -> torch.Tensor:
-        x = batch.astype(np.float32) / 255.0
-        if x.ndim == 3:
-            x = x[..., None]
-        if m is not None:
-            x = (x - m) / s
-        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device=device, dtype=dtype)
-
-    return to_input
-
-
 def _scores(engine: Engine, input_fn, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities [B, classes] (float64) and top-1 classes [B] of uint8 images, in engine batches."""
     probs, top = [], []
@@ -260,7 +239,7 @@ def pic(model: Callable, images, saliency, target=None, masks=None, seed=0,
         thresholds: ascending fractions of the most salient pixels (PAIR's list by default).
         information: ``"webp"`` (OpenCV lossless WebP), ``"png"``, ``"webp_pil"`` (PAIR's exact estimator), or a
             function uint8 image -> number.
-        input_fn: uint8 batch -> model input; default :func:`uint8_to_input` without normalization.
+        input_fn: uint8 batch -> model input; default :func:`fastig.io.images.uint8_to_input` without normalization.
         workers: threads for interpolation and encoding (default: the CPU count).
         metrics: which of ``"sic"``, ``"aic"`` to return.
         batch_size: most model inputs per pass; None lets the engine choose (:mod:`fastig.core.engine`).

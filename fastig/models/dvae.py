@@ -11,6 +11,8 @@ the same module names, so a state_dict of fastig's modules has exactly the keys 
   and a 1x1 conv to 2 x output_channels: the logit-Laplace means (first half) and log-scales (second half).
 - Residual blocks: ``id_path(x) + post_gain * res_path(x)``, post_gain = 1 / (4 * n_blk_per_group)^2.
 - :func:`map_pixels` / :func:`unmap_pixels`: the affine map [0, 1] <-> [0.1, 0.9] (eps 0.1) around the dVAE.
+- :class:`DVAEImageSpace`: the classifier's (normalized) inputs <-> the dVAE's latents, the two conversions of
+  latent IG's path (:class:`fastig.core.paths.LatentPath`).
 
 Full size (the defaults): 53,786,240 encoder and 43,829,766 decoder parameters. OpenAI's convolutions cast to
 float16 on CUDA; fastig's compute in the dtype of their input (weights are cast to it when they differ).
@@ -59,9 +61,11 @@ import pickle
 import re
 import struct
 import tempfile
+import time
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -85,6 +89,8 @@ __all__ = [
     "ENCODER_FILE",
     "DECODER_FILE",
     "LOGIT_LAPLACE_EPS",
+    "DVAEImageSpace",
+    "LATENTS",
 ]
 
 LOGIT_LAPLACE_EPS = 0.1
@@ -316,6 +322,122 @@ class Decoder(nn.Module):
     def reconstruct(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes -> image in [0, 1]."""
         return self.to_image(self(codes))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The classifier's input space <-> the dVAE's latents (latent IG's path, fastig.core.paths.LatentPath, reads them)
+# ----------------------------------------------------------------------------------------------------------------
+
+LATENTS = ("embedding", "probs", "logits")
+# on the CPU, the decoder's passes hold at most this many bytes in their largest activation (n_hid channels at
+# full resolution: 51 MB per 224x224 image for OpenAI's model, so 5 images per pass); on CUDA one pass decodes all
+# the points of an engine batch (the engine halves its batches when the device runs out of memory)
+DECODER_CPU_BYTES = 256 << 20
+
+
+def resize_images(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of [N, C, H, W] images to ``size`` (antialiased when shrinking); unchanged if already there."""
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    shrinking = size[0] < x.shape[-2] or size[1] < x.shape[-1]
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrinking)
+
+
+class DVAEImageSpace:
+    """The two conversions between the classifier's input space and a latent space of the DALL-E dVAE.
+
+    ``encode(x)``: classifier inputs [n, 3, H, W] (normalized as ``(pixels - mean) / std``) -> unnormalized and
+    clamped to [0, 1] -> resized to the dVAE's size -> :func:`map_pixels` -> encoder logits
+    -> the chosen latent. ``decode(z, size)``: latent -> decoder -> image in [0, 1] (``Decoder.to_image``) ->
+    resized to ``size`` -> normalized again. Both run without gradients: the path's points are constants to the
+    classifier, whose gradient is taken at each of them.
+
+    ``latent`` picks what is interpolated:
+
+    - ``"embedding"`` (default): the decoder's first 1x1 convolution applied to the soft codes (softmax of the
+      logits), [n, 128, h, w] for OpenAI's model. That convolution is affine, so lerp here gives exactly the same
+      path as lerp of the soft codes, at 1/64 of the size (128 channels instead of 8192: less memory per step,
+      and the decoder's widest layer runs twice per image instead of once per path point); slerp here follows the
+      great circle in the space the rest of the decoder actually reads.
+    - ``"probs"``: the soft codes themselves, [n, 8192, h, w] (slerp of probability vectors leaves the simplex).
+    - ``"logits"``: the encoder's logits; every point is decoded from their softmax, so even lerp bends through
+      the softmax.
+
+    ``size``: the (H, W) the dVAE sees; None rounds the classifier's H and W up to multiples of 8 (224 stays
+    224). OpenAI's dVAE was trained at 256. Time spent in the encoder and decoder is added to ``seconds``
+    (synchronized on CUDA); ``decoder_passes`` and ``decoded_images`` count the decoder's calls and images.
+    """
+
+    def __init__(self, encoder, decoder, mean: Sequence[float], std: Sequence[float], latent: str = "embedding",
+                 size: tuple[int, int] | None = None):
+        if latent not in LATENTS:
+            raise ValueError(f"latent must be one of {', '.join(map(repr, LATENTS))}, got {latent!r}")
+        if size is not None and (len(size) != 2 or any(s < 8 or s % 8 for s in size)):
+            raise ValueError(f"the dVAE's image size must be a positive multiple of 8 per side, got {tuple(size)}")
+        if len(mean) != len(std) or any(s <= 0 for s in std):
+            raise ValueError(f"mean and std need one entry per channel and std > 0, got mean {mean}, std {std}")
+        self.encoder, self.decoder = encoder, decoder
+        self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
+        self.latent, self.size = latent, size
+        self.seconds = {"encoder": 0.0, "decoder": 0.0}
+        self.decoder_passes = 0
+        self.decoded_images = 0
+
+    def dvae_size(self, classifier_size: tuple[int, int]) -> tuple[int, int]:
+        return self.size if self.size is not None else tuple(-(-int(s) // 8) * 8 for s in classifier_size)
+
+    def _stats(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = (1, len(self.mean), 1, 1)
+        if x.shape[1] != len(self.mean):
+            raise ValueError(f"the images have {x.shape[1]} channels but mean/std have {len(self.mean)} entries")
+        return (torch.tensor(self.mean, dtype=x.dtype, device=x.device).reshape(shape),
+                torch.tensor(self.std, dtype=x.dtype, device=x.device).reshape(shape))
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        started = _clock(x.device)
+        mean, std = self._stats(x)
+        pixels = resize_images((x * std + mean).clamp(0, 1), self.dvae_size(x.shape[-2:]))
+        logits = self.encoder(map_pixels(pixels))
+        if self.latent == "logits":
+            z = logits
+        else:
+            z = soft_codes(logits)
+            if self.latent == "embedding":
+                z = self.decoder.embed(z)
+        self.seconds["encoder"] += _clock(x.device) - started
+        return z
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Latents [N, ...] -> classifier inputs [N, C, size]: one decoder pass (on the CPU, passes of at most
+        :data:`DECODER_CPU_BYTES` of the decoder's largest activation each)."""
+        started = _clock(z.device)
+        per_pass = z.shape[0]
+        if z.device.type == "cpu":  # full-resolution activations are ~100x an image: bound the memory per pass
+            largest = self.decoder.n_hid * 64 * z.shape[-2] * z.shape[-1] * z.element_size()
+            per_pass = max(1, DECODER_CPU_BYTES // largest)
+        parts = []
+        for chunk in z.split(per_pass):
+            if self.latent == "embedding":
+                stats = self.decoder.from_embedding(chunk)
+            else:
+                stats = self.decoder(soft_codes(chunk) if self.latent == "logits" else chunk)
+            parts.append(resize_images(self.decoder.to_image(stats), size))
+            self.decoder_passes += 1
+        pixels = torch.cat(parts)
+        mean, std = self._stats(pixels)
+        x = (pixels - mean) / std
+        self.seconds["decoder"] += _clock(z.device) - started
+        self.decoded_images += z.shape[0]
+        return x
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 # ----------------------------------------------------------------------------------------------------------------

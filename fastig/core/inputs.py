@@ -3,8 +3,10 @@ an :class:`~fastig.errors.InputError` naming the argument and what it must be)."
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from fastig.errors import InputError
@@ -79,3 +81,39 @@ def format_output(values: tuple[torch.Tensor, ...], is_tuple: bool) -> Any:
 def row_sums(values: tuple[torch.Tensor, ...]) -> torch.Tensor:
     """Per-example sum over every element of every tensor (Captum's ``_sum_rows`` summed across inputs)."""
     return torch.stack([v.reshape(v.shape[0], -1).sum(1) for v in values]).sum(0)
+
+
+# --- random copies: noisy inputs and baselines drawn from a distribution (SmoothGrad, NoiseTunnel, GradientShap) ---
+
+
+def check_stdevs(stdevs: Any, n_inputs: int) -> tuple[float, ...]:
+    if isinstance(stdevs, tuple):
+        if len(stdevs) != n_inputs:
+            raise InputError(f"got {len(stdevs)} stdevs for {n_inputs} inputs")
+    else:
+        stdevs = (stdevs,) * n_inputs
+    for s in stdevs:
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise TypeError(f"stdevs must be a float or a tuple of floats, got {type(s).__name__}")
+        if not (s >= 0 and math.isfinite(s)):
+            raise InputError(f"stdevs must be a finite number >= 0, got {s}")
+    return tuple(float(s) for s in stdevs)
+
+
+def noisy_copies(x: torch.Tensor, stdev: float, n_samples: int) -> torch.Tensor:
+    """``n_samples`` copies of each example of ``x`` (example-major) plus N(0, stdev^2) noise, drawn as Captum does:
+    one draw of the whole [N * n_samples, ...] block in the default dtype. A stdev so large that the noisy
+    copies overflow is named here, rather than blamed on the inputs by the method that receives them."""
+    shape = (x.shape[0] * n_samples,) + tuple(x.shape[1:])
+    noise = torch.randn(shape, dtype=torch.get_default_dtype(), device=x.device) * stdev  # == torch.normal(0, stdev)
+    noisy = x.repeat_interleave(n_samples, dim=0) + noise
+    if noisy.is_floating_point() and not torch.isfinite(noisy).all():
+        raise InputError(f"stdevs={stdev:g} makes the noisy inputs overflow {noisy.dtype}: choose a smaller stdevs")
+    return noisy
+
+
+def draw_baselines(baselines: tuple, n_rows: int) -> tuple:
+    """Baseline rows drawn uniformly with replacement (``numpy.random.choice``, one draw per tensor, as Captum)."""
+    return tuple(
+        b[np.random.choice(b.shape[0], n_rows).tolist()] if isinstance(b, torch.Tensor) else b for b in baselines
+    )
