@@ -229,3 +229,20 @@ def test_rule_values_are_checked_and_paired_rules_refused_by_gradient_methods():
             method.attribute(x, target=0, rules={"relu": "rescale"})
     with pytest.raises(InputError, match="does not take rules"):
         DeepLift(model).attribute(x, target=0, rules="guided")
+
+
+def test_lrp_on_a_max_pool_with_indices():
+    torch.manual_seed(3)
+    conv, head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 25, 3)
+
+    class WithIndices(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pool, self.head = conv, nn.MaxPool2d(2, return_indices=True), head
+
+        def forward(self, x):
+            return self.head(self.pool(self.conv(x))[0].flatten(1))
+
+    x, _ = data()
+    plain = nn.Sequential(conv, nn.MaxPool2d(2), nn.Flatten(), head)
+    torch.testing.assert_close(LRP(WithIndices()).attribute(x, target=2), LRP(plain).attribute(x, target=2))

@@ -484,10 +484,7 @@ class _RuleMode(TorchFunctionMode):
         return _DeconvReLU.apply(_first_tensor(args, kwargs), inplace)
 
     def _positive_max_pool(self, func, args, kwargs):
-        result = func(*args, **kwargs)
-        if isinstance(result, tuple):  # (values, indices)
-            return (_PositiveGradient.apply(result[0]),) + tuple(result[1:])
-        return _PositiveGradient.apply(result)
+        return _on_values(func(*args, **kwargs), _PositiveGradient.apply)
 
     # DeepLIFT
 
@@ -517,11 +514,12 @@ class _RuleMode(TorchFunctionMode):
         if isinstance(rule, IdentityRule):
             with torch.no_grad():
                 z = func(*args, **kwargs)
-            return region.layer_output(_identity_relevance(func.__name__, (x,), z))
+            return _on_values(z, lambda values: region.layer_output(_identity_relevance(func.__name__, (x,), values)))
         weight_at, bias_at = _WEIGHTED_OPS.get(func, (None, None))
         weight = _argument(args, kwargs, weight_at)
         if not _changes_weights(rule, weight):
-            return region.layer_output(_relevance_out(func(*args, **kwargs), None, rule.STABILITY_FACTOR))
+            return _on_values(func(*args, **kwargs),
+                              lambda z: region.layer_output(_relevance_out(z, None, rule.STABILITY_FACTOR)))
         if weight_at is None:
             raise TypeError(f"{type(rule).__name__} changes weights, which fastig supports for Linear, Conv and "
                             f"BatchNorm layers only, not {func.__name__}")
@@ -541,6 +539,11 @@ class _RuleMode(TorchFunctionMode):
         ratio = torch.where(z == 0, torch.ones_like(z), y / torch.where(z == 0, torch.ones_like(z), z))
         # relevance passes unchanged: g_in = g_out * tanh(z) / z
         return region.layer_output(_Relevance.apply(z, y.detach(), ratio.detach()))
+
+
+def _on_values(result: Any, rule: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``rule`` applied to an operation's result, or to the values of a max-pooling's (values, indices)."""
+    return (rule(result[0]),) + tuple(result[1:]) if isinstance(result, tuple) else rule(result)
 
 
 def _argument(args: tuple, kwargs: dict, at: tuple | None) -> Any:
