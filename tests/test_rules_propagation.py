@@ -96,24 +96,29 @@ def test_deeplift_covers_functional_non_linearities():
                                DeepLift(ModuleNet()).attribute(x, b, target=2), atol=1e-7, rtol=1e-5)
 
 
-def test_deeplift_max_pool_with_indices():
-    torch.manual_seed(2)
-    conv, head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 25, 3)
+class PoolWithIndices(nn.Module):
+    """conv - MaxPool2d(2, return_indices=True) - linear on the pooled values."""
 
-    class WithIndices(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.pool, self.head = conv, nn.MaxPool2d(2, return_indices=True), head
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(2)
+        self.conv, self.pool, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.MaxPool2d(2, return_indices=True), \
+            nn.Linear(4 * 25, 3)
 
-        def forward(self, x):
-            values, indices = self.pool(self.conv(x))
-            assert indices.dtype == torch.int64
-            return self.head(values.flatten(1))
+    def forward(self, x):
+        values, indices = self.pool(self.conv(x))
+        assert indices.dtype == torch.int64
+        return self.head(values.flatten(1))
 
-    x, b = data()
-    plain = nn.Sequential(conv, nn.MaxPool2d(2), nn.Flatten(), head)
-    torch.testing.assert_close(DeepLift(WithIndices()).attribute(x, b, target=1),
-                               captum_deeplift(plain, x, b, target=1), atol=1e-6, rtol=1e-5)
+    def without_indices(self):
+        return nn.Sequential(self.conv, nn.MaxPool2d(2), nn.Flatten(), self.head)
+
+
+def test_max_pools_with_indices():
+    model, (x, b) = PoolWithIndices(), data()
+    torch.testing.assert_close(DeepLift(model).attribute(x, b, target=1),
+                               captum_deeplift(model.without_indices(), x, b, target=1), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(LRP(model).attribute(x, target=2), LRP(model.without_indices()).attribute(x, target=2))
 
 
 def lrp_net(net=ModuleNet):
@@ -230,19 +235,3 @@ def test_rule_values_are_checked_and_paired_rules_refused_by_gradient_methods():
     with pytest.raises(InputError, match="does not take rules"):
         DeepLift(model).attribute(x, target=0, rules="guided")
 
-
-def test_lrp_on_a_max_pool_with_indices():
-    torch.manual_seed(3)
-    conv, head = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(4 * 25, 3)
-
-    class WithIndices(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv, self.pool, self.head = conv, nn.MaxPool2d(2, return_indices=True), head
-
-        def forward(self, x):
-            return self.head(self.pool(self.conv(x))[0].flatten(1))
-
-    x, _ = data()
-    plain = nn.Sequential(conv, nn.MaxPool2d(2), nn.Flatten(), head)
-    torch.testing.assert_close(LRP(WithIndices()).attribute(x, target=2), LRP(plain).attribute(x, target=2))
