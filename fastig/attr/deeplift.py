@@ -4,7 +4,7 @@ How it works. Inputs and baselines go through the model together, as one batch `
 Captum does), under the rescale rule set of :mod:`fastig.attr.rules` (``rules.RESCALE`` with this object's
 ``eps``): every supported non-linearity -- module or functional call -- is evaluated by an explicit autograd
 function that computes the same values and whose backward pass applies the DeepLIFT multipliers instead of the
-local gradient. The model is not modified.
+local gradient (the model itself is not modified):
 
 - element-wise non-linearities (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus):
   ``grad_out * delta_out / delta_in``, or the ordinary gradient where ``|delta_in| < eps`` (Captum's rule);
@@ -34,8 +34,10 @@ and Captum does not; everywhere else the numbers agree (to float32 rounding in t
 
 Functional non-linearities (``F.relu``, ``torch.sigmoid``, ``F.max_pool2d`` ... in a model's ``forward``) get the
 rule too, which Captum's module hooks miss (their ordinary gradients break summation-to-delta there); on models
-whose non-linearities are all modules, the numbers are Captum's. Max-pool modules with ``return_indices=True``
-are supported.
+whose non-linearities are all modules, the numbers are Captum's. Every such call is taken to run on the paired
+batch (dim 0 = ``[inputs; baselines]``), as in any usual model; a non-linearity applied to a tensor without a
+batch dimension (a parameter, say) would be mis-paired. Max-pool modules with ``return_indices=True`` are
+supported.
 """
 
 from __future__ import annotations
