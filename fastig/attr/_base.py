@@ -128,9 +128,9 @@ def entry_point(attribute: Callable) -> Callable:
 _calls = threading.local()
 
 _RULES_DOC = """
-    ``attribute(..., rules=...)`` (fastig only): modified backward rules for the model's ReLUs and max-poolings --
-    ``"guided"``, ``"deconv"``, ``"gnl"``, a :class:`fastig.attr.rules.Rules` or a mapping of its fields (see
-    :mod:`fastig.attr.rules`); None (default) keeps the plain gradients.
+    ``attribute(..., rules=...)`` (fastig only): modified backward rules for the model's ReLUs, max-poolings and
+    layers -- ``"guided"``, ``"deconv"``, ``"gnl"``, a :class:`fastig.attr.rules.Rules` or a mapping of its fields
+    (``{"layers": "epsilon"}``: LRP's; see :mod:`fastig.attr.rules`); None (default) keeps the plain gradients.
     """
 
 
@@ -148,6 +148,9 @@ def rules_of_call(method: Any, rules: Any) -> Any:
     if not accepts_rules(method):
         raise InputError(f"rules: {name} does not take rules= (modified backward rules apply to the gradient and "
                          "path methods: IntegratedGradients, Saliency, ...; see fastig.attr.rules)")
+    if backward_rules.resolve(rules).paired:
+        raise InputError(f"rules: the rescale rule needs the batch [inputs; baselines] that DeepLift runs, not "
+                         f"{name}'s; use DeepLift")
     return rules
 
 

@@ -1,9 +1,10 @@
 """DeepLIFT with the Rescale rule (Shrikumar et al. 2017), a drop-in for ``captum.attr.DeepLift``.
 
 How it works. Inputs and baselines go through the model together, as one batch ``[inputs; baselines]`` (as
-Captum does). While ``attribute()`` runs, each supported non-linear module of the model has its ``forward``
-replaced by an explicit autograd function that computes the same values and whose backward pass applies the
-DeepLIFT multipliers instead of the local gradient:
+Captum does), under the rescale rule set of :mod:`fastig.attr.rules` (``rules.RESCALE`` with this object's
+``eps``): every supported non-linearity -- module or functional call -- is evaluated by an explicit autograd
+function that computes the same values and whose backward pass applies the DeepLIFT multipliers instead of the
+local gradient (the model itself is not modified):
 
 - element-wise non-linearities (ReLU, ELU, LeakyReLU, Sigmoid, Tanh, Softplus):
   ``grad_out * delta_out / delta_in``, or the ordinary gradient where ``|delta_in| < eps`` (Captum's rule);
@@ -31,20 +32,24 @@ and Captum does not; everywhere else the numbers agree (to float32 rounding in t
   pool fall back to its plain gradient, which sums correctly only where the baseline is constant over each
   window, e.g. an all-zero image); fastig applies both modules' rules.
 
-Functional non-linearities (``F.relu`` in a model's ``forward``) are not modules and keep their ordinary gradients,
-as in Captum.
+Functional non-linearities (``F.relu``, ``torch.sigmoid``, ``F.max_pool2d`` ... in a model's ``forward``) get the
+rule too, which Captum's module hooks miss (their ordinary gradients break summation-to-delta there); on models
+whose non-linearities are all modules, the numbers are Captum's. Every such call is taken to run on the paired
+batch (dim 0 = ``[inputs; baselines]``), as in any usual model; a non-linearity applied to a tensor without a
+batch dimension (a parameter, say) would be mis-paired. Max-pool modules with ``return_indices=True`` are
+supported.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import inspect
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fastig.attr import rules as backward_rules
 from fastig.attr._base import Attribution
 from fastig.core.inputs import format_baselines, format_inputs, format_output, row_sums
 from fastig.attr._path_common import convergence_delta
@@ -59,145 +64,9 @@ from fastig.core.targets import (
 )
 from fastig.errors import InvalidArgumentError
 
-
-def _halves_diff(t: torch.Tensor) -> torch.Tensor:
-    """[x; x_ref] -> [x - x_ref; x - x_ref]: the difference from reference, for both halves of the batch."""
-    first, second = t.chunk(2)
-    diff = first - second
-    return torch.cat([diff, diff])
-
-
-def _local_grad(fn: Callable, z: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
-    """The ordinary vector-Jacobian product of ``fn`` at ``z`` (used where ``|delta_in| < eps``)."""
-    with torch.enable_grad():
-        leaf = z.detach().requires_grad_()
-        (grad,) = torch.autograd.grad(fn(leaf), leaf, grad_out)
-    return grad
-
-
-class _Rescale(torch.autograd.Function):
-    """y = fn(z) forward; DeepLIFT Rescale multipliers backward (Captum's ``nonlinear`` and ``softmax`` rules)."""
-
-    @staticmethod
-    def forward(ctx, z, fn, eps, center):
-        y = fn(z)
-        ctx.save_for_backward(z, y)
-        ctx.fn, ctx.eps, ctx.center = fn, eps, center
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, y = ctx.saved_tensors
-        delta_in, delta_out = _halves_diff(z), _halves_diff(y)
-        near = delta_in.abs() < ctx.eps
-        grad = grad_out * delta_out / delta_in
-        if near.any():
-            grad = torch.where(near, _local_grad(ctx.fn, z, grad_out), grad)
-        if ctx.center:  # softmax: remove the mean, per example over both halves (see the module docstring)
-            first, second = grad.chunk(2)
-            mean = (first.flatten(1).sum(1) + second.flatten(1).sum(1)) / (2 * first[0].numel())
-            mean = torch.cat([mean, mean]).reshape((-1,) + (1,) * (grad.dim() - 1))
-            grad = grad - mean
-        return grad, None, None, None
-
-
-_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-
-
-class _RescaleMaxPool(torch.autograd.Function):
-    """Max pooling forward; Captum's DeepLIFT max-pool multipliers backward."""
-
-    @staticmethod
-    def forward(ctx, z, module, dims, eps):
-        y, indices = _POOL[dims](
-            z, module.kernel_size, module.stride, module.padding, module.dilation, module.ceil_mode, True
-        )
-        ctx.save_for_backward(z, y, indices)
-        ctx.eps = eps
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, y, indices = ctx.saved_tensors
-        out, out_ref = y.chunk(2)
-        cross_max = torch.max(out, out_ref)
-        # the input half credits its max positions with (max(out, out_ref) - out_ref), the baseline half its own
-        # max positions with (out - max(out, out_ref)); the two halves' results are summed (Captum's rule)
-        delta_out = torch.cat([cross_max - out_ref, out - cross_max])
-        # a position that is the max of several (overlapping) windows gets all their credits (Captum unpools,
-        # which keeps one of them)
-        unpooled = _scatter_add(grad_out * delta_out, indices, z)
-        first, second = unpooled.chunk(2)
-        summed = first + second
-        summed = torch.cat([summed, summed])
-        delta_in = _halves_diff(z)
-        near = delta_in.abs() < ctx.eps
-        grad = summed / delta_in
-        if near.any():
-            # the ordinary max-pool gradient: grad_out added at each window's max position
-            grad = torch.where(near, _scatter_add(grad_out, indices, z), grad)
-        return grad, None, None, None
-
-
-def _scatter_add(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Add pooled ``values`` back at their (per-plane flat) max ``indices``: the ordinary max-pool gradient."""
-    out = torch.zeros_like(like).flatten(2)
-    return out.scatter_add_(2, indices.flatten(2), values.flatten(2)).view_as(like)
-
-
-_ELEMENTWISE = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus)
-_MAXPOOL_DIMS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
-SUPPORTED_NON_LINEAR = _ELEMENTWISE + (nn.Softmax,) + tuple(_MAXPOOL_DIMS)
-
-
-def _function_of(module: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The module's function, never in place (its input is saved for the backward pass)."""
-    kind = type(module)
-    if kind is nn.ReLU:
-        return F.relu
-    if kind is nn.ELU:
-        return lambda z: F.elu(z, module.alpha)
-    if kind is nn.LeakyReLU:
-        return lambda z: F.leaky_relu(z, module.negative_slope)
-    if kind is nn.Softplus:
-        return lambda z: F.softplus(z, module.beta, module.threshold)
-    if kind is nn.Softmax:
-        return lambda z: F.softmax(z, module.dim)
-    return {nn.Sigmoid: torch.sigmoid, nn.Tanh: torch.tanh}[kind]
-
-
-def _rescale_forward(module: nn.Module, eps: float) -> Callable:
-    if type(module) in _MAXPOOL_DIMS:
-        dims = _MAXPOOL_DIMS[type(module)]
-
-        def forward(z):
-            if module.return_indices:
-                raise ValueError("DeepLift does not support MaxPool modules with return_indices=True")
-            return _RescaleMaxPool.apply(z, module, dims, eps)
-
-        return forward
-    fn = _function_of(module)
-    center = type(module) is nn.Softmax
-    return lambda z: _Rescale.apply(z, fn, eps, center)
-
-
-@contextlib.contextmanager
-def rescale_rules(model: nn.Module, eps: float) -> Iterator[None]:
-    """While active, the supported non-linear modules of ``model`` backpropagate DeepLIFT multipliers.
-
-    Modules are matched by exact type, as in Captum. Each module's ``forward`` is shadowed by an instance
-    attribute and restored on exit, whatever happens.
-    """
-    patched = []
-    try:
-        for module in model.modules():
-            if type(module) in SUPPORTED_NON_LINEAR and "forward" not in vars(module):
-                module.forward = _rescale_forward(module, eps)
-                patched.append(module)
-        yield
-    finally:
-        for module in patched:
-            del module.forward
+# the modules whose functions the rescale rule covers (their functional forms too: F.relu, torch.sigmoid, ...)
+SUPPORTED_NON_LINEAR = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softmax, nn.MaxPool1d,
+                        nn.MaxPool2d, nn.MaxPool3d)
 
 
 class DeepLift(Attribution):
@@ -220,13 +89,13 @@ class DeepLift(Attribution):
 
     def __init__(self, model: nn.Module, multiply_by_inputs: bool = True, eps: float = 1e-10) -> None:
         if not isinstance(model, nn.Module):
-            raise TypeError(f"{type(self).__name__} needs an nn.Module (its modules carry the rules), got "
-                            f"{type(model).__name__}")
+            raise TypeError(f"{type(self).__name__} needs an nn.Module, got {type(model).__name__}")
         if not eps >= 0:
             raise ValueError(f"eps must be a non-negative number, got {eps!r}")
         self.model = self.forward_func = model
         self.eps = eps
         self._multiply_by_inputs = multiply_by_inputs
+        self._rules = dataclasses.replace(backward_rules.RESCALE, rescale_eps=eps)
 
     @property
     def multiplies_by_inputs(self) -> bool:
@@ -272,7 +141,7 @@ class DeepLift(Attribution):
         n = xs[0].shape[0]
         tgt = target.for_batch(slice(0, n), 2)
         joint_args = args_for_batch(args, n, slice(0, n), 2)
-        with torch.enable_grad(), rescale_rules(self.model, self.eps):
+        with torch.enable_grad(), backward_rules.applied(self._rules):
             leaves = tuple(x.detach().requires_grad_() for x in xs)
             joint = tuple(torch.cat([x, b.detach()]) for x, b in zip(leaves, bs))
             outputs = tgt.select(Engine(self.model).call(joint, joint_args))

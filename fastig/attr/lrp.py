@@ -1,13 +1,13 @@
 """Layer-wise Relevance Propagation (Bach et al. 2015), a drop-in for ``captum.attr.LRP``.
 
-How it works. Relevance is carried backwards in "gradient form": the relevance of a tensor ``t`` is ``t * g``
-where ``g`` is what autograd propagates. One forward pass runs the model with each leaf layer's ``forward``
-wrapped (restored afterwards); a layer with a rule outputs its ordinary value ``z`` and, in the backward pass,
-propagates ``J'^T (g * z / (z' + eps * sign(z')))``, where ``z'`` and ``J'`` are the layer's output and Jacobian
-with the rule's modified weights (equal to ``z`` and ``J`` for the epsilon rule). This is exactly Captum's
-propagation (relevance of a layer input ``a * J'^T (R_out / (z' + eps sign z'))``), rewritten so that autograd
-does the work: one forward and one backward pass, no weight copies (Captum runs two forward passes and
-modifies the model's weights in place, restoring them afterwards).
+How it works. Relevance is carried backwards in "gradient form" (the relevance of a tensor ``t`` is ``t * g``,
+``g`` being what autograd propagates) by LRP's layer rules of :mod:`fastig.attr.rules`: ``LRP`` chooses a rule for
+every leaf layer (a :class:`~fastig.attr.rules.LayerRules`) and runs one forward and one backward pass under it. A
+layer with a rule outputs its ordinary value ``z`` and, in the backward pass, propagates ``J'^T (g * z / (z' + eps *
+sign(z')))``, where ``z'`` and ``J'`` are the layer's output and Jacobian with the rule's modified weights (equal to
+``z`` and ``J`` for the epsilon rule). This is exactly Captum's propagation (relevance of a layer input ``a * J'^T
+(R_out / (z' + eps sign z'))``), rewritten so that autograd does the work: no weight copies, and the model is not
+modified (Captum runs two forward passes and modifies the model's weights in place, restoring them afterwards).
 
 Rules (per layer, Captum's classes and names): :class:`EpsilonRule` (default for Conv, Linear, BatchNorm, average
 and max pools), :class:`ZRule` (LRP-0: the epsilon rule with only the 1e-9 stabilizer), :class:`GammaRule`
@@ -22,7 +22,9 @@ unchanged). Choose them
   module wins over a name key, which wins over a class key, which wins over ``"default"``.
 
 ReLU, Dropout and Tanh pass relevance unchanged (Captum's treatment); Flatten and Identity too (Captum rejects
-them). Any other leaf module without a rule is an error, as in Captum.
+them). Any other leaf module without a rule is an error, as in Captum. Layer operations called in a ``forward``
+outside a leaf module (``F.linear``, ``F.conv2d``, ``F.max_pool2d`` ...) get the default rule, and ``torch.tanh`` passes
+relevance like ``nn.Tanh`` (Captum's module hooks miss both, which keep plain gradients there).
 
 Skip connections. Captum's LRP does not support them: an addition written in ``forward`` (``out + identity``)
 is invisible to its hooks, and its numbers there do not conserve relevance. In fastig an addition, a
@@ -41,91 +43,22 @@ applies the LRP-0 split there too (see :meth:`LRP.attribute`).
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from typing import Any, Iterator
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd
 
+from fastig.attr import rules as backward_rules
 from fastig.attr._base import Attribution
 from fastig.core.inputs import format_inputs, format_output, row_sums
+from fastig.attr.rules import (  # noqa: F401  (LRP's rule classes, public here as in Captum)
+    Alpha1_Beta0_Rule, EpsilonRule, GammaRule, IdentityRule, PropagationRule, ZRule, as_rule,
+)
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
 
-
-class PropagationRule:
-    """Base class of the LRP rules: how a layer's output relevance is divided among its inputs.
-
-    ``STABILITY_FACTOR`` is the epsilon added (with the sign of the output) to the denominator.
-    """
-
-    STABILITY_FACTOR = 1e-9
-
-    def modified_weights(self, weight: torch.Tensor) -> torch.Tensor | None:
-        """The weights the relevance is propagated with, or None for the layer's own."""
-        return None
-
-    zero_bias = False
-
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
-        return f"{type(self).__name__}({params})"
-
-
-class EpsilonRule(PropagationRule):
-    """LRP-epsilon: ``R_in = a * J^T (R_out / (z + eps * sign(z)))``; absorbs weak, contradictory relevance."""
-
-    def __init__(self, epsilon: float = 1e-9) -> None:
-        if not epsilon >= 0:
-            raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
-        self.STABILITY_FACTOR = epsilon
-
-
-class ZRule(PropagationRule):
-    """LRP-0 (the z-rule): relevance in proportion to each input's contribution ``a_i w_ij``; only the 1e-9
-    stabilizer of every rule guards the division."""
-
-
-class GammaRule(PropagationRule):
-    """LRP-gamma: weights ``w + gamma * w.clamp(min=0)``, favouring positive contributions (lower layers)."""
-
-    def __init__(self, gamma: float = 0.25, set_bias_to_zero: bool = False) -> None:
-        self.gamma = gamma
-        self.set_bias_to_zero = set_bias_to_zero
-
-    @property
-    def zero_bias(self) -> bool:
-        return self.set_bias_to_zero
-
-    def modified_weights(self, weight):
-        return weight + self.gamma * weight.clamp(min=0)
-
-
-class Alpha1_Beta0_Rule(PropagationRule):  # noqa: N801 (Captum's name)
-    """Captum's alpha=1, beta=0 rule: weights ``w.clamp(min=0)`` (only positive relevance; exact z+ rule where the
-    layer's inputs are non-negative, e.g. after a ReLU)."""
-
-    def __init__(self, set_bias_to_zero: bool = False) -> None:
-        self.set_bias_to_zero = set_bias_to_zero
-
-    @property
-    def zero_bias(self) -> bool:
-        return self.set_bias_to_zero
-
-    def modified_weights(self, weight):
-        return weight.clamp(min=0)
-
-
-class IdentityRule(EpsilonRule):
-    """Relevance passes unchanged from output to input (same shapes only; e.g. for BatchNorm)."""
-
-
-RULES = {"epsilon": EpsilonRule, "z": ZRule, "gamma": GammaRule, "alpha_beta": Alpha1_Beta0_Rule,
-         "identity": IdentityRule}
+RULES = backward_rules.LRP_RULES
 
 # Layers with a rule by default (Captum's SUPPORTED_LAYERS_WITH_RULES, extended to 1-D/3-D variants)
 LAYERS_WITH_RULES = (
@@ -135,191 +68,6 @@ LAYERS_WITH_RULES = (
 )
 # Leaf layers that pass relevance unchanged
 PASS_THROUGH_LAYERS = (nn.ReLU, nn.Dropout, nn.Tanh, nn.Flatten, nn.Identity)
-
-
-def as_rule(rule: Any) -> PropagationRule | None:
-    """A fastig rule from a rule object, a rule name, None, or one of Captum's rule objects."""
-    if rule is None or isinstance(rule, PropagationRule):
-        return rule
-    if isinstance(rule, str):
-        if rule not in RULES:
-            raise ValueError(f"unknown LRP rule {rule!r}; available: {', '.join(RULES)}")
-        return RULES[rule]()
-    kind = type(rule).__name__
-    if type(rule).__module__.startswith("captum") and kind in RULES_BY_CAPTUM_NAME:
-        converted = RULES_BY_CAPTUM_NAME[kind].__new__(RULES_BY_CAPTUM_NAME[kind])
-        for name in ("gamma", "set_bias_to_zero"):
-            if hasattr(rule, name):
-                setattr(converted, name, getattr(rule, name))
-        converted.STABILITY_FACTOR = rule.STABILITY_FACTOR
-        return converted
-    raise TypeError(f"an LRP rule must be a PropagationRule, a rule name ({', '.join(RULES)}) or None, "
-                    f"got {type(rule).__name__}")
-
-
-RULES_BY_CAPTUM_NAME = {"EpsilonRule": EpsilonRule, "GammaRule": GammaRule, "Alpha1_Beta0_Rule": Alpha1_Beta0_Rule,
-                        "IdentityRule": IdentityRule, "PropagationRule": ZRule}
-
-
-class _Relevance(torch.autograd.Function):
-    """Returns ``value``; backward sends ``grad * factor`` to ``source`` (and nothing to ``value``)."""
-
-    @staticmethod
-    def forward(ctx, source, value, factor):
-        ctx.save_for_backward(factor)
-        return value.clone()  # a fresh tensor: in-place ops downstream (ReLU(inplace=True)) must not touch value
-
-    @staticmethod
-    def backward(ctx, grad):
-        (factor,) = ctx.saved_tensors
-        return grad * factor, None, None
-
-
-class _ToRelevance(torch.autograd.Function):
-    """Identity forward; backward turns the gradient-form ``g`` into the relevance ``t * g`` (Captum's form)."""
-
-    @staticmethod
-    def forward(ctx, t):
-        ctx.save_for_backward(t)
-        return t.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        (t,) = ctx.saved_tensors
-        return grad * t
-
-
-class _InputRegion:
-    """During one forward pass: which tensors are computed from the model's inputs alone (the operations before
-    the first layers), so that Captum's form can start at the first layers' inputs.
-
-    A tensor's autograd history is followed back until it meets a layer (a module with a rule, or Tanh) or a
-    model input; the answers are memoized per autograd node, so each node is visited once per pass.
-    ``convert``: give the first layers' inputs Captum's relevance form. ``bypass`` is set when an input also
-    reaches a later layer or the output without passing a first layer (Captum's form is then not defined).
-    """
-
-    def __init__(self, convert: bool) -> None:
-        self.convert = convert
-        self.inputs: set = set()
-        self.layers: set = set()
-        self.memo: dict = {}
-        self.bypass = False
-
-    def mark_inputs(self, leaves: tuple) -> tuple:
-        marked = tuple(x.view_as(x) for x in leaves)
-        self.inputs.update(m.grad_fn for m in marked)
-        return marked
-
-    def reach(self, node) -> tuple[bool, bool]:
-        """(leads to a model input, leads to a layer), without crossing a layer."""
-        stack = [node] if node is not None else []
-        while stack:  # depth-first, children before their parent
-            top = stack[-1]
-            if top in self.memo:
-                stack.pop()
-            elif top in self.inputs or top in self.layers:
-                self.memo[top] = (top in self.inputs, top in self.layers)
-                stack.pop()
-            else:
-                children = [child for child, _ in top.next_functions if child is not None]
-                pending = [child for child in children if child not in self.memo]
-                if pending:
-                    stack.extend(pending)
-                else:
-                    flags = [self.memo[child] for child in children]
-                    self.memo[top] = (any(f[0] for f in flags), any(f[1] for f in flags))
-                    stack.pop()
-        return self.memo.get(node, (False, False))
-
-    def layer_inputs(self, inputs: tuple) -> tuple:
-        if not self.convert:
-            return inputs
-        out = []
-        for t in inputs:
-            if isinstance(t, torch.Tensor) and t.requires_grad:
-                to_input, to_layer = self.reach(t.grad_fn)
-                if to_input and to_layer:
-                    self.bypass = True
-                elif to_input:
-                    t = _ToRelevance.apply(t)
-                    self.layers.add(t.grad_fn)
-            out.append(t)
-        return tuple(out)
-
-    def layer_output(self, z: torch.Tensor) -> torch.Tensor:
-        if self.convert and z.grad_fn is not None:
-            self.layers.add(z.grad_fn)
-        return z
-
-
-def _stabilized_ratio(z: torch.Tensor, z_rule: torch.Tensor, eps: float) -> torch.Tensor:
-    sign = torch.where(z_rule >= 0, 1.0, -1.0).to(z_rule.dtype)  # sign(0) counts as +1, as in Captum
-    return z / (z_rule + sign * eps)
-
-
-def _safe_ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den == 0, torch.zeros_like(num), num / torch.where(den == 0, torch.ones_like(den), den))
-
-
-def _with_weights(module: nn.Module, rule: PropagationRule, x: torch.Tensor) -> torch.Tensor:
-    """The layer's output with the rule's weights and bias (same input)."""
-    weight = getattr(module, "weight", None)
-    bias = getattr(module, "bias", None)
-    if weight is not None:
-        weight = rule.modified_weights(weight)
-    if bias is not None and rule.zero_bias:
-        bias = torch.zeros_like(bias)
-    if isinstance(module, nn.Linear):
-        return F.linear(x, weight, bias)
-    if isinstance(module, _ConvNd) and not module.transposed:
-        return module._conv_forward(x, weight, bias)
-    if isinstance(module, _BatchNorm) and not module.training and module.track_running_stats:
-        return F.batch_norm(x, module.running_mean, module.running_var, weight, bias, False, 0.0, module.eps)
-    raise TypeError(f"{type(rule).__name__} changes weights, which fastig supports for Linear, Conv and BatchNorm "
-                    f"(eval) layers only, not {type(module).__name__}")
-
-
-def _rule_forward(module: nn.Module, rule: PropagationRule, original, region: _InputRegion) -> Any:
-    changes_weights = rule.zero_bias or (
-        getattr(module, "weight", None) is not None and rule.modified_weights(module.weight) is not None
-    )
-
-    def forward(*inputs):
-        return region.layer_output(relevance_forward(*region.layer_inputs(inputs)))
-
-    def relevance_forward(*inputs):
-        if isinstance(rule, IdentityRule):
-            if len(inputs) != 1:
-                raise ValueError(f"IdentityRule needs a layer with one input, {type(module).__name__} has {len(inputs)}")
-            with torch.no_grad():
-                z = original(*inputs)
-            if z.shape != inputs[0].shape:
-                raise ValueError(f"IdentityRule needs equal input and output shapes on {type(module).__name__}")
-            # relevance t * g is kept: g_in = z * g_out / a (zero where a == 0, where no relevance can sit)
-            return _Relevance.apply(inputs[0], z, _safe_ratio(z, inputs[0].detach()))
-        if changes_weights:
-            if len(inputs) != 1:
-                raise ValueError(f"{type(rule).__name__} needs a layer with one input")
-            with torch.no_grad():
-                z = original(*inputs)
-            z_rule = _with_weights(module, rule, inputs[0])
-        else:
-            z = z_rule = original(*inputs)
-        return _Relevance.apply(z_rule, z.detach(), _stabilized_ratio(z.detach(), z_rule.detach(), rule.STABILITY_FACTOR))
-
-    return forward
-
-
-def _tanh_forward(region: _InputRegion) -> Any:
-    def forward(z: torch.Tensor) -> torch.Tensor:
-        (z,) = region.layer_inputs((z,))
-        y = torch.tanh(z)
-        ratio = torch.where(z == 0, torch.ones_like(z), y / torch.where(z == 0, torch.ones_like(z), z))
-        # relevance passes unchanged: g_in = g_out * tanh(z) / z
-        return region.layer_output(_Relevance.apply(z, y.detach(), ratio.detach()))
-
-    return forward
 
 
 class LRP(Attribution):
@@ -373,27 +121,19 @@ class LRP(Attribution):
             f"'epsilon'}})) if that is appropriate for this layer"
         )
 
-    @contextlib.contextmanager
-    def _rules_applied(self, verbose: bool, default: PropagationRule | None, region: _InputRegion) -> Iterator[None]:
-        patched = []
-        try:
-            for name, module in self.model.named_modules():
-                if list(module.children()) or "forward" in vars(module):
-                    continue
-                rule = self.rule_for(name, module, default)
-                if rule is not None:
-                    module.forward = _rule_forward(module, rule, type(module).forward.__get__(module), region)
-                elif type(module) is nn.Tanh:
-                    module.forward = _tanh_forward(region)
-                else:
-                    continue
-                patched.append(module)
-                if verbose:
-                    print(f"Applied {rule} on layer {name or '<model>'}: {module}")
-            yield
-        finally:
-            for module in patched:
-                del module.forward
+    def layer_rules(self, default: PropagationRule | None = None, convert: bool = False,
+                    verbose: bool = False) -> backward_rules.LayerRules:
+        """The rule of every leaf layer of the model, for one pass under :func:`fastig.attr.rules.applied`
+        (``default`` overrides "default"; ``convert``: Captum's form at the first layers' inputs)."""
+        default = default or self.rules.get("default") or EpsilonRule()
+        modules = {}
+        for name, module in self.model.named_modules():
+            if list(module.children()):
+                continue
+            modules[module] = rule = self.rule_for(name, module, default)
+            if verbose and (rule is not None or type(module) is nn.Tanh):
+                print(f"Applied {rule} on layer {name or '<model>'}: {module}")
+        return backward_rules.LayerRules(default, modules, convert)
 
     def attribute(
         self,
@@ -440,8 +180,9 @@ class LRP(Attribution):
 
     def _relevance(self, xs, tgt, args, verbose, default, convert: bool):
         """(relevance of each input, explained outputs, whether an input bypasses the first layers)."""
-        region = _InputRegion(convert)
-        with torch.enable_grad(), self._rules_applied(verbose, default, region):
+        layers = self.layer_rules(default, convert, verbose)
+        region = layers.region
+        with torch.enable_grad(), backward_rules.applied(backward_rules.Rules(layers=layers)):
             leaves = tuple(x.detach().requires_grad_() for x in xs)
             outputs = tgt.select(Engine(self.model).call(region.mark_inputs(leaves), args))
             if convert and region.reach(outputs.grad_fn)[0]:
