@@ -160,7 +160,9 @@ def names() -> list[str]:
     return sorted(METHODS)
 
 
-_ATTRIBUTE_NAMES = {"rule": "method"}  # CLI keyword -> attribute() keyword (see fastig.api.attribute)
+# fastig's keyword -> the Captum-facing attribute() keyword: the quadrature rule is ``rule`` inside fastig (and on
+# the CLI, ``--rule``) and keeps Captum's ``method=`` only in the signatures called like Captum's
+ATTRIBUTE_KEYWORDS = {"rule": "method"}
 _DEFAULTS: dict[str, dict] = {}
 
 
@@ -180,7 +182,7 @@ def defaults(name: str) -> dict:
                 default = inspect.signature(spec.cls).parameters[kwarg].default
                 found[kwarg] = None if default is inspect.Parameter.empty else default
             else:
-                found[kwarg] = _default_of(method, _ATTRIBUTE_NAMES.get(kwarg, kwarg))
+                found[kwarg] = _default_of(method, ATTRIBUTE_KEYWORDS.get(kwarg, kwarg))
         _DEFAULTS[name] = found
     return dict(_DEFAULTS[name])
 

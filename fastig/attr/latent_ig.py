@@ -197,19 +197,20 @@ class LatentIntegratedGradients(PathAttribution):
         if n_steps == "auto":
             raise ValueError("latent IG has no n_steps='auto': its decoded path is known only at its points (give "
                              "n_steps or alphas=)")
-        if method not in RULES:
-            raise ValueError(f"latent IG's quadrature (method=) is one of {', '.join(RULES)}, got {method!r}: the "
+        rule = method  # Captum's name in the signature, fastig's inside
+        if rule not in RULES:
+            raise ValueError(f"latent IG's quadrature (method=) is one of {', '.join(RULES)}, got {rule!r}: the "
                              "decoded path is known only at its points")
         xs, is_tuple = format_inputs(inputs)
         path = self.path(xs, baselines, n_steps=n_steps, interpolation=interpolation, latent=latent,
-                         gap_steps=gap_steps, dvae_size=dvae_size, rule=method, alphas=alphas)
+                         gap_steps=gap_steps, dvae_size=dvae_size, rule=rule, alphas=alphas)
         x, b = path.inputs, path.baselines
         tgt, args, engine = self._setup((x,), target, additional_forward_args, output, internal_batch_size, precision)
 
         if idgi:
             totals, outputs = integrate_idgi(engine, path, tgt, args)
         else:
-            evaluated = path.n_steps - 1 if method == "riemann_left" else path.n_steps
+            evaluated = path.n_steps - 1 if rule == "riemann_left" else path.n_steps
             totals, outputs = integrate_moves(engine, path, tgt, args, n_steps=evaluated)
         attributions = (totals[0].to(x.dtype),)
         f_end = outputs[-1] if outputs.shape[0] == path.n_steps else None
