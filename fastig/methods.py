@@ -69,7 +69,7 @@ OPTIONS: dict[str, Option] = {
         Option("--per-eval", "perturbations_per_eval", int, "perturbation methods: copies per model call (default: auto)"),
         Option("--iterations", "n_iter", int, "meaningful perturbation: optimizer iterations"),
         Option("--idgi", "idgi", bool, "path methods: IDGI accumulation (Yang et al. 2023) instead of the Riemann sum"),
-        Option("--output", "output", OUTPUTS, "path methods: explain the target logit or its softmax"),
+        Option("--output", "output", OUTPUTS, "path methods: explain the target's logit, or its softmax probability"),
         Option("--rules", "rules", rules.RULE_NAMES, "gradient and path methods: modified backward rules (guided: "
                "guided-backprop ReLUs; deconv: deconvnet ReLUs; gnl: guided ReLUs and positive max-pool gradients, "
                "as gnl_ig)"),

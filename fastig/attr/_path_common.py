@@ -15,15 +15,21 @@ from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
 from fastig.errors import InvalidArgumentError
 
+# What a method explains (``output=``, the CLI's ``--output``): the target entry of the model's output, or of its
+# softmax over dimension 1. The one spelling of "explain the probability" in fastig.
 OUTPUTS = ("logit", "probability")
+
+
+def check_output(output: Any) -> str:
+    if output not in OUTPUTS:
+        raise InvalidArgumentError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
+    return output
 
 
 def explained_function(forward_func: Callable, output: str) -> Callable:
     """The function whose target entry is explained: the model itself (``"logit"``) or its softmax over
     dimension 1 (``"probability"``)."""
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
-    if output == "logit":
+    if check_output(output) == "logit":
         return forward_func
 
     def probability(*args):
