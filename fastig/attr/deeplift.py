@@ -52,7 +52,7 @@ from fastig.attr.gradients import baseline_distribution
 from fastig.attr.noise_tunnel import expand_additional_args, expand_target
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, args_for_batch, format_additional_args
-from fastig.errors import InvalidArgumentError
+from fastig.errors import check_int
 
 
 def _halves_diff(t: torch.Tensor) -> torch.Tensor:
@@ -313,12 +313,7 @@ class DeepLiftShap(DeepLift):
         *,
         internal_batch_size: int | None = None,
     ) -> Any:
-        if internal_batch_size is not None and (
-            isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
-        ):
-            raise InvalidArgumentError(
-                f"internal_batch_size must be a positive integer or None, got {internal_batch_size!r}"
-            )
+        check_int("internal_batch_size", internal_batch_size, none_ok=True)
         xs, is_tuple = self._inputs(inputs)
         distribution = baseline_distribution(baselines, inputs, xs, "DeepLiftShap", at_least=2)
         n, n_base = xs[0].shape[0], distribution[0].shape[0]

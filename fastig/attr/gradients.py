@@ -22,7 +22,6 @@ from fastig.attr._inputs import format_inputs, format_output
 from fastig.attr._path_common import convergence_delta
 from fastig.attr.integrated_gradients import IntegratedGradients
 from fastig.attr.noise_tunnel import (
-    check_positive_int,
     check_stdevs,
     draw_baselines,
     expand_additional_args,
@@ -31,7 +30,7 @@ from fastig.attr.noise_tunnel import (
 )
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
-from fastig.errors import InvalidArgumentError, InvalidTypeError
+from fastig.errors import InvalidArgumentError, InvalidTypeError, check_int
 
 
 class _Rows:
@@ -161,7 +160,7 @@ class GradientShap(Attribution):
         internal_batch_size: int | None = None,
     ) -> Any:
         xs, is_tuple = format_inputs(inputs)
-        check_positive_int("n_samples", n_samples)
+        check_int("n_samples", n_samples)
         stdevs = check_stdevs(stdevs, len(xs))
         distribution = baseline_distribution(baselines, inputs, xs)
         n = xs[0].shape[0]

@@ -22,7 +22,7 @@ from fastig.attr._path_common import PathAttribution, check_flag, check_steps
 from fastig.core import quadrature
 from fastig.core.engine import integrate_idgi, integrate_moves
 from fastig.core.paths import INTERPOLATIONS, LATENTS, DVAEImageSpace, LatentPath
-from fastig.errors import CheckpointError
+from fastig.errors import CheckpointError, check_int
 from fastig.io.images import IMAGENET_MEAN, IMAGENET_STD
 
 RULES = ("riemann_left", "riemann_trapezoid")
@@ -73,9 +73,7 @@ def _check_dvae_size(dvae_size) -> None:
 
 
 def _check_gap_steps(gap_steps) -> None:
-    if gap_steps is not None and (isinstance(gap_steps, bool) or not isinstance(gap_steps, int) or gap_steps < 1):
-        raise ValueError(f"gap_steps must be an integer >= 1 (the gaps to the decoded endpoints must be closed) "
-                         f"or None, got {gap_steps!r}")
+    check_int("gap_steps", gap_steps, none_ok=True, why="the gaps to the decoded endpoints must be closed")
 
 
 def load_dvae(folder: str | os.PathLike | None = None):

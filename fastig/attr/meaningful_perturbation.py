@@ -15,7 +15,7 @@ from fastig.attr._inputs import format_inputs
 from fastig.attr._path_common import check_output
 from fastig.core.engine import Engine, grid
 from fastig.core.targets import Target, args_for_batch, format_additional_args
-from fastig.errors import InvalidArgumentError
+from fastig.errors import InvalidArgumentError, check_int
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -84,10 +84,8 @@ class MeaningfulPerturbation(Attribution):
         if score is not None:
             output = _output_from_score(score)
         check_output(output)
-        if not isinstance(n_iter, int) or n_iter < 0:
-            raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
-        if not isinstance(mask_size, int) or mask_size < 1:
-            raise ValueError(f"mask_size must be a positive integer, got {mask_size!r}")
+        check_int("n_iter", n_iter, 0)
+        check_int("mask_size", mask_size)
         x = xs[0].detach()
         n, _, h, w = x.shape
         tgt = Target(target, n)

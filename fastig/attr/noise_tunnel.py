@@ -20,7 +20,7 @@ from fastig.attr._base import Attribution
 from fastig.attr._inputs import format_inputs, format_output
 from fastig.core.engine import Engine
 from fastig.core.targets import format_additional_args
-from fastig.errors import InputError
+from fastig.errors import InputError, check_int
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
@@ -49,12 +49,6 @@ def check_stdevs(stdevs: Any, n_inputs: int) -> tuple[float, ...]:
         if not (s >= 0 and math.isfinite(s)):
             raise InputError(f"stdevs must be a finite number >= 0, got {s}")
     return tuple(float(s) for s in stdevs)
-
-
-def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 def expand_target(target: Any, n_samples: int) -> Any:
@@ -125,9 +119,9 @@ class NoiseTunnel(Attribution):
         xs, is_tuple = format_inputs(inputs)
         if nt_type not in NT_TYPES:
             raise ValueError(f"nt_type must be one of {NT_TYPES}, got {nt_type!r}")
-        check_positive_int("nt_samples", nt_samples)
+        check_int("nt_samples", nt_samples)
         chunk = nt_samples if nt_samples_batch_size is None else min(
-            nt_samples, check_positive_int("nt_samples_batch_size", nt_samples_batch_size)
+            nt_samples, check_int("nt_samples_batch_size", nt_samples_batch_size)
         )
         stdevs = check_stdevs(stdevs, len(xs))
         want_delta = bool(kwargs.get("return_convergence_delta", False))

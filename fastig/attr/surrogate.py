@@ -37,7 +37,7 @@ from fastig.attr.perturbation import (
 )
 from fastig.core import progress
 from fastig.core.targets import Target, format_additional_args
-from fastig.errors import InvalidArgumentError
+from fastig.errors import InvalidArgumentError, check_int
 
 # -- least-squares surrogates ------------------------------------------------------------------------------------
 
@@ -234,8 +234,7 @@ def superpixels(
         raise ValueError(f"superpixels need an image batch [N, C, H, W], got {getattr(images, 'shape', images)!r}")
     if method not in ("grid", "slic"):
         raise ValueError(f"method must be 'grid' or 'slic', got {method!r}")
-    if not isinstance(n_segments, int) or n_segments < 1:
-        raise ValueError(f"n_segments must be a positive integer, got {n_segments!r}")
+    check_int("n_segments", n_segments)
     n, _, h, w = images.shape
     rows = max(1, min(h, round(math.sqrt(n_segments * h / w))))
     cols = max(1, min(w, math.ceil(n_segments / rows)))

@@ -51,6 +51,7 @@ from fastig import _ops
 from fastig.core import quadrature
 from fastig.core.engine import Engine
 from fastig.core.targets import Target
+from fastig.errors import check_int
 
 # A forward-only pass costs this much of a forward+backward pass (input gradient only). Measured on this project's
 # 2-core CPU machine with torch 2.13: resnet18 0.45, resnet50 0.44, vgg16 0.48 (224x224, batches of 4-8), a small
@@ -231,8 +232,7 @@ def integrate_adaptive(
     ``max_steps`` is spent before the tolerance is met.
     """
     tolerance, max_steps = quadrature.check_auto_steps(tolerance, max_steps)
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
-        raise ValueError(f"probes must be an integer >= 0, got {probes!r}")
+    check_int("probes", probes, 0)
     n = curve.n
     probe_alphas = [(j + 1) / (probes + 1) for j in range(probes)]
     probe_f = torch.stack([_forward(engine, curve, target, args, a).to(torch.float64).cpu() for a in probe_alphas], 1) \
@@ -547,8 +547,7 @@ def fit_schedule(
         raise ValueError(f"fit_schedule fits 'ig' or 'blur_ig' paths, got method={method!r}")
     counts = [n_steps] if isinstance(n_steps, int) and not isinstance(n_steps, bool) else list(n_steps)
     for name, value, low in [("n_steps", c, 1) for c in counts] + [("fit_steps", fit_steps, 4)]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(name, value, low)
     xs, _ = format_inputs(inputs)
     curve = (StraightCurve(xs, format_baselines(baselines, xs)) if method == "ig"
              else BlurCurve(xs, max_sigma, grad_step))

@@ -42,7 +42,7 @@ import torch
 from fastig import _ops
 from fastig.core import progress
 from fastig.core.targets import Target, args_for_batch
-from fastig.errors import InputError
+from fastig.errors import InputError, check_int
 
 # On the CPU a model pass costs nearly the same per point at any batch size beyond a few points (resnet50 IG, 32
 # steps: one pass of 32 points was about 13% cheaper than two of 16, at twice the peak memory), so a batch only
@@ -215,10 +215,7 @@ class Engine:
     """
 
     def __init__(self, forward_func: Callable, batch_size: int | None = None, precision: str = "fp32"):
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise InputError(f"internal_batch_size must be a positive integer or None, got {batch_size!r}")
+        check_int("internal_batch_size", batch_size, none_ok=True)
         self.forward_func = forward_func
         self.batch_size = batch_size
         self.precision = check_precision(precision)
@@ -367,8 +364,7 @@ class Engine:
         n = inputs[0].shape[0]
         if top_k is None:
             return Target(target, n)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
+        check_int("top_k", top_k, none_ok=True)
         if target is not None:
             raise InputError("give either target or top_k, not both")
         logits = torch.cat([out for _, out in self.predict(n, lambda part: tuple(x[part] for x in inputs),

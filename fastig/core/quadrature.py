@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from fastig.errors import InputError
+from fastig.errors import InputError, check_int
 
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
@@ -44,9 +44,7 @@ class Rule(NamedTuple):
 def check_rule(rule: str, n_steps: int) -> None:
     if rule not in RULES:
         raise ValueError(f"unknown integration method {rule!r}; choose one of {', '.join(RULES)}")
-    minimum = 1 if rule == "gausslegendre" else 2
-    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < minimum:
-        raise ValueError(f"n_steps must be an integer >= {minimum} for {rule}, got {n_steps!r}")
+    check_int("n_steps", n_steps, 1 if rule == "gausslegendre" else 2, why=f"for {rule}")
     check_steps_fit(rule, n_steps)
 
 
@@ -136,9 +134,7 @@ def check_auto_steps(tolerance, max_steps) -> tuple[float, int]:
     """The options of ``n_steps="auto"``: a tolerance in (0, 1) and an integer ``max_steps >= 2``."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be a number in (0, 1) (a relative error, e.g. 0.01), got {tolerance!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 2:
-        raise ValueError(f"max_steps must be an integer >= 2 (the error estimate needs two gradients), got {max_steps!r}")
-    return float(tolerance), max_steps
+    return float(tolerance), check_int("max_steps", max_steps, 2, why="the error estimate needs two gradients")
 
 
 def _is_pair(value) -> bool:

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from fastig.errors import ImageReadError
+from fastig.errors import ImageReadError, check_int, int_problem
 from fastig.io.imagesize import image_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -204,14 +204,14 @@ class Preprocess:
 
     def __post_init__(self):
         if isinstance(self.resize, (tuple, list)):
-            if len(self.resize) != 2 or not all(_positive_int(v) for v in self.resize):
+            if len(self.resize) != 2 or any(int_problem(v) for v in self.resize):
                 raise ValueError(f"Preprocess.resize as a size must be (height, width) of positive integers, got "
                                  f"{self.resize!r}")
             object.__setattr__(self, "resize", tuple(self.resize))
         for name in ("resize", "crop"):
             value = getattr(self, name)
-            if value is not None and not (name == "resize" and isinstance(value, tuple)) and not _positive_int(value):
-                raise ValueError(f"Preprocess.{name} must be a positive integer or None, got {value!r}")
+            if not (name == "resize" and isinstance(value, tuple)):
+                check_int(f"Preprocess.{name}", value, none_ok=True)
         if (self.mean is None) != (self.std is None):
             raise ValueError("Preprocess.mean and Preprocess.std must both be given or both be None")
         if self.mean is not None:
@@ -257,10 +257,6 @@ class Preprocess:
             x = x * np.array(self.std) + np.array(self.mean)
         rgb = np.round(np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
         return np.ascontiguousarray(np.repeat(rgb, 3, axis=2) if channels == 1 else rgb)
-
-
-def _positive_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
 
 def _resize_and_crop(image: np.ndarray, resize: int | tuple[int, int] | None, crop: int | None) -> np.ndarray:
