@@ -126,7 +126,8 @@ def test_method_defaults_are_shown_by_help_and_methods(tmp_path, image):
     assert "[default: 0.25 (guided_ig)]" in text and "--seed" in text
     listing = run("methods").output
     ig = next(line for line in listing.splitlines() if line.startswith("ig "))
-    assert ("[--steps 50 --rule gausslegendre --inputs-per-pass auto --idgi off --output logit --rules off --precision fp32 "
+    assert ("[--steps 50 --rule gausslegendre --inputs-per-pass auto --idgi off --output logit --rules off "
+            "--precision fp32 "
             "--tolerance 0.01 --max-steps 256 --baselines zeros --baseline-segmentation slic") in ig
     assert "--nt-samples 5" in listing and "--window 16" in listing
     assert run("attribute", "--model", "centerpixel", "--steps", "2", "--image", image, "--out", tmp_path / "o",

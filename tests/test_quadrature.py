@@ -23,9 +23,10 @@ def test_trapezoid_weights_sum_to_one_minus_one_over_n(n):
 
 
 def test_endpoints():
-    assert quadrature.named_rule("riemann_trapezoid", 5).includes_start and quadrature.named_rule("riemann_trapezoid", 5).includes_end
-    assert quadrature.named_rule("riemann_left", 5).includes_start and not quadrature.named_rule("riemann_left", 5).includes_end
-    assert quadrature.named_rule("riemann_right", 5).includes_end and not quadrature.named_rule("riemann_right", 5).includes_start
+    trapezoid, left, right = (quadrature.named_rule(r, 5) for r in ("riemann_trapezoid", "riemann_left", "riemann_right"))
+    assert trapezoid.includes_start and trapezoid.includes_end
+    assert left.includes_start and not left.includes_end
+    assert right.includes_end and not right.includes_start
     gl = quadrature.named_rule("gausslegendre", 5)
     assert not gl.includes_start and not gl.includes_end
 

@@ -468,7 +468,8 @@ def integrate_moves(
     return tuple(totals), outputs
 
 
-def integrate_idgi(engine: Engine, path: PathPoints, target: Target, args: tuple) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+def integrate_idgi(engine: Engine, path: PathPoints, target: Target, args: tuple
+                   ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """IDGI (Yang et al. 2023) along the path's points x_0 .. x_N (``N = path.n_steps - 1``).
 
     Per segment: ``g_i * g_i * (f(x_{i+1}) - f(x_i)) / ||g_i||^2`` with ``g_i`` the gradient at the segment's left
