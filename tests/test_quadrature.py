@@ -23,7 +23,7 @@ def test_trapezoid_weights_sum_to_one_minus_one_over_n(n):
 
 
 def test_endpoints():
-    trapezoid, left, right = (quadrature.named_rule(r, 5) for r in ("riemann_trapezoid", "riemann_left", "riemann_right"))
+    trapezoid, left, right = (quadrature.named_rule(f"riemann_{r}", 5) for r in ("trapezoid", "left", "right"))
     assert trapezoid.includes_start and trapezoid.includes_end
     assert left.includes_start and not left.includes_end
     assert right.includes_end and not right.includes_start
