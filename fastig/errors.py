@@ -57,13 +57,17 @@ class NotSupportedError(FastigError, NotImplementedError):
 
 def int_problem(value: Any, minimum: int = 1, none_ok: bool = False, why: str = "") -> str | None:
     """What is wrong with ``value`` as an integer >= ``minimum``, e.g. ``must be a positive integer, got 0``; None
-    when nothing is. Bools are not integers here; numpy integers are; None is accepted with ``none_ok``."""
+    when nothing is. Bools are not integers here; numpy integers are; None is accepted with ``none_ok``. A bound
+    with a reason (``why``) is said as a number: ``must be an integer >= 1 (for gausslegendre), got 0``."""
     if value is None and none_ok:
         return None
     if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum:
         return None
-    expected = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
-    return f"must be {expected}{f' ({why})' if why else ''}{' or None' if none_ok else ''}, got {value!r}"
+    if why:
+        expected = f"an integer >= {minimum} ({why})"
+    else:
+        expected = {1: "a positive integer", 0: "a non-negative integer"}.get(minimum, f"an integer >= {minimum}")
+    return f"must be {expected}{' or None' if none_ok else ''}, got {value!r}"
 
 
 def check_int(name: str, value: Any, minimum: int = 1, *, none_ok: bool = False, why: str = "",

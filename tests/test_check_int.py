@@ -32,6 +32,7 @@ def test_integers_at_the_bound_or_above_pass_as_ints(value):
     (0, 1, {"none_ok": True}, "n_samples must be a positive integer or None, got 0"),
     (-1, 0, {}, "n_samples must be a non-negative integer, got -1"),
     (1, 2, {"why": "two gradients"}, "n_samples must be an integer >= 2 (two gradients), got 1"),
+    (0, 1, {"why": "for gausslegendre"}, "n_samples must be an integer >= 1 (for gausslegendre), got 0"),
 ])
 def test_bad_values_give_one_line_naming_the_argument(value, minimum, options, message):
     with pytest.raises(InvalidArgumentError) as raised:
