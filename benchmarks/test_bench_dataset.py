@@ -38,7 +38,7 @@ def _bench(benchmark, dataset, tmp_path, workers):
 
     def once():
         summaries.append(run(RunSpec(model="resnet18", weights="none", method="ig", out_dir=tmp_path / "out",
-                                     options={"n_steps": N_STEPS}, dataset=dataset, batch_size=4, workers=workers,
+                                     options={"n_steps": N_STEPS}, dataset=dataset, images_per_batch=4, workers=workers,
                                      overwrite=True), echo=lambda _: None))
 
     benchmark.pedantic(once, rounds=2, iterations=1, warmup_rounds=0)

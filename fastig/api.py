@@ -32,8 +32,7 @@ def attribute(model: Any, inputs: Any, target: Any = None, method: str = "ig", *
     _check_no_negative_class(target)
     spec = methods.get(method)
     options = baselines.from_options(options)  # --baselines segments --baseline-* -> a SegmentBaselines spec
-    if "rule" in options:
-        options["method"] = options.pop("rule")
+    options = {methods.ATTRIBUTE_KEYWORDS.get(k, k): v for k, v in options.items()}  # rule= -> Captum's method=
     build_options = {k: options.pop(k) for k in spec.build_options if k in options}  # e.g. latent IG's dvae=
     explainer = spec.build(model, **build_options)
     result = explainer.attribute(inputs, target=target, **{**spec.fixed, **options})

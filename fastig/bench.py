@@ -33,7 +33,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from fastig.errors import FastigError
+from fastig.errors import FastigError, check_int
 
 STOCHASTIC = ("smoothgrad", "gradient_shap")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -270,8 +270,7 @@ def bench(model: torch.nn.Module, inputs: torch.Tensor, target: Any = None, meth
     from fastig import methods
 
     spec = methods.get(method)
-    if not isinstance(repeats, int) or repeats < 1:
-        raise BenchError(f"repeats must be a positive integer, got {repeats!r}")
+    check_int("repeats", repeats, error=BenchError)
     if precision not in PRECISIONS:
         raise BenchError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = inputs.device

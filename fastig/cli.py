@@ -14,14 +14,75 @@ from pathlib import Path
 
 import click
 import torch
+from click.core import ParameterSource
 
 import fastig
 from fastig import methods
-from fastig.errors import FastigError, ResourceError
+from fastig.errors import FastigError, ResourceError, int_problem
+
+
+class IntAtLeast(click.ParamType):
+    """An integer flag, checked by fastig's one rule for integers (:func:`fastig.errors.check_int`):
+    ``IntAtLeast(1)`` takes a positive integer, ``IntAtLeast(0)`` a non-negative one. A bad value is the usual
+    one-line error, ``Invalid value for '--workers': must be a non-negative integer, got -1`` (exit code 2)."""
+
+    name = "integer"
+
+    def __init__(self, minimum: int = 1) -> None:
+        self.minimum = minimum
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str):
+            try:
+                value = int(value)
+            except ValueError:
+                pass
+        problem = int_problem(value, self.minimum)
+        if problem is not None:
+            self.fail(problem, param, ctx)
+        return int(value)
+
+
+class _OldFlag(click.Option):
+    """The old name of a renamed flag, kept working: hidden from --help; given, it prints one warning that names
+    the new flag and sets that flag's value (in :meth:`_Command.invoke`, once every flag is parsed)."""
+
+    def __init__(self, old: str, new: str, dest: str, type) -> None:
+        super().__init__([old, f"old_{dest}"], type=type, default=None, hidden=True, expose_value=False,
+                         callback=self._remember)
+        self.old, self.new, self.dest = old, new, dest
+
+    def _remember(self, ctx, _param, value):
+        if value is not None:
+            ctx.meta.setdefault("fastig.old_flags", []).append((self, value))
+        return value
+
+
+def _old_flag(old: str, new: str, dest: str, type=None):
+    """Decorator: keep ``old`` working as a deprecated name of the flag ``new`` (parameter ``dest``)."""
+    def add(command):
+        command.__click_params__ = getattr(command, "__click_params__", [])
+        command.__click_params__.append(_OldFlag(old, new, dest, type))
+        return command
+    return add
+
+
+class _Command(click.Command):
+    """A command whose deprecated flag names (:class:`_OldFlag`) set the new flags' values."""
+
+    def invoke(self, ctx):
+        for flag, value in ctx.meta.pop("fastig.old_flags", []):
+            if ctx.get_parameter_source(flag.dest) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+                raise click.UsageError(f"{flag.old} is the old name of {flag.new}: give {flag.new} only")
+            click.echo(f"fastig: warning: {flag.old} is deprecated: use {flag.new}", err=True)
+            ctx.params[flag.dest] = value
+        return super().invoke(ctx)
 
 
 class _Group(click.Group):
     """A click group whose errors are one line each (exit code 2), never a traceback or a usage dump."""
+
+    command_class = _Command
 
     def main(self, args=None, prog_name=None, **extra):
         try:
@@ -109,6 +170,8 @@ def _method_options(command):
             kind = {"type": option.type}
         command = click.option(option.flag, option.kwarg, cls=_MethodOption, default=None, help=option.help,
                                **kind)(command)
+        for old in option.old_flags:
+            command = _old_flag(old, option.flag, option.kwarg, kind.get("type"))(command)
     return command
 
 
@@ -185,7 +248,7 @@ def _parse_shard(value: str | None):
 @click.option("--model", "model_name", required=True, help="model name (see `fastig models`)")
 @click.option("--weights", default="auto", show_default=True,
               help="auto (the file under checkpoints/), none (random init drawn from --seed), or a checkpoint path")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=IntAtLeast(0), default=0, show_default=True,
               help="seeds --weights none and each image's random draws (SmoothGrad, LIME, SHAP, ...); recorded")
 @click.option("--method", "method_name", default="ig", show_default=True, help="method name (see `fastig methods`)")
 @click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
@@ -197,18 +260,19 @@ def _parse_shard(value: str | None):
               help="dataset layout (auto detects it)")
 @click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="label file to use instead of the layout's own (LOC_val_solution.csv, ground truth, annotations)")
-@click.option("--start", type=int, default=0, show_default=True, help="first dataset index")
-@click.option("--stride", "index_stride", type=int, default=1, show_default=True,
+@click.option("--start", type=IntAtLeast(0), default=0, show_default=True, help="first dataset index")
+@click.option("--stride", "index_stride", type=IntAtLeast(1), default=1, show_default=True,
               help="take every k-th dataset index")
-@click.option("--end", type=int, default=None, help="dataset index to stop before (default: the end)")
+@click.option("--end", type=IntAtLeast(0), default=None, help="dataset index to stop before (default: the end)")
 @click.option("--correct-only", is_flag=True, help="only images the model classifies correctly (needs labels)")
 @click.option("--min-confidence", type=float, default=None,
               help="only images whose top-1 softmax probability is at least this")
 @click.option("--target", type=_TargetType(), default=None,
               help="class to explain: an index, `label`, or `predicted` (default: each image's top-1 class)")
-@click.option("--images-per-batch", type=int, default=8, show_default=True,
-              help="images filtered and attributed together")
-@click.option("--workers", type=int, default=None,
+@click.option("--images-per-batch", type=IntAtLeast(1), default=8, show_default=True,
+              help="images decoded, filtered and attributed together (their model passes are batched by "
+              "--inputs-per-pass)")
+@click.option("--workers", type=IntAtLeast(0), default=None,
               help="image decoding processes (default: 0 for --image, min(4, CPUs) for --dataset)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), callback=_out_folder,
@@ -263,7 +327,7 @@ def attribute(model_name, weights, seed, method_name, images, dataset, layout, l
     spec = RunSpec(model=model_name, method=method_name, out_dir=out_dir, weights=weights, options=options,
                    images=list(images) or None, dataset=dataset, layout=layout, labels=labels, start=start,
                    stride=index_stride, end=end, target=target, correct_only=correct_only,
-                   min_confidence=min_confidence, batch_size=images_per_batch, workers=workers, device=device,
+                   min_confidence=min_confidence, images_per_batch=images_per_batch, workers=workers, device=device,
                    dtype=dtype, heatmaps=heatmaps, sign=sign, overwrite=overwrite, shard=_parse_shard(shard),
                    fsync=fsync, seed=seed)
     if evaluate_metrics:
@@ -298,12 +362,13 @@ def _evaluate(store_path: Path, metrics, **settings) -> None:
               help="insertion, deletion, sic, aic (pic = both), lossy_mse, completeness; repeat or comma-separate")
 @click.option("--model", "model_name", default=None, help="model to score with (default: the store's model)")
 @click.option("--weights", default="auto", show_default=True, help="auto, none, or a checkpoint path")
-@click.option("--seed", type=click.IntRange(min=0), default=None,
+@click.option("--seed", type=IntAtLeast(0), default=None,
               help="seed of --weights none (default: the one the store records)")
 @click.option("--dataset-root", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="where the store's dataset images are now, when the dataset was moved (default: as recorded)")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--step", type=int, default=None, help="insertion/deletion: pixels per step (default: image width)")
+@click.option("--step", type=IntAtLeast(1), default=None,
+              help="insertion/deletion: pixels per step (default: image width)")
 @click.option("--insertion-substrate", type=click.Choice(["blur", "zeros", "mean"]), default="blur",
               show_default=True)
 @click.option("--deletion-substrate", type=click.Choice(["blur", "zeros", "mean"]), default="zeros",
@@ -314,8 +379,9 @@ def _evaluate(store_path: Path, metrics, **settings) -> None:
 @click.option("--aggregation", type=click.Choice(["median", "mean"]), default="median", show_default=True,
               help="how PIC curves are aggregated over images")
 @click.option("--quality", type=int, default=75, show_default=True, help="lossy_mse: JPEG quality")
-@click.option("--batch-size", type=int, default=8, show_default=True,
-              help="model inputs per pass (8 suits a CPU; use more on a GPU)")
+@click.option("--inputs-per-pass", "batch_size", type=IntAtLeast(1), default=8, show_default=True,
+              help="model inputs (perturbed images) per pass (8 suits a CPU; use more on a GPU)")
+@_old_flag("--batch-size", "--inputs-per-pass", "batch_size", IntAtLeast(1))
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="folder for the plots (default: metrics/ beside the store)")
 @click.option("--plots/--no-plots", default=True, show_default=True, help="write curve plots and heatmap grids")
@@ -383,10 +449,10 @@ def _bench_precision(command):
 @click.option("--weights", default="none", show_default=True,
               help="zoo models: none (random; the speed does not depend on the weights), auto, or a path")
 @click.option("--method", "method_name", default="ig", show_default=True, help="method name (see `fastig methods`)")
-@click.option("--images", "n_images", type=int, default=1, show_default=True, help="random images per call")
+@click.option("--images", "n_images", type=IntAtLeast(1), default=1, show_default=True, help="random images per call")
 @click.option("--input-shape", default=None, metavar="C,H,W", help="input shape (needed for models outside the zoo)")
-@click.option("--target", type=int, default=0, show_default=True, help="class explained")
-@click.option("--repeats", type=int, default=3, show_default=True, help="timed rounds per implementation")
+@click.option("--target", type=IntAtLeast(0), default=0, show_default=True, help="class explained")
+@click.option("--repeats", type=IntAtLeast(1), default=3, show_default=True, help="timed rounds per implementation")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--reference/--no-reference", default=True, show_default=True,
               help="also time the reference implementation (Captum, or PAIR saliency for guided_ig/blur_ig)")
@@ -407,8 +473,6 @@ def bench(model_name, weights, method_name, n_images, input_shape, target, repea
     precision = given.pop("precision", None) or "fp32"
     method = methods.get(method_name)
     options = _chosen_options(method, given)
-    if n_images < 1:
-        raise click.BadParameter(f"must be >= 1, got {n_images}", param_hint="--images")
     shape = None
     if input_shape is not None:
         try:
@@ -498,14 +562,16 @@ def _weights_option(value: str) -> str:
 @click.option("--hardness", default="none", show_default=True, callback=lambda c, p, v: _weights_option(v),
               help="--difficulty hp: the hardness predictor's checkpoint (`fastig train-hardness`), or 'none'")
 @click.option("--attribution", type=click.Choice(["gradient", "ig", "2ndg"]), default="2ndg", show_default=True)
-@click.option("--hard", type=click.IntRange(min=1), default=100, show_default=True,
+@click.option("--hard", type=IntAtLeast(1), default=100, show_default=True,
               help="explain this many most difficult test images")
-@click.option("--top-k", type=click.IntRange(min=2), default=5, show_default=True, help="classes per image")
-@click.option("--ig-steps", type=click.IntRange(min=1), default=50, show_default=True, help="--attribution ig: steps")
-@click.option("--input-size", type=click.IntRange(min=8), default=None,
+@click.option("--top-k", type=IntAtLeast(2), default=5, show_default=True, help="classes per image")
+@click.option("--ig-steps", type=IntAtLeast(1), default=50, show_default=True, help="--attribution ig: steps")
+@click.option("--input-size", type=IntAtLeast(8), default=None,
               help="resize and crop images to this size (default: the model's, 256 -> 224)")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True, help="images per pass")
-@click.option("--pictures", type=click.IntRange(min=0), default=10, show_default=True,
+@click.option("--images-per-batch", "batch_size", type=IntAtLeast(1), default=8, show_default=True,
+              help="images whose maps are computed together (one model pass)")
+@_old_flag("--batch-size", "--images-per-batch", "batch_size", IntAtLeast(1))
+@click.option("--pictures", type=IntAtLeast(0), default=10, show_default=True,
               help="write a picture for this many of the hardest images")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed of random weights")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -543,12 +609,12 @@ def deliberate(model_name, weights, layer, dataset, difficulty, hardness, attrib
               help="the classifier's checkpoint, or 'none' for random weights (seeded)")
 @click.option("--dataset", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="a CUB-200-2011 or ADE20K root (its training images are used)")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=2), default=16, show_default=True)
+@click.option("--epochs", type=IntAtLeast(1), default=1, show_default=True)
+@click.option("--batch-size", type=IntAtLeast(2), default=16, show_default=True, help="images per training step")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-5, show_default=True,
               help="Adam learning rate (the released code's)")
 @click.option("--weight-decay", type=click.FloatRange(min=0), default=1e-3, show_default=True)
-@click.option("--input-size", type=click.IntRange(min=8), default=None, help="as for `fastig deliberate`")
+@click.option("--input-size", type=IntAtLeast(8), default=None, help="as for `fastig deliberate`")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--out", "out_file", required=True, type=click.Path(dir_okay=False, path_type=Path),

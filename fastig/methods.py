@@ -45,6 +45,7 @@ class Option:
     kwarg: str  # the attribute() keyword it sets, e.g. "n_steps"
     type: Any  # int, float, bool (a switch), str, a tuple of allowed strings, or a click.ParamType
     help: str
+    old_flags: tuple[str, ...] = ()  # earlier names of the flag, still accepted (deprecated, hidden from --help)
 
 
 OPTIONS: dict[str, Option] = {
@@ -57,21 +58,27 @@ OPTIONS: dict[str, Option] = {
         Option("--max-steps", "max_steps", int, "--steps auto: most gradients per image (default 256)"),
         Option("--rule", "rule", quadrature.RULES, "quadrature rule of IG-style methods (latent IG: riemann_left or "
                "riemann_trapezoid)"),
-        Option("--batch-size", "internal_batch_size", int, "model inputs per forward/backward pass (default: auto)"),
+        # three sizes, three flags: --inputs-per-pass (rows of one model pass), --perturbations-per-pass (copies
+        # of each image in one pass), and the command's own --images-per-batch (images a run attributes together)
+        Option("--inputs-per-pass", "internal_batch_size", int, "model inputs (path points or noisy copies, of all "
+               "the batch's images together) per forward/backward pass: Captum's internal_batch_size (default: "
+               "auto)", old_flags=("--batch-size",)),
         Option("--abs/--no-abs", "abs", bool, "saliency: absolute value of the gradient (default: on, as Captum)"),
         Option("--nt-type", "nt_type", NT_TYPES, "noise tunnel: how samples combine"),
         Option("--nt-samples", "nt_samples", int, "noise tunnel: noisy copies per example"),
-        Option("--nt-batch-size", "nt_samples_batch_size", int, "noise tunnel: noisy copies held at once"),
+        Option("--nt-batch-size", "nt_samples_batch_size", int, "noise tunnel: noisy copies of each image made at "
+               "once (Captum's nt_samples_batch_size)"),
         Option("--stdevs", "stdevs", float, "standard deviation of the Gaussian input noise (absolute, input units)"),
         Option("--n-samples", "n_samples", int, "random samples per example (gradient SHAP, Shapley sampling, LIME, kernel SHAP, PDA)"),
         Option("--layer", "layer", str, "second-order: dotted submodule name (default: last spatial layer)"),
         Option("--window", "window", int, "occlusion / pda: side of the square window, in pixels"),
         Option("--window-stride", "stride", int, "occlusion / pda: step between windows, in pixels"),
         Option("--segments", "n_segments", int, "perturbation methods: number of superpixels used as features"),
-        Option("--per-eval", "perturbations_per_eval", int, "perturbation methods: copies per model call (default: auto)"),
+        Option("--perturbations-per-pass", "perturbations_per_eval", int, "perturbation methods: perturbed copies of "
+               "each image per model pass: Captum's perturbations_per_eval (default: auto)", old_flags=("--per-eval",)),
         Option("--iterations", "n_iter", int, "meaningful perturbation: optimizer iterations"),
         Option("--idgi", "idgi", bool, "path methods: IDGI accumulation (Yang et al. 2023) instead of the Riemann sum"),
-        Option("--output", "output", OUTPUTS, "path methods: explain the target logit or its softmax"),
+        Option("--output", "output", OUTPUTS, "path methods: explain the target's logit, or its softmax probability"),
         Option("--rules", "rules", rules.RULE_NAMES, "gradient and path methods: modified backward rules (guided: "
                "guided-backprop ReLUs; deconv: deconvnet ReLUs; gnl: guided ReLUs and positive max-pool gradients, "
                "as gnl_ig)"),
@@ -162,7 +169,9 @@ def names() -> list[str]:
     return sorted(METHODS)
 
 
-_ATTRIBUTE_NAMES = {"rule": "method"}  # CLI keyword -> attribute() keyword (see fastig.api.attribute)
+# fastig's keyword -> the Captum-facing attribute() keyword: the quadrature rule is ``rule`` inside fastig (and on
+# the CLI, ``--rule``) and keeps Captum's ``method=`` only in the signatures called like Captum's
+ATTRIBUTE_KEYWORDS = {"rule": "method"}
 _DEFAULTS: dict[str, dict] = {}
 
 
@@ -182,7 +191,7 @@ def defaults(name: str) -> dict:
                 default = inspect.signature(spec.cls).parameters[kwarg].default
                 found[kwarg] = None if default is inspect.Parameter.empty else default
             else:
-                found[kwarg] = _default_of(method, _ATTRIBUTE_NAMES.get(kwarg, kwarg))
+                found[kwarg] = _default_of(method, ATTRIBUTE_KEYWORDS.get(kwarg, kwarg))
         _DEFAULTS[name] = found
     return dict(_DEFAULTS[name])
 

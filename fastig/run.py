@@ -3,7 +3,7 @@
 One run attributes a selection of images (``--image`` files, or ``--dataset ROOT`` with ``--start``,
 ``--stride`` and ``--end``) with one model and method:
 
-1. the selected images are decoded and preprocessed in ``workers`` DataLoader processes, ``batch_size`` at a time;
+1. the selected images are decoded and preprocessed in ``workers`` DataLoader processes, ``images_per_batch`` at a time;
    an image that cannot be used (unreadable, corrupt) is skipped and its reason recorded; grey, RGBA, 16-bit and
    small images are converted (the conversion is recorded as the row's note);
 2. one batched forward pass gives each image's prediction and confidence (softmax probability of the top-1
@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from fastig.core import progress
-from fastig.errors import FastigError, ResourceError
+from fastig.errors import FastigError, ResourceError, check_int
 from fastig.io.journal import PARTS_NAME, STORE_NAME, RunFolder, run_header  # noqa: F401  (the folder's names)
 
 TARGETS = ("predicted", "label")
@@ -81,7 +81,7 @@ class RunSpec:
     target: int | str | None = None  # None or "predicted": top-1 class; "label"; or a class index >= 0
     correct_only: bool = False
     min_confidence: float | None = None
-    batch_size: int = 8  # images per batch (the method batches its own path points inside)
+    images_per_batch: int = 8  # images filtered and attributed together (the method batches its model passes)
     workers: int | None = None  # decoding processes; None: 0 for image lists, min(4, CPUs) for datasets
     device: str = "cpu"
     dtype: str = "float32"  # of the stored attributions
@@ -196,10 +196,8 @@ def _check_spec(spec: RunSpec) -> None:
                        else "give at least one --image, or --dataset ROOT")
     if spec.images is not None and not spec.images:
         raise RunError("give at least one --image")
-    if spec.batch_size < 1:
-        raise RunError(f"images per batch must be >= 1, got {spec.batch_size}")
-    if spec.workers is not None and spec.workers < 0:
-        raise RunError(f"--workers must be >= 0, got {spec.workers}")
+    check_int("images_per_batch", spec.images_per_batch, error=RunError)
+    check_int("workers", spec.workers, 0, none_ok=True, error=RunError)
     if spec.min_confidence is not None and not 0.0 <= spec.min_confidence <= 1.0:
         raise RunError(f"--min-confidence must be in [0, 1], got {spec.min_confidence}")
     target = spec.target
@@ -213,8 +211,7 @@ def _check_spec(spec: RunSpec) -> None:
     if target == "label" and spec.images is not None:
         raise RunError("--target label needs labelled images, and --image files have none: give --dataset with "
                        "labels, or a class index")
-    if isinstance(spec.seed, bool) or not isinstance(spec.seed, (int, np.integer)) or spec.seed < 0:
-        raise RunError(f"--seed must be an integer >= 0, got {spec.seed!r}")
+    check_int("seed", spec.seed, 0, error=RunError)
     if spec.dtype not in DTYPES:
         raise RunError(f"dtype must be one of {DTYPES}, got {spec.dtype!r}")
     if spec.compression not in COMPRESSIONS:
@@ -310,7 +307,7 @@ def _run(spec: RunSpec, folder: RunFolder, dist: "_Distributed", echo) -> RunSum
             with progress.task(f"{spec.method} on {spec.model}", len(todo), "images", show=True,
                                interval=spec.log_interval, bar=dist.rank == 0,
                                prefix=f"[rank {dist.rank}] " if dist.world_size > 1 else "") as images_done:
-                loader = datasets.batches(dataset, todo, preprocess, spec.batch_size, workers,
+                loader = datasets.batches(dataset, todo, preprocess, spec.images_per_batch, workers,
                                           pin_memory=device.type == "cuda")
                 worker = _BatchWorker(spec, model, device, journal, preprocess, folder.out_dir, heatmaps, summary,
                                       dataset)

@@ -130,7 +130,7 @@ def attribute(out_dir: Path, args, model: str, method: str, options: dict, datas
                    options=dict(options), dataset=dataset, layout=args.layout if args.dataset is not None else "auto",
                    labels=args.labels if args.dataset is not None else None, start=args.start, stride=args.stride,
                    end=end_of(args), target=target, correct_only=correct_only, min_confidence=min_confidence,
-                   batch_size=args.batch, workers=0, device=args.device, overwrite=args.overwrite, heatmaps=False)
+                   images_per_batch=args.batch, workers=0, device=args.device, overwrite=args.overwrite, heatmaps=False)
     return run(spec, echo=lambda line: None).store
 
 

@@ -254,9 +254,9 @@ def test_blur_ig_auto_converges_to_high_step_blur_ig():
 def test_alphas_reproduce_the_named_rules(cnn_case):
     model, x, target, _ = cnn_case
     ig = IntegratedGradients(model)
-    for method in ("gausslegendre", "riemann_middle", "riemann_left"):
-        named = ig.attribute(x, target=target, n_steps=9, method=method)
-        torch.testing.assert_close(ig.attribute(x, target=target, alphas=quadrature.rule(method, 9)), named)
+    for rule in ("gausslegendre", "riemann_middle", "riemann_left"):
+        named = ig.attribute(x, target=target, n_steps=9, method=rule)
+        torch.testing.assert_close(ig.attribute(x, target=target, alphas=quadrature.named_rule(rule, 9)), named)
     middle = [(k + 0.5) / 9 for k in range(9)]  # nearest-node weights on uniform midpoints: the midpoint rule
     torch.testing.assert_close(ig.attribute(x, target=target, alphas=middle),
                                ig.attribute(x, target=target, n_steps=9, method="riemann_middle"))

@@ -91,12 +91,12 @@ def test_blur_ig_refuses_a_non_finite_max_sigma(value):
 # --- item 8: the step tables and what a method keeps per step ------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["riemann_trapezoid", "riemann_left", "gausslegendre"])
-def test_a_billion_steps_is_refused_up_front_with_what_fits(method):
+@pytest.mark.parametrize("rule", ["riemann_trapezoid", "riemann_left", "gausslegendre"])
+def test_a_billion_steps_is_refused_up_front_with_what_fits(rule):
     model = SmallCNN().eval()
     with memory_limit(300 << 20):
         with pytest.raises(InputError, match=r"n_steps=1,000,000,000 .*at most [\d,]+ steps fit") as refused:
-            IntegratedGradients(model).attribute(torch.rand(1, 3, 8, 8), target=0, n_steps=10**9, method=method)
+            IntegratedGradients(model).attribute(torch.rand(1, 3, 8, 8), target=0, n_steps=10**9, method=rule)
     assert "\n" not in str(refused.value)
 
 
@@ -118,8 +118,8 @@ def test_the_step_bound_says_what_fits_and_that_many_steps_run():
         quadrature.check_steps_fit("riemann_trapezoid", fits + 1, budget=budget)
     gauss = quadrature.max_steps("gausslegendre", budget=budget)
     assert gauss <= quadrature.GAUSS_LEGENDRE_MAX_STEPS and gauss < fits
-    quadrature.rule("gausslegendre", 300)  # ordinary sizes are untouched
-    quadrature.rule("riemann_trapezoid", 10**4)
+    quadrature.named_rule("gausslegendre", 300)  # ordinary sizes are untouched
+    quadrature.named_rule("riemann_trapezoid", 10**4)
 
 
 def test_the_cli_refuses_a_billion_steps_in_one_line(tmp_path):

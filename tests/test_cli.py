@@ -126,7 +126,8 @@ def test_method_defaults_are_shown_by_help_and_methods(tmp_path, image):
     assert "[default: 0.25 (guided_ig)]" in text and "--seed" in text
     listing = run("methods").output
     ig = next(line for line in listing.splitlines() if line.startswith("ig "))
-    assert ("[--steps 50 --rule gausslegendre --batch-size auto --idgi off --output logit --rules off --precision fp32 "
+    assert ("[--steps 50 --rule gausslegendre --inputs-per-pass auto --idgi off --output logit --rules off "
+            "--precision fp32 "
             "--tolerance 0.01 --max-steps 256 --baselines zeros --baseline-segmentation slic") in ig
     assert "--nt-samples 5" in listing and "--window 16" in listing
     assert run("attribute", "--model", "centerpixel", "--steps", "2", "--image", image, "--out", tmp_path / "o",
@@ -229,3 +230,63 @@ def test_evaluate_finds_a_class_folder_dataset_from_anywhere_and_after_a_move(tm
             "the dataset was moved, pass --dataset-root NEW_FOLDER)") in result.output
     result = run("evaluate", store, *metric, "--dataset-root", tmp_path / "moved")
     assert result.exit_code == 0, result.output
+
+
+def _recorded_options(out):
+    with h5py.File(out / "attributions.h5") as f:
+        return json.loads(f.attrs["options"])
+
+
+def test_the_three_batch_sizes_have_three_flags(tmp_path, image):
+    """--images-per-batch (images a run attributes together), --inputs-per-pass (rows of one model pass, Captum's
+    internal_batch_size) and --perturbations-per-pass (copies of each image in one pass, Captum's
+    perturbations_per_eval): each sets its own setting, and the help says which is which."""
+    result = run("attribute", "--model", "centerpixel", "--method", "ig", "--steps", "3", "--images-per-batch", "1",
+                 "--inputs-per-pass", "2", "--image", image, "--image", image, "--out", tmp_path / "ig",
+                 "--no-heatmaps")
+    assert result.exit_code == 0 and "deprecated" not in result.output, result.output
+    assert _recorded_options(tmp_path / "ig")["internal_batch_size"] == 2
+    result = run("attribute", "--model", "centerpixel", "--method", "occlusion", "--window", "113",
+                 "--window-stride", "113", "--perturbations-per-pass", "3", "--image", image, "--out",
+                 tmp_path / "occlusion", "--no-heatmaps")
+    assert result.exit_code == 0, result.output
+    assert _recorded_options(tmp_path / "occlusion")["perturbations_per_eval"] == 3
+    text = " ".join(run("attribute", "--help").output.split())
+    assert "Captum's internal_batch_size" in text and "Captum's perturbations_per_eval" in text
+    assert "--images-per-batch INTEGER images decoded, filtered and attributed together" in text
+    assert "--batch-size" not in text and "--per-eval" not in text  # the old names are hidden
+    assert "--images-per-batch INTEGER" in " ".join(run("deliberate", "--help").output.split())
+    assert "--inputs-per-pass INTEGER" in " ".join(run("evaluate", "--help").output.split())
+    bad = run("attribute", "--model", "centerpixel", "--method", "saliency", "--perturbations-per-pass", "2",
+              "--image", image, "--out", tmp_path / "bad")
+    assert bad.exit_code == 2 and "--perturbations-per-pass does not apply to --method saliency" in bad.output
+
+
+@pytest.mark.parametrize("old, new, kwarg, method", [
+    ("--batch-size", "--inputs-per-pass", "internal_batch_size", "ig"),
+    ("--per-eval", "--perturbations-per-pass", "perturbations_per_eval", "occlusion"),
+])
+def test_old_batch_flags_still_work_with_a_warning(tmp_path, image, old, new, kwarg, method):
+    common = ["attribute", "--model", "centerpixel", "--method", method, "--image", image, "--no-heatmaps"]
+    common += ["--steps", "3"] if method == "ig" else ["--window", "113", "--window-stride", "113"]
+    result = run(*common, old, "2", "--out", tmp_path / "old")
+    assert result.exit_code == 0, result.output
+    assert f"fastig: warning: {old} is deprecated: use {new}" in result.output
+    assert _recorded_options(tmp_path / "old")[kwarg] == 2
+    assert "(1 already done)" in run(*common, new, "2", "--out", tmp_path / "old").output  # the same run
+    both = run(*common, old, "2", new, "2", "--out", tmp_path / "both")
+    assert both.exit_code == 2, both.output
+    assert both.output.strip().splitlines()[-1] == f"fastig: error: {old} is the old name of {new}: give {new} only"
+
+
+@pytest.mark.parametrize("command, old, new", [("evaluate", "--batch-size", "--inputs-per-pass"),
+                                               ("deliberate", "--batch-size", "--images-per-batch")])
+def test_old_flags_of_evaluate_and_deliberate_are_the_new_ones(tmp_path, command, old, new):
+    store = tmp_path / "store.h5"
+    store.write_bytes(b"")
+    args = [store, "--metric", "insertion"] if command == "evaluate" else [
+        "--model", "resnet18", "--weights", "none", "--layer", "layer4", "--dataset", tmp_path, "--out", tmp_path]
+    both = run(command, *args, old, "2", new, "2")
+    assert both.exit_code == 2 and f"{old} is the old name of {new}" in both.output, both.output
+    bad = run(command, *args, old, "0")
+    assert bad.exit_code == 2 and f"Invalid value for '{old}': must be a positive integer, got 0" in bad.output

@@ -239,7 +239,8 @@ def test_a_full_disk_during_the_merge_abandons_the_temporary_store_and_keeps_the
     reference = tmp_path / "ref"
     assert cli_run(attribute_args(listing, reference, "saliency")) == 0
     out = tmp_path / "out"
-    interrupted_before_the_merge(monkeypatch, tiny_spec(out, listing, method="saliency", options={}, batch_size=2))
+    interrupted_before_the_merge(monkeypatch, tiny_spec(out, listing, method="saliency", options={},
+                                                        images_per_batch=2))
     journals = (out / PARTS_NAME / "rank-00000.journal").read_bytes()
     log = tmp_path / "log.txt"
     code = cli_run(attribute_args(listing, out, "saliency"), log, file_limit=len(journals) + 4096)

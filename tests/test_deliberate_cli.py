@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from _trees import make_ade_tree, make_cub_tree
 from fastig.cli import cli
 
-COMMON = ["--model", "resnet18", "--weights", "none", "--layer", "layer4", "--input-size", "64", "--batch-size", "2"]
+COMMON = ["--model", "resnet18", "--weights", "none", "--layer", "layer4", "--input-size", "64",
+          "--images-per-batch", "2"]
 
 
 def run(*args):

@@ -130,9 +130,9 @@ def test_inplace_relu_modules_match_reference(nets):
                                Saliency(reference).attribute(x, target=0, abs=False), rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid"])
+@pytest.mark.parametrize("rule", ["gausslegendre", "riemann_trapezoid"])
 @pytest.mark.parametrize("functional", [False, True])
-def test_gnl_ig_equals_ig_of_the_hand_written_guided_network(method, functional, nets):
+def test_gnl_ig_equals_ig_of_the_hand_written_guided_network(rule, functional, nets):
     """GNL-IG = IG in which every path gradient is guided through ReLUs and max-pooling: it must equal Captum's
     plain IG on a network whose ReLUs and max-pool are explicitly guided, and differ from plain IG."""
     module_net, functional_net = nets
@@ -140,7 +140,7 @@ def test_gnl_ig_equals_ig_of_the_hand_written_guided_network(method, functional,
     reference = same_weights(ExplicitGuidedNet, module_net, guided_pool=True)
     x = torch.randn(3, 3, 10, 10)
     baselines = torch.randn(3, 3, 10, 10) * 0.1
-    kw = dict(baselines=baselines, target=[1, 2, 0], n_steps=12, method=method)
+    kw = dict(baselines=baselines, target=[1, 2, 0], n_steps=12, method=rule)
     expected = CaptumIG(reference).attribute(x, **kw)
     ours, delta = GuidedNonLinearityIG(model).attribute(x, internal_batch_size=5, return_convergence_delta=True, **kw)
     torch.testing.assert_close(ours, expected, rtol=1e-5, atol=1e-6)

@@ -48,15 +48,15 @@ class TwoInputNet(torch.nn.Module):
 # --- the formula on the straight line ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["riemann_left", "riemann_trapezoid", "gausslegendre", "riemann_middle"])
-def test_integrated_gradients_matches_the_reference_formula(method):
+@pytest.mark.parametrize("rule", ["riemann_left", "riemann_trapezoid", "gausslegendre", "riemann_middle"])
+def test_integrated_gradients_matches_the_reference_formula(rule):
     model = SmallCNN().double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     baseline = torch.randn(2, 3, 8, 8, dtype=torch.float64) * 0.1
     targets = [1, 4]
-    ours = IntegratedGradients(model).attribute(x, baseline, target=targets, n_steps=9, method=method, idgi=True)
-    alphas = sorted({0.0, *quadrature.alphas(method, 9), 1.0})
-    if method == "riemann_left":  # the official code's points: 0, 1/n, ..., (n-1)/n, and 1
+    ours = IntegratedGradients(model).attribute(x, baseline, target=targets, n_steps=9, method=rule, idgi=True)
+    alphas = sorted({0.0, *quadrature.alphas(rule, 9), 1.0})
+    if rule == "riemann_left":  # the official code's points: 0, 1/n, ..., (n-1)/n, and 1
         np.testing.assert_allclose(alphas, np.arange(10) / 9, rtol=0, atol=1e-7)
     for i in range(2):
         points = [baseline[i] + a * (x[i] - baseline[i]) for a in alphas]

@@ -51,7 +51,7 @@ TARGETS = {
 
 
 @pytest.mark.parametrize(
-    "method,baseline,target,batch,multiply",
+    "rule,baseline,target,batch,multiply",
     [
         (m, b, t, ibs, mult)
         for (m, b, t), (ibs, mult) in zip(
@@ -60,12 +60,12 @@ TARGETS = {
         )
     ],
 )
-def test_matches_captum_grid(method, baseline, target, batch, multiply):
+def test_matches_captum_grid(rule, baseline, target, batch, multiply):
     model = SmallCNN().eval()
     x = torch.randn(4, 3, 8, 8)
     b = BASELINES[baseline](x)
     t = TARGETS[target](4)
-    kwargs = dict(baselines=b, target=t, n_steps=13, method=method, return_convergence_delta=True)
+    kwargs = dict(baselines=b, target=t, n_steps=13, method=rule, return_convergence_delta=True)
     captum_batch = None if batch is None else max(batch, 4)  # captum cannot go below the number of examples
     theirs, their_delta = CaptumIG(model, multiply_by_inputs=multiply).attribute(
         x, internal_batch_size=captum_batch, **kwargs
@@ -77,14 +77,14 @@ def test_matches_captum_grid(method, baseline, target, batch, multiply):
     assert_same_delta(our_delta, their_delta, theirs)
 
 
-@pytest.mark.parametrize("method", ["gausslegendre", "riemann_trapezoid", "riemann_right"])
+@pytest.mark.parametrize("rule", ["gausslegendre", "riemann_trapezoid", "riemann_right"])
 @pytest.mark.parametrize("batch", [None, 5])
-def test_tuple_inputs_additional_args_and_tuple_baselines(method, batch):
+def test_tuple_inputs_additional_args_and_tuple_baselines(rule, batch):
     model = TwoInputNet()
     x1, x2 = torch.randn(3, 3, 2, 2), torch.randn(3, 5)
     baselines = (torch.zeros(1, 3, 2, 2), 0.5)
     args = (torch.tensor([[1.0], [2.0], [3.0]]),)  # a per-example scale, repeated per step
-    kw = dict(baselines=baselines, target=1, additional_forward_args=args, n_steps=20, method=method)
+    kw = dict(baselines=baselines, target=1, additional_forward_args=args, n_steps=20, method=rule)
     theirs, d1 = CaptumIG(model).attribute((x1, x2), internal_batch_size=None if batch is None else 6, **kw,
                                            return_convergence_delta=True)
     ours, d2 = IntegratedGradients(model).attribute((x1, x2), internal_batch_size=batch, **kw,
@@ -126,12 +126,12 @@ def test_linear_model_attribution_is_exact():
     w = torch.randn(10, dtype=torch.float64)
     model = lambda x: x @ w  # noqa: E731
     x, b = torch.randn(3, 10, dtype=torch.float64), torch.randn(3, 10, dtype=torch.float64)
-    for method in quadrature.RULES:
-        attr, delta = IntegratedGradients(model).attribute(x, b, n_steps=4, method=method,
+    for rule in quadrature.RULES:
+        attr, delta = IntegratedGradients(model).attribute(x, b, n_steps=4, method=rule,
                                                            return_convergence_delta=True)
-        weight_sum = quadrature.rule(method, 4).weights.double().sum()  # 1 - 1/n for the trapezoid rule
+        weight_sum = quadrature.named_rule(rule, 4).weights.double().sum()  # 1 - 1/n for the trapezoid rule
         torch.testing.assert_close(attr, (x - b) * w * weight_sum, rtol=1e-6, atol=1e-9)
-        if method != "riemann_trapezoid":
+        if rule != "riemann_trapezoid":
             assert delta.abs().max() < 1e-6
 
 
@@ -140,10 +140,10 @@ def test_completeness_delta_shrinks_with_steps():
                                  torch.nn.Linear(4 * 6 * 6, 3)).double()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
     ig = IntegratedGradients(smooth)
-    for method in ("gausslegendre", "riemann_middle"):
-        deltas = [ig.attribute(x, target=1, n_steps=n, method=method, return_convergence_delta=True)[1].abs().max()
+    for rule in ("gausslegendre", "riemann_middle"):
+        deltas = [ig.attribute(x, target=1, n_steps=n, method=rule, return_convergence_delta=True)[1].abs().max()
                   for n in (2, 8, 64)]
-        assert deltas[0] > deltas[1] > deltas[2] and deltas[2] < 1e-4, (method, deltas)
+        assert deltas[0] > deltas[1] > deltas[2] and deltas[2] < 1e-4, (rule, deltas)
 
 
 @pytest.mark.parametrize("batch", [1, 2, 3, 5, 17, 1000])

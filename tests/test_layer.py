@@ -130,7 +130,7 @@ def test_tuple_layers(to_input):
     assert_close(ours, theirs, TOL)
 
 
-@pytest.mark.parametrize("method,n_steps,baselines,target,to_input,batch", [
+@pytest.mark.parametrize("rule,n_steps,baselines,target,to_input,batch", [
     ("gausslegendre", 50, None, 1, False, None),
     ("gausslegendre", 13, 0.3, [0, 2, 3], True, None),
     ("riemann_trapezoid", 8, "tensor", torch.tensor([3, 1, 0]), False, 7),
@@ -138,7 +138,7 @@ def test_tuple_layers(to_input):
     ("riemann_middle", 6, None, [1, 1, 2], False, 1),
     ("riemann_right", 5, "tensor", 0, True, 1000),
 ])
-def test_layer_integrated_gradients(method, n_steps, baselines, target, to_input, batch):
+def test_layer_integrated_gradients(rule, n_steps, baselines, target, to_input, batch):
     """Captum's LayerIntegratedGradients fails on an in-place op after the layer, fastig does not: Captum runs on
     the same weights without it."""
     model, x = Net().eval(), inputs()
@@ -148,7 +148,7 @@ def test_layer_integrated_gradients(method, n_steps, baselines, target, to_input
         baselines = torch.randn_like(x) * 0.1
     elif baselines == "row":
         baselines = torch.randn(1, 3, 8, 8) * 0.1
-    kwargs = dict(baselines=baselines, target=target, n_steps=n_steps, method=method, internal_batch_size=batch,
+    kwargs = dict(baselines=baselines, target=target, n_steps=n_steps, method=rule, internal_batch_size=batch,
                   attribute_to_layer_input=to_input, return_convergence_delta=True, additional_forward_args=1.5)
     for multiply in (True, False):
         ours, delta = LayerIntegratedGradients(model, model.conv2, multiply_by_inputs=multiply).attribute(x, **kwargs)

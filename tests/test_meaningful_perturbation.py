@@ -66,3 +66,18 @@ def test_bad_arguments():
         mp.attribute(torch.randn(2, 16), target=0)
     with pytest.raises(ValueError, match="score"):
         mp.attribute(checkerboards(1), target=0, score="prob")
+
+
+def test_output_is_the_one_spelling_of_what_is_explained_and_score_still_works():
+    """``output="probability"|"logit"`` as on the path methods; the old ``score="softmax"|"logit"`` gives the same
+    masks with a DeprecationWarning."""
+    x, kw = checkerboards(2) * 0.5, dict(target=0, n_iter=5, mask_size=4, blur_sigma=1.0)
+    mp = MeaningfulPerturbation(RegionDetector())
+    probability, logit = mp.attribute(x, **kw), mp.attribute(x, output="logit", **kw)
+    torch.testing.assert_close(mp.attribute(x, output="probability", **kw), probability, rtol=0, atol=0)
+    assert not torch.equal(probability, logit)
+    for old, new in (("softmax", probability), ("logit", logit)):
+        with pytest.warns(DeprecationWarning, match="output="):
+            torch.testing.assert_close(mp.attribute(x, score=old, **kw), new, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="output must be one of 'logit', 'probability'"):
+        mp.attribute(x, output="softmax", **kw)

@@ -70,7 +70,7 @@ def listing(tmp_path_factory):
 
 def spec(out, dataset, **kwargs):
     return RunSpec(**{**dict(model="centerpixel", method="ig", out_dir=out, options=dict(IG), dataset=dataset,
-                             workers=0, batch_size=3, fsync=False), **kwargs})
+                             workers=0, images_per_batch=3, fsync=False), **kwargs})
 
 
 def reference(path: Path, target=None):
@@ -324,10 +324,10 @@ SMOOTHGRAD = {"nt_samples": 3, "stdevs": 0.2}
 
 def test_seeded_methods_give_the_same_rows_whatever_the_batches_shards_or_resumes(tmp_path, listing, tiny_model):
     """Issue 16.3: SmoothGrad & co. drew from an unseeded generator, so a resumed or sharded run mixed streams."""
-    one = run(tiny_spec(tmp_path / "one", listing, method="smoothgrad", options=SMOOTHGRAD, end=7, batch_size=3),
+    one = run(tiny_spec(tmp_path / "one", listing, method="smoothgrad", options=SMOOTHGRAD, end=7, images_per_batch=3),
               echo=lambda _: None)
     for shard, batch in (((1, 2), 2), ((0, 2), 1)):  # other batches, two shards: the last one merges
-        run(tiny_spec(tmp_path / "two", listing, method="smoothgrad", options=SMOOTHGRAD, end=7, batch_size=batch,
+        run(tiny_spec(tmp_path / "two", listing, method="smoothgrad", options=SMOOTHGRAD, end=7, images_per_batch=batch,
                       shard=shard), echo=lambda _: None)
     a, b = read(one.store), read(tmp_path / "two" / STORE_NAME)
     np.testing.assert_array_equal(a["attributions"], b["attributions"])
@@ -380,16 +380,16 @@ def interrupted_before_the_merge(monkeypatch, spec_):
 
 def test_a_damaged_journal_record_is_redone_and_every_other_row_kept(tmp_path, listing, monkeypatch, tiny_model):
     """Issue 16.1: a byte flipped in record 6 lost it and every later record ("12 of 30 already done")."""
-    run(tiny_spec(tmp_path / "ref", listing, batch_size=1), echo=lambda _: None)
+    run(tiny_spec(tmp_path / "ref", listing, images_per_batch=1), echo=lambda _: None)
     out = tmp_path / "out"
-    interrupted_before_the_merge(monkeypatch, tiny_spec(out, listing, batch_size=1))
+    interrupted_before_the_merge(monkeypatch, tiny_spec(out, listing, images_per_batch=1))
     journal = out / PARTS_NAME / "rank-00000.journal"
     record = read_journal(journal).records[6]
     data = bytearray(journal.read_bytes())
     data[record.data_offset + 100] ^= 0x10
     journal.write_bytes(bytes(data))
     lines = []
-    summary = run(tiny_spec(out, listing, batch_size=1), echo=lines.append)
+    summary = run(tiny_spec(out, listing, images_per_batch=1), echo=lines.append)
     assert "15 of 16 image(s) already done" in lines[0] and lines[1] == "1 damaged row(s) will be redone"
     assert summary.done == 1
     assert_same_store(tmp_path / "ref" / STORE_NAME, out / STORE_NAME)
@@ -397,16 +397,16 @@ def test_a_damaged_journal_record_is_redone_and_every_other_row_kept(tmp_path, l
 
 def test_a_damaged_store_row_is_noticed_on_resume_and_redone(tmp_path, listing, tiny_model):
     """Issue 16.4: a complete store damaged in the middle was "30 of 30 already done"."""
-    run(tiny_spec(tmp_path / "ref", listing, batch_size=1), echo=lambda _: None)
+    run(tiny_spec(tmp_path / "ref", listing, images_per_batch=1), echo=lambda _: None)
     out = tmp_path / "out"
-    run(tiny_spec(out, listing, batch_size=1), echo=lambda _: None)
+    run(tiny_spec(out, listing, images_per_batch=1), echo=lambda _: None)
     with h5py.File(out / STORE_NAME, "r") as f:
         chunk = f["attributions/ig"].id.get_chunk_info(3)  # row 3
     data = bytearray((out / STORE_NAME).read_bytes())
     data[chunk.byte_offset + chunk.size // 2] ^= 0xFF
     (out / STORE_NAME).write_bytes(bytes(data))
     lines = []
-    summary = run(tiny_spec(out, listing, batch_size=1), echo=lines.append)
+    summary = run(tiny_spec(out, listing, images_per_batch=1), echo=lines.append)
     assert "15 of 16 image(s) already done" in lines[0] and lines[1] == "1 damaged row(s) will be redone"
     assert summary.done == 1 and summary.merged.damaged == 0  # redone: nothing left out
     assert_same_store(tmp_path / "ref" / STORE_NAME, out / STORE_NAME)

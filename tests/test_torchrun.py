@@ -15,7 +15,7 @@ from test_run import assert_same_store, spec, write_list_dataset
 def test_two_gloo_ranks_give_the_single_process_store(tmp_path):
     listing = write_list_dataset(tmp_path / "data", 11, seed=5)
     (tmp_path / "data" / "img004.png").write_text("corrupt")  # each rank meets its share of bad data
-    run(spec(tmp_path / "one", listing, options={"n_steps": 4}, batch_size=2, min_confidence=0.3),
+    run(spec(tmp_path / "one", listing, options={"n_steps": 4}, images_per_batch=2, min_confidence=0.3),
         echo=lambda _: None)
     out = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

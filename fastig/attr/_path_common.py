@@ -13,17 +13,23 @@ from fastig.core import quadrature
 from fastig.core.baselines import sampled_baselines
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
-from fastig.errors import InvalidArgumentError
+from fastig.errors import InvalidArgumentError, check_int
 
+# What a method explains (``output=``, the CLI's ``--output``): the target entry of the model's output, or of its
+# softmax over dimension 1. The one spelling of "explain the probability" in fastig.
 OUTPUTS = ("logit", "probability")
+
+
+def check_output(output: Any) -> str:
+    if output not in OUTPUTS:
+        raise InvalidArgumentError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
+    return output
 
 
 def explained_function(forward_func: Callable, output: str) -> Callable:
     """The function whose target entry is explained: the model itself (``"logit"``) or its softmax over
     dimension 1 (``"probability"``)."""
-    if output not in OUTPUTS:
-        raise ValueError(f"output must be one of {', '.join(map(repr, OUTPUTS))}, got {output!r}")
-    if output == "logit":
+    if check_output(output) == "logit":
         return forward_func
 
     def probability(*args):
@@ -44,8 +50,7 @@ def check_flag(name: str, value: Any) -> bool:
 
 
 def check_steps(n_steps: Any, minimum: int = 1) -> int:
-    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < minimum:
-        raise ValueError(f"n_steps must be an integer >= {minimum}, got {n_steps!r}")
+    n_steps = check_int("n_steps", n_steps, minimum)
     quadrature.check_steps_fit(None, n_steps)  # paths without a quadrature rule keep per-step tables too
     return n_steps
 

@@ -62,7 +62,7 @@ from fastig.core.targets import (
     expand_target,
     format_additional_args,
 )
-from fastig.errors import InvalidArgumentError
+from fastig.errors import check_int
 
 # the modules whose functions the rescale rule covers (their functional forms too: F.relu, torch.sigmoid, ...)
 SUPPORTED_NON_LINEAR = (nn.ReLU, nn.ELU, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softmax, nn.MaxPool1d,
@@ -187,12 +187,7 @@ class DeepLiftShap(DeepLift):
         *,
         internal_batch_size: int | None = None,
     ) -> Any:
-        if internal_batch_size is not None and (
-            isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
-        ):
-            raise InvalidArgumentError(
-                f"internal_batch_size must be a positive integer or None, got {internal_batch_size!r}"
-            )
+        check_int("internal_batch_size", internal_batch_size, none_ok=True)
         xs, is_tuple = self._inputs(inputs)
         distribution = baseline_distribution(baselines, inputs, xs, "DeepLiftShap", at_least=2)
         n, n_base = xs[0].shape[0], distribution[0].shape[0]

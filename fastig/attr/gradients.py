@@ -21,10 +21,9 @@ from fastig.attr._base import Attribution
 from fastig.core.inputs import check_stdevs, draw_baselines, format_inputs, format_output, noisy_copies
 from fastig.attr._path_common import convergence_delta
 from fastig.attr.integrated_gradients import IntegratedGradients
-from fastig.attr.noise_tunnel import check_positive_int
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, expand_additional_args, expand_target, format_additional_args
-from fastig.errors import InvalidArgumentError, InvalidTypeError
+from fastig.errors import InvalidArgumentError, InvalidTypeError, check_int
 
 
 class _Rows:
@@ -154,7 +153,7 @@ class GradientShap(Attribution):
         internal_batch_size: int | None = None,
     ) -> Any:
         xs, is_tuple = format_inputs(inputs)
-        check_positive_int("n_samples", n_samples)
+        check_int("n_samples", n_samples)
         stdevs = check_stdevs(stdevs, len(xs))
         distribution = baseline_distribution(baselines, inputs, xs)
         n = xs[0].shape[0]

@@ -104,7 +104,7 @@ class IntegratedGradients(PathAttribution):
             )
         xs, is_tuple = format_inputs(inputs)
         bs = format_baselines(baselines, xs)
-        rule = quadrature.rule(method, n_steps) if alphas is None and n_steps != "auto" else None
+        rule = quadrature.named_rule(method, n_steps) if alphas is None and n_steps != "auto" else None
         if alphas is not None:
             if n_steps == "auto":
                 raise ValueError("give n_steps='auto' or alphas=, not both: alphas= is a fixed schedule")

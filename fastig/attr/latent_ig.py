@@ -15,14 +15,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
-
 from fastig.core.inputs import format_baselines, format_inputs, format_output
 from fastig.attr._path_common import PathAttribution, check_flag, check_steps
 from fastig.core import quadrature
 from fastig.core.engine import integrate_idgi, integrate_moves
 from fastig.core.paths import INTERPOLATIONS, LatentPath
-from fastig.errors import CheckpointError
+from fastig.errors import CheckpointError, check_int
 from fastig.io.images import IMAGENET_MEAN, IMAGENET_STD
 from fastig.models.dvae import LATENTS, DVAEImageSpace
 
@@ -74,9 +72,7 @@ def _check_dvae_size(dvae_size) -> None:
 
 
 def _check_gap_steps(gap_steps) -> None:
-    if gap_steps is not None and (isinstance(gap_steps, bool) or not isinstance(gap_steps, int) or gap_steps < 1):
-        raise ValueError(f"gap_steps must be an integer >= 1 (the gaps to the decoded endpoints must be closed) "
-                         f"or None, got {gap_steps!r}")
+    check_int("gap_steps", gap_steps, none_ok=True, why="the gaps to the decoded endpoints must be closed")
 
 
 def load_dvae(folder: str | os.PathLike | None = None):
@@ -198,19 +194,20 @@ class LatentIntegratedGradients(PathAttribution):
         if n_steps == "auto":
             raise ValueError("latent IG has no n_steps='auto': its decoded path is known only at its points (give "
                              "n_steps or alphas=)")
-        if method not in RULES:
-            raise ValueError(f"latent IG's quadrature (method=) is one of {', '.join(RULES)}, got {method!r}: the "
+        rule = method  # Captum's name in the signature, fastig's inside
+        if rule not in RULES:
+            raise ValueError(f"latent IG's quadrature (method=) is one of {', '.join(RULES)}, got {rule!r}: the "
                              "decoded path is known only at its points")
         xs, is_tuple = format_inputs(inputs)
         path = self.path(xs, baselines, n_steps=n_steps, interpolation=interpolation, latent=latent,
-                         gap_steps=gap_steps, dvae_size=dvae_size, rule=method, alphas=alphas)
+                         gap_steps=gap_steps, dvae_size=dvae_size, rule=rule, alphas=alphas)
         x, b = path.inputs, path.baselines
         tgt, args, engine = self._setup((x,), target, additional_forward_args, output, internal_batch_size, precision)
 
         if idgi:
             totals, outputs = integrate_idgi(engine, path, tgt, args)
         else:
-            evaluated = path.n_steps - 1 if method == "riemann_left" else path.n_steps
+            evaluated = path.n_steps - 1 if rule == "riemann_left" else path.n_steps
             totals, outputs = integrate_moves(engine, path, tgt, args, n_steps=evaluated)
         attributions = (totals[0].to(x.dtype),)
         f_end = outputs[-1] if outputs.shape[0] == path.n_steps else None

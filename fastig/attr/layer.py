@@ -195,7 +195,7 @@ class LayerIntegratedGradients(PathAttribution):
             raise ValueError("grad_kwargs is not supported by fastig's LayerIntegratedGradients (it must be None)")
         xs, _ = format_inputs(inputs)
         bs = format_baselines(baselines, xs)
-        rule = quadrature.rule(method, n_steps)
+        rule = quadrature.named_rule(method, n_steps)
         args = format_additional_args(additional_forward_args)
         n = xs[0].shape[0]
         at_inputs = layer_values(self.forward_func, self.layer, xs, args, attribute_to_layer_input)

@@ -4,6 +4,7 @@ Perturbation"): the smallest, smoothest blur mask that deletes the evidence for 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -11,8 +12,10 @@ import torch.nn.functional as F
 
 from fastig.attr._base import Attribution
 from fastig.core.inputs import format_inputs
+from fastig.attr._path_common import check_output
 from fastig.core.engine import Engine, grid
 from fastig.core.targets import Target, args_for_batch, format_additional_args
+from fastig.errors import InvalidArgumentError, check_int
 
 
 def gaussian_blur(images: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -37,7 +40,7 @@ class MeaningfulPerturbation(Attribution):
 
         ``l1_coeff * ||1 - m||_1 + tv_coeff * sum_u ||grad m(u)||_beta^beta + f_c(m * x + (1 - m) * blur(x))``
 
-    where ``f_c`` is the softmax probability of the class (``score="softmax"``; ``"logit"`` uses the raw output)
+    where ``f_c`` is the softmax probability of the class (``output="probability"``; ``"logit"``: the raw output)
     and ``m`` is a ``mask_size x mask_size`` grid, bilinearly upsampled to the image and clamped to [0, 1] after
     every Adam step. Defaults, those stated in the paper for ImageNet (blur perturbation, deletion game):
     ``l1_coeff=1e-4``, ``tv_coeff=1e-2``, ``tv_beta=3``, a 28x28 mask, blur ``sigma=10``, Adam with learning rate
@@ -50,6 +53,9 @@ class MeaningfulPerturbation(Attribution):
     The model's passes go through the engine (:mod:`fastig.core.engine`): images in batches of the engine's size
     (each image's loss and mask gradient depend on that image only, so batching changes no number), ``precision``
     autocast (``"bf16"``/``"fp16"``).
+
+    ``score=`` is the old name of ``output=`` (``"softmax"`` for ``"probability"``), kept working with a
+    DeprecationWarning.
     """
 
     multiplies_by_inputs = False
@@ -66,20 +72,20 @@ class MeaningfulPerturbation(Attribution):
         tv_beta: float = 3.0,
         mask_size: int = 28,
         blur_sigma: float = 10.0,
-        score: str = "softmax",
+        output: str = "probability",
         jitter: int = 0,
         return_mask_history: bool = False,
         precision: str = "fp32",
+        score: str | None = None,
     ) -> Any:
         xs, is_tuple = format_inputs(inputs)
         if is_tuple or xs[0].dim() != 4:
             raise ValueError("MeaningfulPerturbation explains image batches: inputs must be one [N, C, H, W] tensor")
-        if score not in ("softmax", "logit"):
-            raise ValueError(f"score must be 'softmax' or 'logit', got {score!r}")
-        if not isinstance(n_iter, int) or n_iter < 0:
-            raise ValueError(f"n_iter must be a non-negative integer, got {n_iter!r}")
-        if not isinstance(mask_size, int) or mask_size < 1:
-            raise ValueError(f"mask_size must be a positive integer, got {mask_size!r}")
+        if score is not None:
+            output = _output_from_score(score)
+        check_output(output)
+        check_int("n_iter", n_iter, 0)
+        check_int("mask_size", mask_size)
         x = xs[0].detach()
         n, _, h, w = x.shape
         tgt = Target(target, n)
@@ -103,10 +109,10 @@ class MeaningfulPerturbation(Attribution):
                     part = mask[e]
                     upsampled = F.interpolate(part, size=(h, w), mode="bilinear", align_corners=False)
                     composite = upsampled * image[e] + (1 - upsampled) * base[e]
-                    output = engine.call((composite,), args_for_batch(args, n, e, 1))
-                    if score == "softmax":
-                        output = torch.softmax(output, dim=1)
-                    class_score = tgt.for_batch(e, 1).select(output)
+                    scores = engine.call((composite,), args_for_batch(args, n, e, 1))
+                    if output == "probability":
+                        scores = torch.softmax(scores, dim=1)
+                    class_score = tgt.for_batch(e, 1).select(scores)
                     loss = (class_score + l1_coeff * (1 - part).abs().flatten(1).sum(1)
                             + tv_coeff * total_variation(part, tv_beta))
                     loss.sum().backward()  # images are independent: the sum gives each mask its own gradient
@@ -133,3 +139,14 @@ def total_variation(mask: torch.Tensor, beta: float) -> torch.Tensor:
     dy = (mask[:, :, 1:, :] - mask[:, :, :-1, :]).abs().pow(beta).flatten(1).sum(1)
     dx = (mask[:, :, :, 1:] - mask[:, :, :, :-1]).abs().pow(beta).flatten(1).sum(1)
     return dy + dx
+
+
+_SCORES = {"softmax": "probability", "logit": "logit"}  # score= (deprecated) -> output=
+
+
+def _output_from_score(score: str) -> str:
+    if score not in _SCORES:
+        raise InvalidArgumentError(f"score (deprecated: use output=) must be 'softmax' or 'logit', got {score!r}")
+    warnings.warn(f"MeaningfulPerturbation's score={score!r} is deprecated: use output={_SCORES[score]!r}",
+                  DeprecationWarning, stacklevel=3)
+    return _SCORES[score]

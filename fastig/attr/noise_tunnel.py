@@ -18,14 +18,11 @@ from fastig.attr._base import Attribution
 from fastig.core.inputs import check_stdevs, draw_baselines, format_inputs, format_output, noisy_copies
 from fastig.core.engine import Engine
 from fastig.core.targets import expand_additional_args, expand_target, format_additional_args
+from fastig.errors import check_int
 
 NT_TYPES = ("smoothgrad", "smoothgrad_sq", "vargrad")
 
 
-def check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
 
 
 class NoiseTunnel(Attribution):
@@ -70,9 +67,9 @@ class NoiseTunnel(Attribution):
         xs, is_tuple = format_inputs(inputs)
         if nt_type not in NT_TYPES:
             raise ValueError(f"nt_type must be one of {NT_TYPES}, got {nt_type!r}")
-        check_positive_int("nt_samples", nt_samples)
+        check_int("nt_samples", nt_samples)
         chunk = nt_samples if nt_samples_batch_size is None else min(
-            nt_samples, check_positive_int("nt_samples_batch_size", nt_samples_batch_size)
+            nt_samples, check_int("nt_samples_batch_size", nt_samples_batch_size)
         )
         stdevs = check_stdevs(stdevs, len(xs))
         want_delta = bool(kwargs.get("return_convergence_delta", False))

@@ -46,7 +46,7 @@ from fastig.core.inputs import format_inputs, format_output
 from fastig.core import progress
 from fastig.core.engine import Chunk, Engine, as_engine
 from fastig.core.targets import Target, args_for_batch, format_additional_args
-from fastig.errors import InvalidArgumentError, InvalidTypeError
+from fastig.errors import InvalidArgumentError, InvalidTypeError, check_int
 
 
 
@@ -54,12 +54,7 @@ from fastig.errors import InvalidArgumentError, InvalidTypeError
 
 
 def check_perturbations_per_eval(perturbations_per_eval: Any) -> None:
-    if perturbations_per_eval is None:
-        return
-    if isinstance(perturbations_per_eval, bool) or not isinstance(perturbations_per_eval, int) or perturbations_per_eval < 1:
-        raise InvalidArgumentError(
-            f"perturbations_per_eval must be a positive integer or None, got {perturbations_per_eval!r}"
-        )
+    check_int("perturbations_per_eval", perturbations_per_eval, none_ok=True)
 
 
 def _has_target(target: Target) -> bool:
@@ -339,8 +334,7 @@ def mixed(x: torch.Tensor, b: torch.Tensor, take_b: torch.Tensor) -> torch.Tenso
 
 
 def check_n_samples(n_samples: Any) -> None:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise InvalidArgumentError(f"n_samples must be a positive integer, got {n_samples!r}")
+    check_int("n_samples", n_samples)
 
 
 def _completed(value: Any) -> torch.futures.Future:

@@ -12,6 +12,7 @@ from fastig.core.inputs import format_inputs
 from fastig.attr.perturbation import check_perturbations_per_eval, evaluate_copies
 from fastig.core.engine import Engine
 from fastig.core.targets import Target, format_additional_args
+from fastig.errors import check_int
 
 
 def weight_of_evidence(p_full: torch.Tensor, p_marginal: torch.Tensor, n_train: int, n_classes: int) -> torch.Tensor:
@@ -70,8 +71,7 @@ class PredictionDifferenceAnalysis(Attribution):
         x = xs[0]
         n, c, h, w = x.shape
         for name, value in (("window_size", window_size), ("n_samples", n_samples), ("stride", stride)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, value)
         if window_size > min(h, w):
             raise ValueError(f"window_size {window_size} exceeds the image size {h}x{w}")
         if reference is not None:

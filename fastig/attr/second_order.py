@@ -38,6 +38,7 @@ from fastig.core.inputs import format_inputs
 from fastig.attr._layers import batched_vjp, capture, resolve_layer
 from fastig.core.engine import Chunk, Engine, grid
 from fastig.core.targets import Target, format_additional_args
+from fastig.errors import check_int
 
 # Bytes of Hessian-vector-product directions per vectorized double-backward pass (as many again for the results).
 HVP_BYTES = 64 << 20
@@ -178,10 +179,7 @@ class SecondOrderGradients(Attribution):
     ) -> torch.Tensor:
         """2ndG maps for ``inputs``; ``layer`` overrides the constructor's choice for this call."""
         xs, _ = format_inputs(inputs)
-        if internal_batch_size is not None and (
-            isinstance(internal_batch_size, bool) or not isinstance(internal_batch_size, int) or internal_batch_size < 1
-        ):
-            raise ValueError(f"internal_batch_size must be a positive integer or None, got {internal_batch_size!r}")
+        check_int("internal_batch_size", internal_batch_size, none_ok=True)
         args = format_additional_args(additional_forward_args)
         if layer is not None:
             chosen = resolve_layer(self.forward_func, layer)

@@ -52,7 +52,7 @@ from fastig.core import quadrature
 from fastig.core.engine import Engine
 from fastig.core.inputs import format_baselines, format_inputs
 from fastig.core.targets import Target, format_additional_args
-from fastig.errors import InputError
+from fastig.errors import InputError, check_int
 
 # A forward-only pass costs this much of a forward+backward pass (input gradient only). Measured on this project's
 # 2-core CPU machine with torch 2.13: resnet18 0.45, resnet50 0.44, vgg16 0.48 (224x224, batches of 4-8), a small
@@ -233,8 +233,7 @@ def integrate_adaptive(
     ``max_steps`` is spent before the tolerance is met.
     """
     tolerance, max_steps = quadrature.check_auto_steps(tolerance, max_steps)
-    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 0:
-        raise ValueError(f"probes must be an integer >= 0, got {probes!r}")
+    check_int("probes", probes, 0)
     n = curve.n
     sample = curve.points(torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.float64))
     shapes = [tuple(p.shape[1:]) for p in sample]
@@ -564,8 +563,7 @@ def fit_schedule(
         raise ValueError(f"fit_schedule fits 'ig' or 'blur_ig' paths, got method={method!r}")
     counts = [n_steps] if isinstance(n_steps, int) and not isinstance(n_steps, bool) else list(n_steps)
     for name, value, low in [("n_steps", c, 1) for c in counts] + [("fit_steps", fit_steps, 4)]:
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int(name, value, low)
     xs, _ = format_inputs(inputs)
     curve = (StraightCurve(xs, format_baselines(baselines, xs)) if method == "ig"
              else BlurCurve(xs, max_sigma, grad_step))

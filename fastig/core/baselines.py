@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from fastig.core.superpixels import opencv_slic, superpixels
+from fastig.errors import check_int
 
 SEGMENTATIONS = ("slic", "grid", "cv2")
 FILLS = ("blur", "mean", "noise", "telea", "navier_stokes")
@@ -86,9 +87,9 @@ class SegmentBaselines:
         elif not callable(self.fill):
             raise TypeError(f"fill must be a name or a callable inpaint(image, mask) -> image, got "
                             f"{type(self.fill).__name__}")
-        _check_int("n_segments", self.n_segments, 1)
-        _check_int("n_samples", self.n_samples, 1)
-        _check_int("seed", self.seed, 0)
+        check_int("n_segments", self.n_segments)
+        check_int("n_samples", self.n_samples)
+        check_int("seed", self.seed, 0)
         for name, low, high in (("fraction", 0.0, 1.0), ("blur_sigma", 0.0, None), ("inpaint_radius", 0.0, None),
                                 ("compactness", 0.0, None)):
             value = getattr(self, name)
@@ -160,11 +161,6 @@ class SegmentDraw:
     labels: torch.Tensor
     seeds: list[int]
     settings: dict = field(default_factory=dict)
-
-
-def _check_int(name: str, value: Any, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
 def image_seed(seed: int, image: torch.Tensor) -> int:

@@ -45,7 +45,7 @@ import torch
 from fastig import _ops
 from fastig.core import progress
 from fastig.core.targets import Target, args_for_batch
-from fastig.errors import InputError
+from fastig.errors import InputError, check_int
 
 # On the CPU a model pass costs nearly the same per point at any batch size beyond a few points (resnet50 IG, 32
 # steps: one pass of 32 points was about 13% cheaper than two of 16, at twice the peak memory), so a batch only
@@ -151,8 +151,10 @@ def grid(n_steps: int, n_examples: int, steps_per_batch: int, examples_per_batch
             yield Chunk(slice(s0, min(s0 + steps_per_batch, n_steps)), examples, split_examples)
 
 
-class Path(Protocol):
-    """What the engine needs of a path: its number of points and the points of a range of steps and examples.
+class PathPoints(Protocol):
+    """The engine's view of a path: how many points it has (``n_steps``) and the points of a range of steps and
+    examples (``points``), made on demand, never all at once. Every path of :mod:`fastig.core.paths` is one. The
+    engine needs only these counted points, not the curve; and the name ``Path`` would shadow ``pathlib.Path``.
 
     A path whose points depend on the gradients already seen (Guided IG) also sets ``sequential = True`` and has
     ``advance(batch)``: the engine then evaluates one step per batch and calls ``advance`` right after each
@@ -216,10 +218,7 @@ class Engine:
     """
 
     def __init__(self, forward_func: Callable, batch_size: int | None = None, precision: str = "fp32"):
-        if batch_size is not None and (
-            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-        ):
-            raise InputError(f"internal_batch_size must be a positive integer or None, got {batch_size!r}")
+        check_int("internal_batch_size", batch_size, none_ok=True)
         self.forward_func = forward_func
         self.batch_size = batch_size
         self.precision = check_precision(precision)
@@ -368,8 +367,7 @@ class Engine:
         n = inputs[0].shape[0]
         if top_k is None:
             return Target(target, n)
-        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
-            raise InputError(f"top_k must be a positive integer or None, got {top_k!r}")
+        check_int("top_k", top_k, none_ok=True)
         if target is not None:
             raise InputError("give either target or top_k, not both")
         logits = torch.cat([out for _, out in self.predict(n, lambda part: tuple(x[part] for x in inputs),
@@ -381,7 +379,7 @@ class Engine:
 
     # -- whole paths ----------------------------------------------------------------------------------------
 
-    def batches(self, path: Path, target: Target, args: tuple, n_steps: int | None = None) -> Iterator[Batch]:
+    def batches(self, path: PathPoints, target: Target, args: tuple, n_steps: int | None = None) -> Iterator[Batch]:
         """Evaluate the first ``n_steps`` points of ``path`` (default: all): examples in chunks, and within a chunk
         steps in chunks, in order (one step per batch on a sequential path)."""
         n = target.n
@@ -428,7 +426,7 @@ def as_engine(forward_func: Callable | Engine, batch_size: int | None = None) ->
 
 
 def integrate(
-    engine: Engine, path: Path, weights: torch.Tensor, target: Target, args: tuple
+    engine: Engine, path: PathPoints, weights: torch.Tensor, target: Target, args: tuple
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Riemann sum ``sum_k weights[k] * grad f(path_k)`` per example and input ([n, ...], or [n, K, ...] for K
     targets per example), and f at every point [n_steps, n] (or [n_steps, n, K]).
@@ -448,7 +446,7 @@ def integrate(
 
 
 def integrate_moves(
-    engine: Engine, path: Path, target: Target, args: tuple, n_steps: int
+    engine: Engine, path: PathPoints, target: Target, args: tuple, n_steps: int
 ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """Path integral ``sum_k moves_k * grad f(path_k)`` (elementwise) over the first ``n_steps`` points, per
     example and input (and target), and f at those points [n_steps, n] (or [n_steps, n, K]).
@@ -473,7 +471,8 @@ def integrate_moves(
     return tuple(totals), outputs
 
 
-def integrate_idgi(engine: Engine, path: Path, target: Target, args: tuple) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+def integrate_idgi(engine: Engine, path: PathPoints, target: Target, args: tuple
+                   ) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
     """IDGI (Yang et al. 2023) along the path's points x_0 .. x_N (``N = path.n_steps - 1``).
 
     Per segment: ``g_i * g_i * (f(x_{i+1}) - f(x_i)) / ||g_i||^2`` with ``g_i`` the gradient at the segment's left

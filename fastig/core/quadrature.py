@@ -4,7 +4,12 @@
 multiplied by. The Riemann rules take their alphas from a float32 ``torch.linspace`` (as Captum does, so the
 points are exactly Captum's) and their weights are 1/n (halved at both ends for the trapezoid rule, whose weights
 therefore sum to 1 - 1/n, as in Captum). Gauss-Legendre uses numpy's float64 nodes and weights.
-Captum rounds the weights to float32 before multiplying; :func:`rule` does the same.
+Captum rounds the weights to float32 before multiplying; :func:`named_rule` does the same.
+
+Inside fastig the quadrature rule is called ``rule`` (a name of :data:`RULES`, or a :class:`Rule` of alphas and
+weights). Only the Captum-facing ``attribute()`` signatures (``IntegratedGradients``, ``LayerIntegratedGradients``
+and the classes called like them) keep Captum's name for it, ``method=``; ``fastig.attribute`` and the CLI say
+``rule`` (``--rule``), since there ``method`` names the attribution method.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from fastig.errors import InputError
+from fastig.errors import InputError, check_int
 
 RULES = ("riemann_left", "riemann_right", "riemann_middle", "riemann_trapezoid", "gausslegendre")
 
@@ -36,36 +41,34 @@ class Rule(NamedTuple):
         return self.alphas[-1] == 1.0
 
 
-def check_rule(method: str, n_steps: int) -> None:
-    if method not in RULES:
-        raise ValueError(f"unknown integration method {method!r}; choose one of {', '.join(RULES)}")
-    minimum = 1 if method == "gausslegendre" else 2
-    if not isinstance(n_steps, int) or isinstance(n_steps, bool) or n_steps < minimum:
-        raise ValueError(f"n_steps must be an integer >= {minimum} for {method}, got {n_steps!r}")
-    check_steps_fit(method, n_steps)
+def check_rule(rule: str, n_steps: int) -> None:
+    if rule not in RULES:
+        raise ValueError(f"unknown integration method {rule!r}; choose one of {', '.join(RULES)}")
+    check_int("n_steps", n_steps, 1 if rule == "gausslegendre" else 2, why=f"for {rule}")
+    check_steps_fit(rule, n_steps)
 
 
-def alphas(method: str, n_steps: int) -> list[float]:
-    check_rule(method, n_steps)
+def alphas(rule: str, n_steps: int) -> list[float]:
+    check_rule(rule, n_steps)
     n = n_steps
-    if method == "gausslegendre":
+    if rule == "gausslegendre":
         return list(0.5 * (1 + _gauss_legendre(n)[0]))
     start, end = {
         "riemann_trapezoid": (0, 1),
         "riemann_left": (0, 1 - 1 / n),
         "riemann_middle": (1 / (2 * n), 1 - 1 / (2 * n)),
         "riemann_right": (1 / n, 1),
-    }[method]
+    }[rule]
     return torch.linspace(start, end, n).tolist()
 
 
-def step_sizes(method: str, n_steps: int) -> list[float]:
-    check_rule(method, n_steps)
+def step_sizes(rule: str, n_steps: int) -> list[float]:
+    check_rule(rule, n_steps)
     n = n_steps
-    if method == "gausslegendre":
+    if rule == "gausslegendre":
         return list(0.5 * _gauss_legendre(n)[1])
     deltas = [1 / n] * n
-    if method == "riemann_trapezoid":
+    if rule == "riemann_trapezoid":
         deltas[0] /= 2
         deltas[-1] /= 2
     return deltas
@@ -79,9 +82,9 @@ def _gauss_legendre(n: int) -> tuple[np.ndarray, np.ndarray]:
     return nodes, weights
 
 
-def rule(method: str, n_steps: int) -> Rule:
-    """Alphas and float32 weights of ``method`` with ``n_steps`` points."""
-    return Rule(alphas(method, n_steps), torch.tensor(step_sizes(method, n_steps)).float())
+def named_rule(rule: str, n_steps: int) -> Rule:
+    """The rule named ``rule`` (one of :data:`RULES`) with ``n_steps`` points: its alphas and float32 weights."""
+    return Rule(alphas(rule, n_steps), torch.tensor(step_sizes(rule, n_steps)).float())
 
 
 # --- non-uniform rules: user-given points (``alphas=``), fitted schedules, adaptive nodes ---------------------
@@ -131,9 +134,7 @@ def check_auto_steps(tolerance, max_steps) -> tuple[float, int]:
     """The options of ``n_steps="auto"``: a tolerance in (0, 1) and an integer ``max_steps >= 2``."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 < tolerance < 1:
         raise ValueError(f"tolerance must be a number in (0, 1) (a relative error, e.g. 0.01), got {tolerance!r}")
-    if isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 2:
-        raise ValueError(f"max_steps must be an integer >= 2 (the error estimate needs two gradients), got {max_steps!r}")
-    return float(tolerance), max_steps
+    return float(tolerance), check_int("max_steps", max_steps, 2, why="the error estimate needs two gradients")
 
 
 def _is_pair(value) -> bool:
@@ -184,8 +185,8 @@ def available_memory() -> int | None:
     return min(limits) if limits else None
 
 
-def max_steps(method: str | None = None, examples: int = 1, budget: int | None = None) -> int | None:
-    """The most steps a path with ``method``'s tables (None: a path without a quadrature rule) and ``examples``
+def max_steps(rule: str | None = None, examples: int = 1, budget: int | None = None) -> int | None:
+    """The most steps a path with ``rule``'s tables (None: a path without a quadrature rule) and ``examples``
     examples may have: their memory within ``budget`` bytes (default: :data:`STEP_MEMORY_SHARE` of
     :func:`available_memory`), and at most :data:`GAUSS_LEGENDRE_MAX_STEPS` Gauss-Legendre nodes. None when the
     memory available is unknown and the rule sets no limit of its own."""
@@ -193,7 +194,7 @@ def max_steps(method: str | None = None, examples: int = 1, budget: int | None =
         available = available_memory()
         budget = None if available is None else int(available * STEP_MEMORY_SHARE)
     fits = None if budget is None else budget // (BYTES_PER_STEP + BYTES_PER_STEP_AND_EXAMPLE * max(examples, 1))
-    if method == "gausslegendre":
+    if rule == "gausslegendre":
         nodes = GAUSS_LEGENDRE_MAX_STEPS
         if budget is not None:
             nodes = min(nodes, int(math.isqrt(budget // GAUSS_LEGENDRE_BYTES_PER_STEP_SQUARED)))
@@ -201,21 +202,21 @@ def max_steps(method: str | None = None, examples: int = 1, budget: int | None =
     return fits
 
 
-def check_steps_fit(method: str | None, n_steps: int, examples: int = 1, budget: int | None = None) -> None:
+def check_steps_fit(rule: str | None, n_steps: int, examples: int = 1, budget: int | None = None) -> None:
     """Refuse, in one line that says what fits, a number of steps whose tables cannot be built here."""
     small = n_steps <= SMALL_STEPS and n_steps * (BYTES_PER_STEP + BYTES_PER_STEP_AND_EXAMPLE * examples) <= SMALL_BYTES
     if budget is None and small:  # tables of a few MiB at most: not worth reading the memory available
         return
-    fits = max_steps(method, examples, budget)
+    fits = max_steps(rule, examples, budget)
     if fits is None or n_steps <= fits:
         return
-    asked = f"n_steps={n_steps:,}" + (f" with {method}" if method else "")
-    if method == "gausslegendre" and fits == GAUSS_LEGENDRE_MAX_STEPS:
+    asked = f"n_steps={n_steps:,}" + (f" with {rule}" if rule else "")
+    if rule == "gausslegendre" and fits == GAUSS_LEGENDRE_MAX_STEPS:
         raise InputError(f"{asked}: at most {fits:,} steps are allowed (Captum's nodes, numpy's leggauss, take "
                          f"O(n^3) time and {GAUSS_LEGENDRE_BYTES_PER_STEP_SQUARED} n^2 bytes); use a riemann rule "
                          "for more")
     need = (BYTES_PER_STEP + BYTES_PER_STEP_AND_EXAMPLE * max(examples, 1)) * n_steps
-    if method == "gausslegendre":
+    if rule == "gausslegendre":
         need += GAUSS_LEGENDRE_BYTES_PER_STEP_SQUARED * n_steps**2
     if budget is None:
         limit = f"more than {STEP_MEMORY_SHARE:.0%} of the {format_bytes(available_memory() or 0)} available"

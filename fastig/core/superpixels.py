@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fastig.errors import check_int
+
 
 def superpixels(
     images: torch.Tensor, n_segments: int = 64, method: str = "slic", compactness: float = 1.0, n_iter: int = 10
@@ -28,8 +30,7 @@ def superpixels(
         raise ValueError(f"superpixels need an image batch [N, C, H, W], got {getattr(images, 'shape', images)!r}")
     if method not in ("grid", "slic"):
         raise ValueError(f"method must be 'grid' or 'slic', got {method!r}")
-    if not isinstance(n_segments, int) or n_segments < 1:
-        raise ValueError(f"n_segments must be a positive integer, got {n_segments!r}")
+    check_int("n_segments", n_segments)
     n, _, h, w = images.shape
     rows = max(1, min(h, round(math.sqrt(n_segments * h / w))))
     cols = max(1, min(w, math.ceil(n_segments / rows)))

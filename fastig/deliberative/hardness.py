@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from fastig.core import progress
-from fastig.errors import CheckpointError
+from fastig.errors import CheckpointError, check_int
 from fastig.models.checkpoints import apply_state_dict, read_state_dict
 
 HIDDEN = 1000  # the trunk's new output width (the released code keeps ImageNet's 1000)
@@ -99,8 +99,7 @@ def train_hardness(classifier: nn.Module, predictor: HardnessPredictor,
     images [B, ...] and their true labels [B]. The classifier runs in eval mode without gradients; the predictor
     trains in train mode (BatchNorm, dropout) and is returned to eval mode. Progress is shown per batch.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    check_int("epochs", epochs)
     classifier.eval()
     optimizer = torch.optim.Adam(predictor.parameters(), lr=lr, weight_decay=weight_decay)
     history = []

@@ -44,6 +44,7 @@ from fastig.attr._layers import batched_vjp, capture, resolve_layer
 from fastig.attr.second_order import second_order_terms
 from fastig.core import progress
 from fastig.core.engine import CPU_BATCH_BYTES
+from fastig.errors import check_int
 
 ATTRIBUTIONS = ("gradient", "ig", "2ndg")
 DIFFICULTIES = ("hp", "cs", "entropy")
@@ -198,9 +199,8 @@ class InsecurityMaps:
             raise ValueError(f"attribution must be one of {', '.join(ATTRIBUTIONS)}, got {attribution!r}")
         if difficulty not in DIFFICULTIES:
             raise ValueError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {difficulty!r}")
-        for name, value, low in (("top_k", top_k, 2), ("ig_steps", ig_steps, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        check_int("top_k", top_k, 2, why="pairs of classes")
+        check_int("ig_steps", ig_steps)
         self.model, self.attribution, self.difficulty = model, attribution, difficulty
         self.top_k, self.ig_steps = top_k, ig_steps
         self.layer = resolve_layer(model, layer)
@@ -228,8 +228,7 @@ class InsecurityMaps:
         n = images.shape[0]
         if batch_size is None:
             batch_size = max(1, CPU_BATCH_BYTES // (images[0].numel() * images.element_size()))
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+        check_int("batch_size", batch_size, none_ok=True)
         base = _baselines(baselines, images)
         results: list[Insecurities] = []
         for start in range(0, n, batch_size):

@@ -30,7 +30,7 @@ from fastig.deliberative import evaluation
 from fastig.deliberative.hardness import HardnessPredictor, load_hardness, save_hardness, train_hardness
 from fastig.deliberative.insecurity import ATTRIBUTIONS, DIFFICULTIES, InsecurityMaps, SCORES
 from fastig.deliberative.pictures import hard_image_picture, save_curves, save_png
-from fastig.errors import FastigError
+from fastig.errors import FastigError, check_int
 from fastig.io.ade20k import Ade20k, ObjectTable, read_label_map
 from fastig.io.cub200 import Cub200
 from fastig.io.datasets import DatasetError
@@ -72,16 +72,11 @@ class Settings:
             raise DeliberateError(f"attribution must be one of {', '.join(ATTRIBUTIONS)}, got {self.attribution!r}")
         if self.difficulty not in DIFFICULTIES:
             raise DeliberateError(f"difficulty must be one of {', '.join(DIFFICULTIES)}, got {self.difficulty!r}")
-        for name in ("hard", "top_k", "ig_steps", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DeliberateError(f"{name} must be a positive integer, got {value!r}")
-        if self.top_k < 2:
-            raise DeliberateError(f"top_k must be at least 2 (pairs of classes), got {self.top_k}")
-        if self.pictures < 0:
-            raise DeliberateError(f"pictures must be >= 0, got {self.pictures}")
-        if self.input_size is not None and self.input_size < 8:
-            raise DeliberateError(f"input_size must be at least 8 pixels, got {self.input_size}")
+        for name in ("hard", "ig_steps", "batch_size"):
+            check_int(name, getattr(self, name), error=DeliberateError)
+        check_int("top_k", self.top_k, 2, why="pairs of classes", error=DeliberateError)
+        check_int("pictures", self.pictures, 0, error=DeliberateError)
+        check_int("input_size", self.input_size, 8, none_ok=True, why="pixels", error=DeliberateError)
         if not 0 < self.picture_fraction < 1:
             raise DeliberateError(f"picture_fraction must lie in (0, 1), got {self.picture_fraction}")
         for name in ("weights", "hardness"):
@@ -416,11 +411,8 @@ def train_on_dataset(model: str, weights: str, dataset_root, out, epochs: int = 
                         batch_size=batch_size, seed=seed)
     if weights != "none" and not Path(weights).is_file():
         raise DeliberateError(f"weights: no such file {weights!r} (give a checkpoint file or 'none')")
-    for name, value in (("epochs", epochs), ("batch_size", batch_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise DeliberateError(f"{name} must be a positive integer, got {value!r}")
-    if batch_size < 2:
-        raise DeliberateError("batch_size must be at least 2 (the predictor's BatchNorm trains on batches)")
+    check_int("epochs", epochs, error=DeliberateError)
+    check_int("batch_size", batch_size, 2, why="the predictor's BatchNorm trains on batches", error=DeliberateError)
     dataset = open_dataset(dataset_root)
     train = dataset.train_indices
     if len(train) < 2:

@@ -46,7 +46,7 @@ import cv2
 import numpy as np
 import torch
 
-from fastig.errors import FastigError, ImageReadError
+from fastig.errors import FastigError, ImageReadError, check_int
 from fastig.io import imagenet_classes
 
 LAYOUTS = ("auto", "list", "imagenet_loc", "imagenet_devkit", "tiny_imagenet", "places365", "folder", "flat")
@@ -361,12 +361,9 @@ def select(n: int, start: int = 0, stride: int = 1, end: int | None = None) -> r
     for name, value in (("start", start), ("stride", stride), ("end", end)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
             raise TypeError(f"{name} must be an integer, got {value!r}")
-    if start < 0:
-        raise ValueError(f"start must be >= 0, got {start}")
-    if stride < 1:
-        raise ValueError(f"index stride must be >= 1, got {stride}")
-    if end is not None and end < 0:
-        raise ValueError(f"end must be >= 0, got {end}")
+    check_int("start", start, 0)
+    check_int("stride", stride)
+    check_int("end", end, 0, none_ok=True)
     return range(int(start), min(n, n if end is None else int(end)), int(stride))
 
 
@@ -458,10 +455,8 @@ def batches(dataset: ImageDataset, indices: Sequence[int], preprocess, batch_siz
             pin_memory: bool = False):
     """Iterate over lists of at most ``batch_size`` Decoded samples, in index order, decoded by ``workers``
     processes (0: in this process)."""
-    if batch_size < 1:
-        raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+    check_int("batch_size", batch_size)
+    check_int("workers", workers, 0)
     loader = torch.utils.data.DataLoader(
         DecodingDataset(dataset, indices, preprocess), batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=list, pin_memory=pin_memory, prefetch_factor=4 if workers else None,

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from fastig.errors import FastigError
+from fastig.errors import FastigError, check_int
 from fastig.io.images import swap_rgb_bgr
 
 SIGNS = ("absolute", "positive", "negative", "all")
@@ -147,8 +147,7 @@ def grid(rows: Sequence[Sequence], row_labels: Sequence[str] | None = None,
     ``(top + rows * (cell + GAP) + GAP, left + cols * (cell + GAP) + GAP, 3)``. Cell (r, c) starts at
     ``(top + GAP + r * (cell + GAP), left + GAP + c * (cell + GAP))``. Labels are ASCII (OpenCV's Hershey font).
     """
-    if isinstance(cell, bool) or not isinstance(cell, int) or cell < 8:
-        raise ValueError(f"cell must be an integer of at least 8 pixels, got {cell!r}")
+    check_int("cell", cell, 8, why="pixels")
     rows = [list(r) for r in rows]
     if not rows or not any(rows):
         raise ValueError("grid needs at least one image")

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 import torch
 
-from fastig.errors import ImageReadError
+from fastig.errors import ImageReadError, check_int, int_problem
 from fastig.io.imagesize import image_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -204,14 +204,14 @@ class Preprocess:
 
     def __post_init__(self):
         if isinstance(self.resize, (tuple, list)):
-            if len(self.resize) != 2 or not all(_positive_int(v) for v in self.resize):
+            if len(self.resize) != 2 or any(int_problem(v) for v in self.resize):
                 raise ValueError(f"Preprocess.resize as a size must be (height, width) of positive integers, got "
                                  f"{self.resize!r}")
             object.__setattr__(self, "resize", tuple(self.resize))
         for name in ("resize", "crop"):
             value = getattr(self, name)
-            if value is not None and not (name == "resize" and isinstance(value, tuple)) and not _positive_int(value):
-                raise ValueError(f"Preprocess.{name} must be a positive integer or None, got {value!r}")
+            if not (name == "resize" and isinstance(value, tuple)):
+                check_int(f"Preprocess.{name}", value, none_ok=True)
         if (self.mean is None) != (self.std is None):
             raise ValueError("Preprocess.mean and Preprocess.std must both be given or both be None")
         if self.mean is not None:
@@ -280,10 +280,6 @@ def uint8_to_input(mean: Sequence[float] | None = None, std: Sequence[float] | N
 def swap_rgb_bgr(image: np.ndarray) -> np.ndarray:
     """An RGB image [H, W, 3] in OpenCV's BGR order (or back), contiguous; a grey image [H, W] as it is."""
     return np.ascontiguousarray(image[:, :, ::-1]) if image.ndim == 3 else image
-
-
-def _positive_int(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
 
 def _resize_and_crop(image: np.ndarray, resize: int | tuple[int, int] | None, crop: int | None) -> np.ndarray:

@@ -31,6 +31,7 @@ import torch
 
 from fastig import _ops
 from fastig.core.engine import Chunk, Engine, grid
+from fastig.errors import check_int
 
 MODES = ("insertion", "deletion")
 SUBSTRATES = ("blur", "zeros", "mean")
@@ -128,8 +129,7 @@ def saliency_rank(saliency: torch.Tensor) -> torch.Tensor:
 
 def pixel_counts(n_pixels: int, step: int) -> torch.Tensor:
     """``[0, step, 2 step, ..., P]`` (the last one capped at P): the pixels moved at each of the curve's points."""
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 1:
-        raise ValueError(f"step must be a positive integer, got {step!r}")
+    check_int("step", step)
     n_steps = -(-n_pixels // int(step))
     return torch.clamp(torch.arange(n_steps + 1, dtype=torch.int64) * int(step), max=n_pixels)
 
@@ -188,8 +188,7 @@ def causal_metric(model: Callable, images: torch.Tensor, saliency, mode: str, ta
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a tensor [N, C, H, W], got "
                          f"{tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__}")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, none_ok=True)
     n, _, h, w = images.shape
     sal = torch.as_tensor(saliency).detach().to("cpu")
     if sal.dim() == 4:

@@ -71,7 +71,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastig.errors import CheckpointError
+from fastig.errors import CheckpointError, check_int
 
 __all__ = [
     "Encoder",
@@ -212,8 +212,7 @@ class DecoderBlock(_ResidualBlock):
 
 def _check_positive(**values: int) -> None:
     for name, value in values.items():
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_int(name, value)
 
 
 def _check_image_batch(x: torch.Tensor, channels: int, what: str) -> None:
