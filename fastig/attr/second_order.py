@@ -118,17 +118,27 @@ def second_order_terms(
     return first, quad
 
 
-def _quadratic_forms(grad: torch.Tensor, acts: torch.Tensor, rows_per_pass: int | None) -> torch.Tensor:
+def _quadratic_forms(grad: torch.Tensor, acts: torch.Tensor, rows_per_pass: int | None,
+                     batched: bool | None = None) -> torch.Tensor:
     """``a_p^T H_pp a_p`` [m, *spatial] for every example and location, from ``grad = ds/da`` (with its graph):
-    the Hessian-vector product with ``a`` at ``p`` (zero elsewhere) read at ``p``, for chunks of locations."""
+    the Hessian-vector product with ``a`` at ``p`` (zero elsewhere) read at ``p``, for chunks of locations.
+
+    ``batched``: the products of a chunk in one vectorized double-backward pass (:func:`batched_vjp`) or one
+    retained-graph pass per location; None chooses (:func:`_batched_is_faster`). Both give the same numbers to
+    rounding. Zero curvature (a piecewise-linear network after the layer) is found with one product first.
+    """
     m, c = acts.shape[:2]
     spatial = tuple(acts.shape[2:])
     n_loc = math.prod(spatial)
     quad = torch.zeros(m, n_loc, dtype=acts.dtype, device=acts.device)
-    if not grad.requires_grad:  # the score is linear in the activations: H = 0
+    if not grad.requires_grad or _curvature_is_zero(grad, acts):
         return quad.reshape((m,) + spatial)
+    if batched is None:
+        batched = _batched_is_faster(grad)
     flat = acts.detach().reshape(m, c, n_loc)
-    if rows_per_pass:
+    if not batched:
+        per_pass = 1
+    elif rows_per_pass:
         per_pass = max(1, rows_per_pass // m)
     else:
         per_pass = max(1, HVP_BYTES // max(flat.numel() * flat.element_size(), 1))
@@ -138,10 +148,49 @@ def _quadratic_forms(grad: torch.Tensor, acts: torch.Tensor, rows_per_pass: int 
         at_location = flat[:, :, locations].permute(2, 0, 1)  # [L, m, C]: a_p of each example at each location
         directions = torch.zeros((len(locations),) + tuple(flat.shape), dtype=flat.dtype, device=flat.device)
         directions[chunk, :, :, locations] = at_location
-        hvp = batched_vjp(grad, acts, directions.reshape((len(locations),) + tuple(acts.shape)))
-        hvp_at_location = hvp.reshape(directions.shape)[chunk, :, :, locations]
+        directions = directions.reshape((len(locations),) + tuple(acts.shape))
+        if batched:
+            hvp = batched_vjp(grad, acts, directions)
+        else:
+            (hvp,) = torch.autograd.grad(grad, acts, directions[0], retain_graph=True, allow_unused=True)
+            hvp = torch.zeros_like(directions) if hvp is None else hvp.unsqueeze(0)
+        hvp_at_location = hvp.reshape((len(locations),) + tuple(flat.shape))[chunk, :, :, locations]
         quad[:, start:start + len(locations)] = (at_location * hvp_at_location).sum(2).T
     return quad.reshape((m,) + spatial)
+
+
+def _curvature_is_zero(grad: torch.Tensor, acts: torch.Tensor) -> bool:
+    """Whether the Hessian of the score w.r.t. the layer activations is zero at ``acts``: one Hessian-vector
+    product with a random direction (fixed seed) is exactly zero. After a piecewise-linear tail (ReLU, max-pooling,
+    linear and conv layers) the double-backward pass yields exact zeros whatever the direction, so every
+    per-location product would be zero too; for curved tails a dense random direction gives a non-zero product
+    (a zero by cancellation has probability zero), and the work goes on with one product more."""
+    seeded = torch.Generator(device=acts.device).manual_seed(0)
+    probe = torch.randn(acts.shape, generator=seeded, dtype=acts.dtype, device=acts.device)
+    (hvp,) = torch.autograd.grad(grad, acts, probe, retain_graph=True, allow_unused=True)
+    return hvp is None or not bool(hvp.any())
+
+
+# Backward nodes whose double backward has no batching rule in the vectorized backward pass
+# (``is_grads_batched``): it runs them once per product and then stacks the results (with the weight-shaped
+# ones, about 9 MB per product and conv of a ResNet's last stage), which is slower than one pass per product.
+_UNBATCHED_DOUBLE_BACKWARD = frozenset({"ConvolutionBackwardBackward0"})
+
+
+def _batched_is_faster(grad: torch.Tensor) -> bool:
+    """False when the graph of ``grad`` (the backward pass after the layer) holds a node of
+    :data:`_UNBATCHED_DOUBLE_BACKWARD`, i.e. a convolution after the layer; True otherwise (the vectorized pass
+    saves the per-pass overhead of many small passes)."""
+    seen, todo = set(), [grad.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ in _UNBATCHED_DOUBLE_BACKWARD:
+            return False
+        seen.add(node)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return True
 
 
 class SecondOrderGradients(Attribution):
