@@ -157,3 +157,56 @@ def test_bad_input_is_a_clear_error():
                                 torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3))
     with pytest.raises(ValueError, match="more than once"):
         SecondOrderGradients(twice, shared).attribute(x, target=0)
+
+
+def _grad_at(model, layer, x, target):
+    """The layer's activations and the explained score's gradient w.r.t. them, with its graph."""
+    from fastig.attr._layers import capture
+
+    with capture(layer) as found:
+        score = model(x)[:, target].sum()
+    acts = found[0][0]
+    (grad,) = torch.autograd.grad(score, acts, create_graph=True)
+    return grad, acts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, channels, size, rows_per_pass", [(1, 3, 5, None), (3, 4, 6, 7), (2, 6, 4, 1)])
+def test_batched_and_per_location_products_agree(dtype, n, channels, size, rows_per_pass):
+    """The vectorized double-backward pass and one retained-graph pass per location give the same quadratic
+    forms, on a convolutional tail (where the loop is chosen) and a dense one (where the batched pass is)."""
+    from fastig.attr.second_order import _batched_is_faster, _quadratic_forms
+
+    torch.manual_seed(n * 100 + channels * 10 + size)
+    conv = SmoothNet(channels=channels, size=size, act=torch.nn.SiLU).to(dtype).eval()
+    dense = torch.nn.Sequential(torch.nn.Linear(5, channels), torch.nn.Tanh(), torch.nn.Linear(channels, 4),
+                                torch.nn.Softplus(), torch.nn.Linear(4, 3)).to(dtype).eval()
+    cases = [(conv, conv.head, torch.randn(n, 2, size + 2, size + 2, dtype=dtype), False),
+             (dense, dense[1], torch.randn(n, 5, dtype=dtype), True)]
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
+    for model, layer, x, batched_chosen in cases:
+        grad, acts = _grad_at(model, layer, x, target=2)
+        assert _batched_is_faster(grad) is batched_chosen
+        batched = _quadratic_forms(grad, acts, rows_per_pass, batched=True)
+        looped = _quadratic_forms(grad, acts, rows_per_pass, batched=False)
+        assert batched.dtype == looped.dtype == dtype and batched.shape == acts.shape[:1] + acts.shape[2:]
+        assert looped.abs().max() > 1e-4  # curved tails: a real comparison
+        torch.testing.assert_close(batched, looped, **tol)
+        torch.testing.assert_close(_quadratic_forms(grad, acts, rows_per_pass), looped if not batched_chosen
+                                   else batched, rtol=0, atol=0)
+
+
+def test_zero_curvature_is_found_and_curvature_is_not_missed():
+    """The one-product check: a ReLU tail has a zero Hessian (2ndG skips the per-location products), smooth
+    tails do not (the products are computed)."""
+    from fastig.attr.second_order import _curvature_is_zero
+
+    torch.manual_seed(3)
+    relu = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 3, padding=1),
+                               torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 2 * 2, 5)).eval()
+    x = torch.randn(2, 2, 6, 6)
+    assert _curvature_is_zero(*_grad_at(relu, relu[1], x, target=1))
+    for act in (torch.nn.Softplus, torch.nn.Tanh, torch.nn.GELU):
+        smooth = SmoothNet(act=act).eval()
+        assert not _curvature_is_zero(*_grad_at(smooth, smooth.head, torch.randn(2, 2, 8, 8), target=1))
