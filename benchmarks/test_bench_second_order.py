@@ -48,7 +48,8 @@ import json, statistics, sys, time
 import torch
 from fastig import models
 from fastig.attr import SecondOrderGradients
-name, layer, shape, smooth, repeats = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4] == "1", int(sys.argv[5])
+name, layer, shape, smooth, repeats = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4] == "1", \
+    int(sys.argv[5])
 torch.set_num_threads(1)
 torch.manual_seed(0)
 if name == "resnet18":
