@@ -1,11 +1,13 @@
 """SecondOrderGradients (2ndG): the Hessian-vector-product version equals explicit Hessians (fp64), equals the
-original per-channel double loop, vanishes for ReLU networks, layer selection and bad input."""
+original per-channel double loop, vanishes for ReLU networks, batched and per-location products agree, layer
+selection and bad input."""
 
 import pytest
 import torch
 
 from fastig.attr import SecondOrderGradients
-from fastig.attr.second_order import second_order_terms
+from fastig.attr._layers import capture
+from fastig.attr.second_order import _batched_is_faster, _curvature_is_zero, _quadratic_forms, second_order_terms
 
 
 class SmoothNet(torch.nn.Module):
@@ -160,9 +162,7 @@ def test_bad_input_is_a_clear_error():
 
 
 def _grad_at(model, layer, x, target):
-    """The layer's activations and the explained score's gradient w.r.t. them, with its graph."""
-    from fastig.attr._layers import capture
-
+    """The explained score's gradient w.r.t. the layer's activations (with its graph), and the activations."""
     with capture(layer) as found:
         score = model(x)[:, target].sum()
     acts = found[0][0]
@@ -175,8 +175,6 @@ def _grad_at(model, layer, x, target):
 def test_batched_and_per_location_products_agree(dtype, n, channels, size, rows_per_pass):
     """The vectorized double-backward pass and one retained-graph pass per location give the same quadratic
     forms, on a convolutional tail (where the loop is chosen) and a dense one (where the batched pass is)."""
-    from fastig.attr.second_order import _batched_is_faster, _quadratic_forms
-
     torch.manual_seed(n * 100 + channels * 10 + size)
     conv = SmoothNet(channels=channels, size=size, act=torch.nn.SiLU).to(dtype).eval()
     dense = torch.nn.Sequential(torch.nn.Linear(5, channels), torch.nn.Tanh(), torch.nn.Linear(channels, 4),
@@ -199,8 +197,6 @@ def test_batched_and_per_location_products_agree(dtype, n, channels, size, rows_
 def test_zero_curvature_is_found_and_curvature_is_not_missed():
     """The one-product check: a ReLU tail has a zero Hessian (2ndG skips the per-location products), smooth
     tails do not (the products are computed)."""
-    from fastig.attr.second_order import _curvature_is_zero
-
     torch.manual_seed(3)
     relu = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 3, padding=1),
                                torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
