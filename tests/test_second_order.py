@@ -1,5 +1,5 @@
 """SecondOrderGradients (2ndG): the Hessian-vector-product version equals explicit Hessians (fp64), equals the
-original per-channel double loop, vanishes for ReLU networks, batched and per-location products agree, layer
+original per-channel double loop, vanishes for ReLU networks, vectorized and real-batch products agree, layer
 selection and bad input."""
 
 import pytest
@@ -172,9 +172,10 @@ def _grad_at(model, layer, x, target):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("n, channels, size, rows_per_pass", [(1, 3, 5, None), (3, 4, 6, 7), (2, 6, 4, 1)])
-def test_batched_and_per_location_products_agree(dtype, n, channels, size, rows_per_pass):
-    """The vectorized double-backward pass and one retained-graph pass per location give the same quadratic
-    forms, on a convolutional tail (where the loop is chosen) and a dense one (where the batched pass is)."""
+def test_vectorized_and_real_batch_products_agree(dtype, n, channels, size, rows_per_pass):
+    """The vectorized double-backward pass over one graph and the real batch of example copies (one location per
+    copy) give the same quadratic forms, on a convolutional tail (where the copies are chosen) and a dense one
+    (where the vectorized pass is)."""
     torch.manual_seed(n * 100 + channels * 10 + size)
     conv = SmoothNet(channels=channels, size=size, act=torch.nn.SiLU).to(dtype).eval()
     dense = torch.nn.Sequential(torch.nn.Linear(5, channels), torch.nn.Tanh(), torch.nn.Linear(channels, 4),
@@ -182,16 +183,22 @@ def test_batched_and_per_location_products_agree(dtype, n, channels, size, rows_
     cases = [(conv, conv.head, torch.randn(n, 2, size + 2, size + 2, dtype=dtype), False),
              (dense, dense[1], torch.randn(n, 5, dtype=dtype), True)]
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
-    for model, layer, x, batched_chosen in cases:
+    for model, layer, x, vectorized_chosen in cases:
         grad, acts = _grad_at(model, layer, x, target=2)
-        assert _batched_is_faster(grad) is batched_chosen
-        batched = _quadratic_forms(grad, acts, rows_per_pass, batched=True)
-        looped = _quadratic_forms(grad, acts, rows_per_pass, batched=False)
-        assert batched.dtype == looped.dtype == dtype and batched.shape == acts.shape[:1] + acts.shape[2:]
-        assert looped.abs().max() > 1e-4  # curved tails: a real comparison
-        torch.testing.assert_close(batched, looped, **tol)
-        torch.testing.assert_close(_quadratic_forms(grad, acts, rows_per_pass), looped if not batched_chosen
-                                   else batched, rtol=0, atol=0)
+
+        def copies(count):
+            return tuple(reversed(_grad_at(model, layer, x.repeat((count,) + (1,) * (x.dim() - 1)), target=2)))
+
+        assert _batched_is_faster(grad) is vectorized_chosen
+        per_pass = max(1, (rows_per_pass or 5) // n)
+        vectorized = _quadratic_forms(grad, acts, rows_per_pass, batched=True)
+        real = _quadratic_forms(grad, acts, rows_per_pass, batched=False, gradient_of_copies=copies,
+                                copies_per_pass=per_pass)
+        assert vectorized.dtype == real.dtype == dtype and vectorized.shape == acts.shape[:1] + acts.shape[2:]
+        assert real.abs().max() > 1e-4  # curved tails: a real comparison
+        torch.testing.assert_close(vectorized, real, **tol)
+        chosen = _quadratic_forms(grad, acts, rows_per_pass, gradient_of_copies=copies, copies_per_pass=per_pass)
+        torch.testing.assert_close(chosen, vectorized if vectorized_chosen else real, rtol=0, atol=0)
 
 
 def test_zero_curvature_is_found_and_curvature_is_not_missed():
