@@ -187,17 +187,19 @@ def test_vectorized_and_real_batch_products_agree(dtype, n, channels, size, rows
         grad, acts = _grad_at(model, layer, x, target=2)
 
         def copies(count):
-            return tuple(reversed(_grad_at(model, layer, x.repeat((count,) + (1,) * (x.dim() - 1)), target=2)))
+            copy_grad, copy_acts = _grad_at(model, layer, x.repeat((count,) + (1,) * (x.dim() - 1)), target=2)
+            return copy_acts, [copy_grad]
 
         assert _batched_is_faster(grad) is vectorized_chosen
         per_pass = max(1, (rows_per_pass or 5) // n)
-        vectorized = _quadratic_forms(grad, acts, rows_per_pass, batched=True)
-        real = _quadratic_forms(grad, acts, rows_per_pass, batched=False, gradient_of_copies=copies,
-                                copies_per_pass=per_pass)
+        vectorized = _quadratic_forms([grad], acts, rows_per_pass, batched=True)[:, 0]
+        real = _quadratic_forms([grad], acts, rows_per_pass, batched=False, gradients_of_copies=copies,
+                                copies_per_pass=per_pass)[:, 0]
         assert vectorized.dtype == real.dtype == dtype and vectorized.shape == acts.shape[:1] + acts.shape[2:]
         assert real.abs().max() > 1e-4  # curved tails: a real comparison
         torch.testing.assert_close(vectorized, real, **tol)
-        chosen = _quadratic_forms(grad, acts, rows_per_pass, gradient_of_copies=copies, copies_per_pass=per_pass)
+        chosen = _quadratic_forms([grad], acts, rows_per_pass, gradients_of_copies=copies,
+                                  copies_per_pass=per_pass)[:, 0]
         torch.testing.assert_close(chosen, vectorized if vectorized_chosen else real, rtol=0, atol=0)
 
 

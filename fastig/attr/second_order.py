@@ -116,19 +116,19 @@ def second_order_terms(
         rows = chunk.examples
         with torch.enable_grad():
             acts, scores = forward(rows, 1)
-            firsts, quads = [], []
-            for j in range(scores.shape[1]):
-                (grad,) = torch.autograd.grad(scores[:, j].sum(), acts, create_graph=True, retain_graph=True)
-                firsts.append((acts.detach() * grad.detach().clamp(min=0)).sum(1))
+            grads = [torch.autograd.grad(scores[:, j].sum(), acts, create_graph=True, retain_graph=True)[0]
+                     for j in range(scores.shape[1])]
 
-                def gradient_of_copies(copies: int, j: int = j) -> tuple[torch.Tensor, torch.Tensor]:
-                    copy_acts, copy_scores = forward(rows, copies)
-                    return copy_acts, torch.autograd.grad(copy_scores[:, j].sum(), copy_acts, create_graph=True)[0]
+            def gradients_of_copies(copies: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                copy_acts, copy_scores = forward(rows, copies)
+                return copy_acts, [torch.autograd.grad(copy_scores[:, j].sum(), copy_acts, create_graph=True,
+                                                       retain_graph=True)[0] for j in range(copy_scores.shape[1])]
 
-                copies_per_pass = rows_per_pass or engine.rows_per_batch(bytes_per_row, acts[0, 0].numel() * len(acts))
-                quads.append(_quadratic_forms(grad, acts, rows_per_pass, gradient_of_copies=gradient_of_copies,
-                                              copies_per_pass=max(1, copies_per_pass // len(acts))))
-        return torch.stack(firsts, 1), torch.stack(quads, 1)
+            copies_per_pass = rows_per_pass or engine.rows_per_batch(bytes_per_row, acts[0, 0].numel() * len(acts))
+            quads = _quadratic_forms(grads, acts, rows_per_pass, gradients_of_copies=gradients_of_copies,
+                                     copies_per_pass=max(1, copies_per_pass // len(acts)))
+        firsts = [(acts.detach() * grad.detach().clamp(min=0)).sum(1) for grad in grads]
+        return torch.stack(firsts, 1), quads
 
     size = engine.rows_per_batch(bytes_per_row, n)
     parts = [out for _, out in engine.run_chunks(grid(1, n, 1, size), terms, bytes_per_row=bytes_per_row)]
@@ -138,27 +138,29 @@ def second_order_terms(
     return first, quad
 
 
-def _quadratic_forms(grad: torch.Tensor, acts: torch.Tensor, rows_per_pass: int | None,
-                     batched: bool | None = None, gradient_of_copies: Callable | None = None,
+def _quadratic_forms(grads: list[torch.Tensor], acts: torch.Tensor, rows_per_pass: int | None,
+                     batched: bool | None = None, gradients_of_copies: Callable | None = None,
                      copies_per_pass: int = 1) -> torch.Tensor:
-    """``a_p^T H_pp a_p`` [m, *spatial] for every example and location, from ``grad = ds/da`` (with its graph):
-    the Hessian-vector product with ``a`` at ``p`` (zero elsewhere) read at ``p``, for chunks of locations.
+    """``a_p^T H_pp a_p`` [m, K, *spatial] for every example, target and location, from the K gradients
+    ``grads[j] = ds_j/da`` (with their graph): the Hessian-vector product with ``a`` at ``p`` (zero elsewhere) read
+    at ``p``, for chunks of locations.
 
-    ``batched``: the products of a chunk of locations in one vectorized double-backward pass over ``grad``'s graph
-    (:func:`batched_vjp`), or (False) in a real batch: ``gradient_of_copies(L)`` gives the activations and gradient
-    of a new forward pass on L copies of the m examples, [L * m, ...], and copy ``l`` carries location
+    ``batched``: the products of a chunk of locations in one vectorized double-backward pass over the gradient's
+    graph (:func:`batched_vjp`), or (False) in a real batch: ``gradients_of_copies(L)`` gives the activations and
+    K gradients of a new forward pass on L copies of the m examples, [L * m, ...], and copy ``l`` carries location
     ``start + l``; ``copies_per_pass`` copies per pass. None chooses (:func:`_batched_is_faster`; False needs
-    ``gradient_of_copies``). Both give the same numbers to rounding. Zero curvature (a piecewise-linear network
-    after the layer) is found with one product first.
+    ``gradients_of_copies``). Both give the same numbers to rounding. Zero curvature (a piecewise-linear network
+    after the layer) is found with one product per target first.
     """
     m, c = acts.shape[:2]
     spatial = tuple(acts.shape[2:])
     n_loc = math.prod(spatial)
-    quad = torch.zeros(m, n_loc, dtype=acts.dtype, device=acts.device)
-    if not grad.requires_grad or _curvature_is_zero(grad, acts):
-        return quad.reshape((m,) + spatial)
+    quad = torch.zeros(m, len(grads), n_loc, dtype=acts.dtype, device=acts.device)
+    curved = [j for j, grad in enumerate(grads) if grad.requires_grad and not _curvature_is_zero(grad, acts)]
+    if not curved:
+        return quad.reshape((m, len(grads)) + spatial)
     if batched is None:
-        batched = gradient_of_copies is None or _batched_is_faster(grad)
+        batched = gradients_of_copies is None or _batched_is_faster(grads[curved[0]])
     flat = acts.detach().reshape(m, c, n_loc)
     if not batched:
         per_pass = copies_per_pass
@@ -170,20 +172,23 @@ def _quadratic_forms(grad: torch.Tensor, acts: torch.Tensor, rows_per_pass: int 
         locations = torch.arange(start, min(start + per_pass, n_loc), device=acts.device)
         chunk = torch.arange(len(locations), device=acts.device)
         if batched:
-            values, at_location = acts, flat[:, :, locations].permute(2, 0, 1)  # [L, m, C]: a_p per example
+            values, chunk_grads = acts, grads
+            at_location = flat[:, :, locations].permute(2, 0, 1)  # [L, m, C]: a_p of each example
         else:  # a forward pass on L copies of the examples: copy l's direction is a at its location
-            values, grad = gradient_of_copies(len(locations))
+            values, chunk_grads = gradients_of_copies(len(locations))
             at_location = values.detach().reshape(len(locations), m, c, n_loc)[chunk, :, :, locations]
         directions = torch.zeros((len(locations), m, c, n_loc), dtype=flat.dtype, device=flat.device)
         directions[chunk, :, :, locations] = at_location
-        if batched:
-            hvp = batched_vjp(grad, acts, directions.reshape((len(locations),) + tuple(acts.shape)))
-        else:
-            (hvp,) = torch.autograd.grad(grad, values, directions.reshape(values.shape), allow_unused=True)
-            hvp = torch.zeros_like(directions) if hvp is None else hvp
-        hvp_at_location = hvp.reshape(directions.shape)[chunk, :, :, locations]
-        quad[:, start:start + len(locations)] = (at_location * hvp_at_location).sum(2).T
-    return quad.reshape((m,) + spatial)
+        for j in curved:
+            if batched:
+                hvp = batched_vjp(grads[j], acts, directions.reshape((len(locations),) + tuple(acts.shape)))
+            else:
+                (hvp,) = torch.autograd.grad(chunk_grads[j], values, directions.reshape(values.shape),
+                                             retain_graph=True, allow_unused=True)
+                hvp = torch.zeros_like(directions) if hvp is None else hvp
+            hvp_at_location = hvp.reshape(directions.shape)[chunk, :, :, locations]
+            quad[:, j, start:start + len(locations)] = (at_location * hvp_at_location).sum(2).T
+    return quad.reshape((m, len(grads)) + spatial)
 
 
 def _curvature_is_zero(grad: torch.Tensor, acts: torch.Tensor) -> bool:
