@@ -1,11 +1,13 @@
 """SecondOrderGradients (2ndG): the Hessian-vector-product version equals explicit Hessians (fp64), equals the
-original per-channel double loop, vanishes for ReLU networks, layer selection and bad input."""
+original per-channel double loop, vanishes for ReLU networks, vectorized and real-batch products agree, layer
+selection and bad input."""
 
 import pytest
 import torch
 
 from fastig.attr import SecondOrderGradients
-from fastig.attr.second_order import second_order_terms
+from fastig.attr._layers import capture
+from fastig.attr.second_order import _batched_is_faster, _curvature_is_zero, _quadratic_forms, second_order_terms
 
 
 class SmoothNet(torch.nn.Module):
@@ -157,3 +159,59 @@ def test_bad_input_is_a_clear_error():
                                 torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3))
     with pytest.raises(ValueError, match="more than once"):
         SecondOrderGradients(twice, shared).attribute(x, target=0)
+
+
+def _grad_at(model, layer, x, target):
+    """The explained score's gradient w.r.t. the layer's activations (with its graph), and the activations."""
+    with capture(layer) as found:
+        score = model(x)[:, target].sum()
+    acts = found[0][0]
+    (grad,) = torch.autograd.grad(score, acts, create_graph=True)
+    return grad, acts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n, channels, size, rows_per_pass", [(1, 3, 5, None), (3, 4, 6, 7), (2, 6, 4, 1)])
+def test_vectorized_and_real_batch_products_agree(dtype, n, channels, size, rows_per_pass):
+    """The vectorized double-backward pass over one graph and the real batch of example copies (one location per
+    copy) give the same quadratic forms, on a convolutional tail (where the copies are chosen) and a dense one
+    (where the vectorized pass is)."""
+    torch.manual_seed(n * 100 + channels * 10 + size)
+    conv = SmoothNet(channels=channels, size=size, act=torch.nn.SiLU).to(dtype).eval()
+    dense = torch.nn.Sequential(torch.nn.Linear(5, channels), torch.nn.Tanh(), torch.nn.Linear(channels, 4),
+                                torch.nn.Softplus(), torch.nn.Linear(4, 3)).to(dtype).eval()
+    cases = [(conv, conv.head, torch.randn(n, 2, size + 2, size + 2, dtype=dtype), False),
+             (dense, dense[1], torch.randn(n, 5, dtype=dtype), True)]
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-14}
+    for model, layer, x, vectorized_chosen in cases:
+        grad, acts = _grad_at(model, layer, x, target=2)
+
+        def copies(count):
+            copy_grad, copy_acts = _grad_at(model, layer, x.repeat((count,) + (1,) * (x.dim() - 1)), target=2)
+            return copy_acts, [copy_grad]
+
+        assert _batched_is_faster(grad) is vectorized_chosen
+        per_pass = max(1, (rows_per_pass or 5) // n)
+        vectorized = _quadratic_forms([grad], acts, rows_per_pass, batched=True)[:, 0]
+        real = _quadratic_forms([grad], acts, rows_per_pass, batched=False, gradients_of_copies=copies,
+                                copies_per_pass=per_pass)[:, 0]
+        assert vectorized.dtype == real.dtype == dtype and vectorized.shape == acts.shape[:1] + acts.shape[2:]
+        assert real.abs().max() > 1e-4  # curved tails: a real comparison
+        torch.testing.assert_close(vectorized, real, **tol)
+        chosen = _quadratic_forms([grad], acts, rows_per_pass, gradients_of_copies=copies,
+                                  copies_per_pass=per_pass)[:, 0]
+        torch.testing.assert_close(chosen, vectorized if vectorized_chosen else real, rtol=0, atol=0)
+
+
+def test_zero_curvature_is_found_and_curvature_is_not_missed():
+    """The one-product check: a ReLU tail has a zero Hessian (2ndG skips the per-location products), smooth
+    tails do not (the products are computed)."""
+    torch.manual_seed(3)
+    relu = torch.nn.Sequential(torch.nn.Conv2d(2, 4, 3), torch.nn.ReLU(), torch.nn.Conv2d(4, 3, 3, padding=1),
+                               torch.nn.ReLU(), torch.nn.MaxPool2d(2), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 2 * 2, 5)).eval()
+    x = torch.randn(2, 2, 6, 6)
+    assert _curvature_is_zero(*_grad_at(relu, relu[1], x, target=1))
+    for act in (torch.nn.Softplus, torch.nn.Tanh, torch.nn.GELU):
+        smooth = SmoothNet(act=act).eval()
+        assert not _curvature_is_zero(*_grad_at(smooth, smooth.head, torch.randn(2, 2, 8, 8), target=1))

@@ -14,13 +14,20 @@ second-order term its absolute value, and the Hessian is restricted to the per-l
 location curvature is ignored). The released code builds ``H_pp`` row by row with one backward pass per channel
 and location (14 x 14 x 512 = 100,352 passes per VGG image). Here each location costs one Hessian-vector product:
 with ``v`` equal to ``a`` at ``p`` and zero elsewhere, ``(H v)_p = H_pp a_p``, so ``a_p^T (H v)_p`` is the quadratic
-form exactly. One forward pass serves all locations of its examples: the products of many (example, location)
-pairs run in one vectorized double-backward pass through the part of the network after the layer.
+form exactly. Where no convolution follows the layer, one forward pass serves all locations of its examples: its
+retained graph gives the products of chunks of locations in one vectorized double-backward pass through the part
+of the network after the layer. Where a convolution follows, the vectorized pass is slow (it has no batching rule
+for a convolution's double backward, loops over the products inside and stacks their results: on resnet18
+``layer3`` at 112x112 with Softplus, 32 s for the products against 9-10 s for a whole call of the previous
+version), and so is one pass per location (12.5 s there: a convolution on one small feature map costs about as much
+as on many); there each chunk of (example, location) pairs gets a forward pass on copies of its examples, one
+location per copy, and one double-backward pass in that real batch.
 
 Piecewise-linear networks: if everything after the layer is built from ReLUs, max-pooling, linear and conv
 layers (and the score is a logit), ``s`` is piecewise linear in ``a`` and its Hessian is zero almost everywhere, so
-the second term vanishes and 2ndG equals its first-order term. The second term matters for smooth networks
-(softplus, tanh, GELU, SiLU, ...) or smooth scores (a softmax probability, a difficulty score).
+the second term vanishes and 2ndG equals its first-order term; one Hessian-vector product with a random
+direction finds this (it is exactly zero) and the per-location products are skipped. The second term matters for
+smooth networks (softplus, tanh, GELU, SiLU, ...) or smooth scores (a softmax probability, a difficulty score).
 
 Batched rows must be independent of each other: put the model in eval mode (BatchNorm in train mode mixes rows).
 """
@@ -78,9 +85,10 @@ def second_order_terms(
     """(first, quadratic), each [N, *spatial]: ``sum_d a_d max(g_d, 0)`` and the signed ``a_p^T H_pp a_p``.
 
     One forward pass per chunk of examples (through the engine); its backward graph (built with ``create_graph``)
-    gives the gradient and then, for chunks of locations, the Hessian-vector products of all (example, location)
-    rows in one vectorized double-backward pass (:func:`~fastig.attr._layers.batched_vjp`). ``rows_per_pass`` caps
-    the examples per forward pass and the rows per double-backward pass; None sizes both from memory.
+    gives the gradient and then the Hessian-vector products of all (example, location) rows, vectorized over that
+    graph or, after a convolution, in forward passes on copies of the examples (:func:`_quadratic_forms`).
+    ``rows_per_pass`` caps the examples per forward pass and the rows per double-backward pass; None sizes both
+    from memory.
 
     With K targets per example (``target=[[a, b], ...]``, [N, K], or ``top_k=K``) both are [N, K, *spatial]: the
     same forward pass serves all K, then per target one gradient and its Hessian-vector products.
@@ -91,25 +99,38 @@ def second_order_terms(
     example_target = engine.resolve_target(target, top_k, inputs, args)
     bytes_per_row = sum(x[0].numel() * x.element_size() for x in inputs)
 
+    def forward(rows: slice, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's activations (a leaf) and the explained scores [copies * m, K] of ``copies`` copies of the
+        examples ``rows`` (copy-major)."""
+        def repeat(t):
+            return t[rows].repeat((copies,) + (1,) * (t.dim() - 1))
+
+        row_args = tuple(repeat(a) if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n else a
+                         for a in args)
+        with capture(layer) as found:
+            scores = example_target.for_batch(rows, copies).select(engine.call(tuple(map(repeat, inputs)), row_args))
+        if len(found[0]) != 1 or found[0][0].dim() < 2:
+            raise ValueError("the layer output must be one tensor [N, C, ...], got "
+                             f"{[tuple(t.shape) for t in found[0]]}")
+        return found[0][0], scores if example_target.k is not None else scores.unsqueeze(1)
+
     def terms(chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         rows = chunk.examples
-        row_args = tuple(
-            a[rows] if isinstance(a, torch.Tensor) and a.dim() > 0 and a.shape[0] == n else a for a in args
-        )
         with torch.enable_grad():
-            with capture(layer) as found:
-                scores = example_target.for_batch(rows, 1).select(engine.call(tuple(x[rows] for x in inputs), row_args))
-            if len(found[0]) != 1 or found[0][0].dim() < 2:
-                raise ValueError("the layer output must be one tensor [N, C, ...], got "
-                                 f"{[tuple(t.shape) for t in found[0]]}")
-            acts = found[0][0]
-            scores = scores if example_target.k is not None else scores.unsqueeze(1)  # [m, K]
-            firsts, quads = [], []
-            for j in range(scores.shape[1]):
-                (grad,) = torch.autograd.grad(scores[:, j].sum(), acts, create_graph=True, retain_graph=True)
-                firsts.append((acts.detach() * grad.detach().clamp(min=0)).sum(1))
-                quads.append(_quadratic_forms(grad, acts, rows_per_pass))
-        return torch.stack(firsts, 1), torch.stack(quads, 1)
+            acts, scores = forward(rows, 1)
+            grads = [torch.autograd.grad(scores[:, j].sum(), acts, create_graph=True, retain_graph=True)[0]
+                     for j in range(scores.shape[1])]
+
+            def gradients_of_copies(copies: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                copy_acts, copy_scores = forward(rows, copies)
+                return copy_acts, [torch.autograd.grad(copy_scores[:, j].sum(), copy_acts, create_graph=True,
+                                                       retain_graph=True)[0] for j in range(copy_scores.shape[1])]
+
+            copies_per_pass = rows_per_pass or engine.rows_per_batch(bytes_per_row, acts[0, 0].numel() * len(acts))
+            quads = _quadratic_forms(grads, acts, rows_per_pass, gradients_of_copies=gradients_of_copies,
+                                     copies_per_pass=max(1, copies_per_pass // len(acts)))
+        firsts = [(acts.detach() * grad.detach().clamp(min=0)).sum(1) for grad in grads]
+        return torch.stack(firsts, 1), quads
 
     size = engine.rows_per_batch(bytes_per_row, n)
     parts = [out for _, out in engine.run_chunks(grid(1, n, 1, size), terms, bytes_per_row=bytes_per_row)]
@@ -119,30 +140,91 @@ def second_order_terms(
     return first, quad
 
 
-def _quadratic_forms(grad: torch.Tensor, acts: torch.Tensor, rows_per_pass: int | None) -> torch.Tensor:
-    """``a_p^T H_pp a_p`` [m, *spatial] for every example and location, from ``grad = ds/da`` (with its graph):
-    the Hessian-vector product with ``a`` at ``p`` (zero elsewhere) read at ``p``, for chunks of locations."""
+def _quadratic_forms(grads: list[torch.Tensor], acts: torch.Tensor, rows_per_pass: int | None,
+                     batched: bool | None = None, gradients_of_copies: Callable | None = None,
+                     copies_per_pass: int = 1) -> torch.Tensor:
+    """``a_p^T H_pp a_p`` [m, K, *spatial] for every example, target and location, from the K gradients
+    ``grads[j] = ds_j/da`` (with their graph): the Hessian-vector product with ``a`` at ``p`` (zero elsewhere) read
+    at ``p``, for chunks of locations.
+
+    ``batched``: the products of a chunk of locations in one vectorized double-backward pass over the gradient's
+    graph (:func:`batched_vjp`), or (False) in a real batch: ``gradients_of_copies(L)`` gives the activations and
+    K gradients of a new forward pass on L copies of the m examples, [L * m, ...], and copy ``l`` carries location
+    ``start + l``; ``copies_per_pass`` copies per pass. None chooses (:func:`_batched_is_faster`; False needs
+    ``gradients_of_copies``). Both give the same numbers to rounding. Zero curvature (a piecewise-linear network
+    after the layer) is found with one product per target first.
+    """
     m, c = acts.shape[:2]
     spatial = tuple(acts.shape[2:])
     n_loc = math.prod(spatial)
-    quad = torch.zeros(m, n_loc, dtype=acts.dtype, device=acts.device)
-    if not grad.requires_grad:  # the score is linear in the activations: H = 0
-        return quad.reshape((m,) + spatial)
+    quad = torch.zeros(m, len(grads), n_loc, dtype=acts.dtype, device=acts.device)
+    curved = [j for j, grad in enumerate(grads) if grad.requires_grad and not _curvature_is_zero(grad, acts)]
+    if not curved:
+        return quad.reshape((m, len(grads)) + spatial)
+    if batched is None:
+        batched = gradients_of_copies is None or _batched_is_faster(grads[curved[0]])
     flat = acts.detach().reshape(m, c, n_loc)
-    if rows_per_pass:
+    if not batched:
+        per_pass = copies_per_pass
+    elif rows_per_pass:
         per_pass = max(1, rows_per_pass // m)
     else:
         per_pass = max(1, HVP_BYTES // max(flat.numel() * flat.element_size(), 1))
     for start in range(0, n_loc, per_pass):
         locations = torch.arange(start, min(start + per_pass, n_loc), device=acts.device)
         chunk = torch.arange(len(locations), device=acts.device)
-        at_location = flat[:, :, locations].permute(2, 0, 1)  # [L, m, C]: a_p of each example at each location
-        directions = torch.zeros((len(locations),) + tuple(flat.shape), dtype=flat.dtype, device=flat.device)
+        if batched:
+            values, chunk_grads = acts, grads
+            at_location = flat[:, :, locations].permute(2, 0, 1)  # [L, m, C]: a_p of each example
+        else:  # a forward pass on L copies of the examples: copy l's direction is a at its location
+            values, chunk_grads = gradients_of_copies(len(locations))
+            at_location = values.detach().reshape(len(locations), m, c, n_loc)[chunk, :, :, locations]
+        directions = torch.zeros((len(locations), m, c, n_loc), dtype=flat.dtype, device=flat.device)
         directions[chunk, :, :, locations] = at_location
-        hvp = batched_vjp(grad, acts, directions.reshape((len(locations),) + tuple(acts.shape)))
-        hvp_at_location = hvp.reshape(directions.shape)[chunk, :, :, locations]
-        quad[:, start:start + len(locations)] = (at_location * hvp_at_location).sum(2).T
-    return quad.reshape((m,) + spatial)
+        for j in curved:
+            if batched:
+                hvp = batched_vjp(grads[j], acts, directions.reshape((len(locations),) + tuple(acts.shape)))
+            else:
+                (hvp,) = torch.autograd.grad(chunk_grads[j], values, directions.reshape(values.shape),
+                                             retain_graph=True, allow_unused=True)
+                hvp = torch.zeros_like(directions) if hvp is None else hvp
+            hvp_at_location = hvp.reshape(directions.shape)[chunk, :, :, locations]
+            quad[:, j, start:start + len(locations)] = (at_location * hvp_at_location).sum(2).T
+    return quad.reshape((m, len(grads)) + spatial)
+
+
+def _curvature_is_zero(grad: torch.Tensor, acts: torch.Tensor) -> bool:
+    """Whether the Hessian of the score w.r.t. the layer activations is zero at ``acts``: one Hessian-vector
+    product with a random direction (fixed seed) is exactly zero. After a piecewise-linear tail (ReLU, max-pooling,
+    linear and conv layers) the double-backward pass yields exact zeros whatever the direction, so every
+    per-location product would be zero too; for curved tails a dense random direction gives a non-zero product
+    (a zero by cancellation has probability zero), and the work goes on with one product more."""
+    seeded = torch.Generator(device=acts.device).manual_seed(0)
+    probe = torch.randn(acts.shape, generator=seeded, dtype=acts.dtype, device=acts.device)
+    (hvp,) = torch.autograd.grad(grad, acts, probe, retain_graph=True, allow_unused=True)
+    return hvp is None or not bool(hvp.any())
+
+
+# Backward nodes whose double backward has no batching rule in the vectorized backward pass
+# (``is_grads_batched``): it runs them once per product and then stacks the results, which is slower than a
+# forward pass on copies of the examples (see the module docstring).
+_UNBATCHED_DOUBLE_BACKWARD = frozenset({"ConvolutionBackwardBackward0"})
+
+
+def _batched_is_faster(grad: torch.Tensor) -> bool:
+    """False when the graph of ``grad`` (the backward pass after the layer) holds a node of
+    :data:`_UNBATCHED_DOUBLE_BACKWARD`, i.e. a convolution after the layer; True otherwise (the vectorized pass
+    needs no further forward passes)."""
+    seen, todo = set(), [grad.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        if type(node).__name__ in _UNBATCHED_DOUBLE_BACKWARD:
+            return False
+        seen.add(node)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return True
 
 
 class SecondOrderGradients(Attribution):
