@@ -26,6 +26,10 @@ the machine must be quiet) and ``flock -s /tmp/fastig-cpu.lock pytest benchmarks
 "not forward_cost"`` (counts passes, not seconds). Tables are printed; the figure and a JSON of all numbers go
 to ``out/bench-adaptive/``.
 
+``-k point_placement`` runs the bound alone (8 images per model, about 2.5 CPU-minutes): how often the integrand
+jumps along the path, whether those jumps explain the midpoint rule's error, and the most any placement of the
+points could gain over the uniform one. Its figure and JSONs go to the same folder.
+
 A smaller run (for a loaded machine): ``FASTIG_BENCH_ADAPTIVE_IMAGES`` and ``FASTIG_BENCH_ADAPTIVE_REFERENCE``
 set the number of images and the reference's steps; its results go to ``out/bench-adaptive-<images>x<steps>/``.
 """
@@ -322,3 +326,131 @@ def test_cost_to_reach_gauss_legendre_50(name, request):
     done = [json.loads((OUT / f"{n}.json").read_text()) for n in CASES if (OUT / f"{n}.json").exists()]
     print(f"figure: {_plot(done)}")
     assert summary["methods"]["gauss-legendre"]["reached"]  # GL-50 reaches itself: the bookkeeping is right
+
+
+# --- what any placement of the points can gain ---------------------------------------------------------------
+
+BOUND_IMAGES = 8
+BOUND_STEPS = 1024  # the integrand at this many midpoints, per image
+BOUND_BINS = (16, 64)
+BOUND_CHECK_STEPS = (8, 16, 32, 64)
+
+
+def integrand_along_path(model, x, b, target, steps: int, batch: int = 128):
+    """The IG integrand ``(x - b) * grad f(b + alpha (x - b))`` at the midpoints ``(k + 1/2) / steps`` ([steps, D]),
+    and how many ReLU inputs change sign between consecutive midpoints (the integrand's jumps)."""
+    signs = []
+    hooks = [m.register_forward_pre_hook(lambda _, inputs: signs.append(inputs[0].detach().flatten(1) > 0))
+             for m in model.modules() if isinstance(m, torch.nn.ReLU)]
+    alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    rows, flips, last = [], 0, None
+    try:
+        for start in range(0, steps, batch):
+            a = alphas[start : start + batch].to(x.dtype).reshape(-1, 1, 1, 1)
+            points = (b + a * (x - b)).requires_grad_(True)
+            signs.clear()
+            (grad,) = torch.autograd.grad(model(points)[:, target].sum(), points)
+            rows.append(((x - b) * grad).flatten(1).double())
+            pattern = torch.cat(signs, dim=1)
+            if last is not None:
+                pattern = torch.cat([last, pattern])
+            flips += int((pattern[1:] != pattern[:-1]).sum())
+            last = pattern[-1:]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return torch.cat(rows), flips
+
+
+def placement_bound(name: str) -> dict:
+    """For BOUND_IMAGES images: the integrand at BOUND_STEPS midpoints, and from it (1) the number of jumps along
+    the path, (2) the midpoint rule's error predicted from the jumps (a jump J at an unknown place in a gap of width
+    h costs ``|J| h / sqrt(12)`` RMS; jumps add in quadrature), checked against the rule's measured error, and
+    (3) the most that any placement of n points can gain over the uniform one, for an oracle that knows where the
+    jumps are at the resolution of ``bins`` bins: with jump energy density rho(alpha) the error of a point density
+    p is ``int rho / p^2`` at best, minimised by p ~ rho^(1/3), which needs ``sqrt(int rho / (int rho^(1/3))^3)``
+    times fewer points for the error of the uniform rule."""
+    model, images, baselines, label = CASES[name]()
+    x, b = images[:BOUND_IMAGES], baselines[:BOUND_IMAGES]
+    with torch.no_grad():
+        targets = model(x).argmax(1)
+    rows = []
+    for i in range(BOUND_IMAGES):
+        xi, bi, t = x[i : i + 1], b[i : i + 1], int(targets[i])
+        values, flips = integrand_along_path(model, xi, bi, t, BOUND_STEPS)
+        reference = values.mean(0)
+        energy = (values[1:] - values[:-1]).pow(2).sum(1)  # squared jump between consecutive midpoints
+        scale = reference.norm().item()
+        checks = {}
+        for n in BOUND_CHECK_STEPS:
+            coarse, _ = integrand_along_path(model, xi, bi, t, n)
+            measured = (coarse.mean(0) - reference).norm().item() / scale
+            predicted = math.sqrt(energy.sum().item() / 12) / n / scale
+            checks[str(n)] = {"measured": measured, "predicted": predicted}
+        gains = {}
+        for bins in BOUND_BINS:
+            density = torch.stack([part.sum() for part in energy.tensor_split(bins)]) * bins
+            gains[str(bins)] = math.sqrt(density.mean().item() / density.pow(1 / 3).mean().item() ** 3)
+        rows.append({"flips": flips, "checks": checks, "gain": gains,
+                     "density_64": (torch.stack([p.sum() for p in energy.tensor_split(64)]) * 64
+                                    / energy.sum()).tolist()})
+    return {"model": label, "images": BOUND_IMAGES, "steps": BOUND_STEPS, "rows": rows}
+
+
+def _print_bound(result: dict) -> None:
+    rows = result["rows"]
+    print(f"\n== {result['model']}: {result['images']} images, integrand at {result['steps']} midpoints")
+    print(f"  ReLU sign changes along the path: median {np.median([r['flips'] for r in rows]):.0f} "
+          f"(min {min(r['flips'] for r in rows)}, max {max(r['flips'] for r in rows)})")
+    for n in BOUND_CHECK_STEPS:
+        ratio = [r["checks"][str(n)]["measured"] / r["checks"][str(n)]["predicted"] for r in rows]
+        print(f"  midpoint {n:3d} steps: error measured / predicted from the jumps: median {np.median(ratio):.2f} "
+              f"(range {min(ratio):.2f}-{max(ratio):.2f})")
+    for bins in BOUND_BINS:
+        gain = [r["gain"][str(bins)] for r in rows]
+        print(f"  oracle placement at {bins} bins: at most {np.median(gain):.2f}x fewer points than uniform on "
+              f"median (max {max(gain):.2f}x)")
+
+
+def _plot_bound(results: list[dict]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.8), squeeze=False)
+    for ax, result in zip(axes[0], results):
+        centres = (np.arange(64) + 0.5) / 64
+        for i, row in enumerate(result["rows"]):
+            ax.plot(centres, row["density_64"], lw=0.9, alpha=0.8, label=f"image {i}" if i < 4 else None)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_yscale("log")
+        ax.set_xlabel("alpha (baseline 0, image 1)")
+        ax.set_ylabel("jump energy density / uniform")
+        gain = np.median([r["gain"]["64"] for r in result["rows"]])
+        ax.set_title(f"{result['model']}\noracle placement gain {gain:.2f}x (median)", fontsize=9)
+        ax.grid(True, which="both", lw=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("Where the IG integrand jumps along the path (64 bins; dashed: uniform)", fontsize=10)
+    fig.tight_layout()
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "placement_bound.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_what_point_placement_can_gain(name):
+    """Why the 16-pass goal is out of reach of any placement of gradient points: the measured jumps, the error
+    they predict for the midpoint rule (checked against the rule's error), and an oracle placement's gain."""
+    result = placement_bound(name)
+    _print_bound(result)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"bound-{name}.json").write_text(json.dumps(result, indent=1))
+    done = [json.loads((OUT / f"bound-{n}.json").read_text()) for n in CASES if (OUT / f"bound-{n}.json").exists()]
+    print(f"figure: {_plot_bound(done)}")
+    ratios = [r["checks"][str(n)]["measured"] / r["checks"][str(n)]["predicted"] for r in result["rows"]
+              for n in BOUND_CHECK_STEPS]
+    assert all(g[str(bins)] >= 1 - 1e-9 for g in (r["gain"] for r in result["rows"]) for bins in BOUND_BINS)
+    assert 0.2 < np.median(ratios) < 5, ratios  # the jump model explains the midpoint rule's error

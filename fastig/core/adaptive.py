@@ -5,7 +5,9 @@ A path method integrates a vector field along a path ``gamma(alpha)``, alpha in 
 IDGI ``int grad f * grad f / ||grad f||^2 df``. For ReLU networks ``f`` is piecewise linear along any line, so the
 integrand is a step function with many small jumps (every unit that switches on the way adds one): the error of
 any n-point rule falls as 1/n, set by the jumps and their positions, and no rule of higher order helps. What
-does help is putting the points where the jumps are, and knowing when to stop. Per example:
+does help is putting the points where the jumps are, and knowing when to stop (how much placement can gain at
+most, measured in ``benchmarks/test_bench_adaptive.py``: 1.04-1.07x over the uniform rule on random resnets, 1.66x
+on a trained CNN whose jumps crowd near the baseline). Per example:
 
 1. **Evaluate** gradients at the planned points, first at both ends (alpha 0 and 1, moved :data:`END_INSET`
    inside: every gap then has evidence at both its ends, and f there, which the completeness check needs,
