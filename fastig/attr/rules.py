@@ -633,11 +633,11 @@ class _PositiveGradient(torch.autograd.Function):
         return grad.clamp(min=0)
 
 
-def _halves_diff(t: torch.Tensor) -> torch.Tensor:
-    """[x; x_ref] -> [x - x_ref; x - x_ref]: the difference from reference, for both halves of the batch."""
+def _half_diff(t: torch.Tensor) -> torch.Tensor:
+    """[x; x_ref] -> x - x_ref: the difference from reference, which both halves of the batch share (the backward
+    passes below compute on one half's size and broadcast over the two halves, viewed as [2, n, ...])."""
     first, second = t.chunk(2)
-    diff = first - second
-    return torch.cat([diff, diff])
+    return first - second
 
 
 def _local_grad(fn: Callable, z: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -667,17 +667,16 @@ class _Rescale(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         z, y = ctx.saved_tensors
-        delta_in, delta_out = _halves_diff(z), _halves_diff(y)
+        delta_in, delta_out = _half_diff(z), _half_diff(y)
+        halves = grad_out.reshape(2, *delta_in.shape)
         near = delta_in.abs() < ctx.eps
-        grad = grad_out * delta_out / delta_in
+        grad = halves * delta_out / delta_in
         if near.any():
-            grad = torch.where(near, _local_grad(ctx.fn, z, grad_out), grad)
+            grad = torch.where(near, _local_grad(ctx.fn, z, grad_out).reshape(halves.shape), grad)
         if ctx.center:  # softmax: remove the mean, per example over both halves (see DeepLift's docstring)
-            first, second = grad.chunk(2)
-            mean = (first.flatten(1).sum(1) + second.flatten(1).sum(1)) / (2 * first[0].numel())
-            mean = torch.cat([mean, mean]).reshape((-1,) + (1,) * (grad.dim() - 1))
-            grad = grad - mean
-        return grad, None, None, None, None
+            mean = grad.flatten(2).sum(2).sum(0) / (2 * delta_in[0].numel())
+            grad = grad - mean.reshape((1, -1) + (1,) * (delta_in.dim() - 1))
+        return grad.reshape(grad_out.shape), None, None, None, None
 
 
 class _RescaleMaxPool(torch.autograd.Function):
@@ -703,15 +702,14 @@ class _RescaleMaxPool(torch.autograd.Function):
         # which keeps one of them)
         unpooled = _scatter_add(grad_out * delta_out, indices, z)
         first, second = unpooled.chunk(2)
-        summed = first + second
-        summed = torch.cat([summed, summed])
-        delta_in = _halves_diff(z)
+        delta_in = _half_diff(z)
         near = delta_in.abs() < ctx.eps
-        grad = summed / delta_in
+        grad = (first + second) / delta_in  # the same for both halves
         if near.any():
             # the ordinary max-pool gradient: grad_out added at each window's max position
-            grad = torch.where(near, _scatter_add(grad_out, indices, z), grad)
-        return grad, None, None, None
+            plain = _scatter_add(grad_out, indices, z).reshape(2, *delta_in.shape)
+            return torch.where(near, plain, grad).reshape(z.shape), None, None, None
+        return torch.cat([grad, grad]), None, None, None
 
 
 def _scatter_add(values: torch.Tensor, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
