@@ -8,7 +8,8 @@ first or last, and each case reports its median wall time and process CPU time. 
 printed with the spread of the per-round ratios.
 
 ``alternate_processes`` does the same for whole processes (import, model construction, preparation and the work):
-what a user waits for from the shell.
+what a user waits for from the shell. ``Worker`` is a persistent process that times the code it is sent, for
+comparing two environments (source trees, allocator settings) call by call without restarting either.
 """
 
 from __future__ import annotations
@@ -110,3 +111,40 @@ def python(code: str, *args: str) -> list[str]:
 def json_line(output: str) -> dict:
     """The last line of a subprocess's output, as JSON."""
     return json.loads(output.strip().splitlines()[-1])
+
+
+_WORKER_LOOP = r"""
+import json, sys, time
+print("READY", flush=True)
+for line in sys.stdin:
+    code = json.loads(line)
+    wall, cpu = time.perf_counter(), time.process_time()
+    eval(code)
+    print("RESULT " + json.dumps([time.perf_counter() - wall, time.process_time() - cpu]), flush=True)
+"""
+
+
+class Worker:
+    """A Python process that runs ``setup`` once (under this environment plus ``env``) and then times each
+    expression it is sent, in its own namespace: ``time(code)`` returns (wall, CPU) seconds."""
+
+    def __init__(self, setup: str, env: dict | None = None):
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+        self.process = subprocess.Popen([sys.executable, "-c", setup + _WORKER_LOOP], env=env, cwd="/tmp", text=True,
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        self._read("READY")
+
+    def _read(self, prefix: str) -> str:
+        for line in self.process.stdout:  # anything else the code prints is skipped
+            if line.startswith(prefix):
+                return line[len(prefix):]
+        raise RuntimeError(f"worker exited with {self.process.wait()}")
+
+    def time(self, code: str) -> tuple[float, float]:
+        self.process.stdin.write(json.dumps(code) + "\n")
+        self.process.stdin.flush()
+        return tuple(json.loads(self._read("RESULT ")))
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()

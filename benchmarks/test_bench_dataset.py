@@ -7,6 +7,8 @@ CLI: decoding, resizing and cropping, the batched filter pass, IG, the journal (
 the HDF5 store. ``extra_info`` holds images/s and the shares of the processing time spent in the model's passes,
 in waiting for decoded images, and in storage, plus the merge time. The target is that the model's passes
 dominate and data loading plus storage add less than 10%; on a GPU the passes shrink, so worker decoding matters.
+``test_dataset_run_prepared_vs_plain`` times whole runs with and without ``--prepare`` (IG, 16 steps) in
+alternating rounds.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+
+from _harness import alternate
 
 from fastig.run import RunSpec, run
 
@@ -33,13 +37,16 @@ def dataset(tmp_path_factory):
     return root
 
 
+def _spec(dataset, out, workers, model="resnet18", prepare=False, n_steps=N_STEPS):
+    return RunSpec(model=model, weights="none", method="ig", out_dir=out, options={"n_steps": n_steps},
+                   dataset=dataset, images_per_batch=4, workers=workers, overwrite=True, prepare=prepare)
+
+
 def _bench(benchmark, dataset, tmp_path, workers):
     summaries = []
 
     def once():
-        summaries.append(run(RunSpec(model="resnet18", weights="none", method="ig", out_dir=tmp_path / "out",
-                                     options={"n_steps": N_STEPS}, dataset=dataset, images_per_batch=4, workers=workers,
-                                     overwrite=True), echo=lambda _: None))
+        summaries.append(run(_spec(dataset, tmp_path / "out", workers), echo=lambda _: None))
 
     benchmark.pedantic(once, rounds=2, iterations=1, warmup_rounds=0)
     s = summaries[-1]
@@ -62,3 +69,14 @@ def test_dataset_run_decoding_in_main_process(benchmark, dataset, tmp_path):
 @pytest.mark.benchmark(group="dataset-ig-resnet18-224")
 def test_dataset_run_decoding_in_two_workers(benchmark, dataset, tmp_path):
     _bench(benchmark, dataset, tmp_path, workers=2)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "resnet50"])
+def test_dataset_run_prepared_vs_plain(benchmark, dataset, tmp_path, model):
+    """``--prepare`` against the plain model, whole runs (model loading included) in alternating rounds."""
+    timings = alternate({
+        "plain": lambda: run(_spec(dataset, tmp_path / "plain", 0, model, n_steps=16), echo=lambda _: None),
+        "prepared": lambda: run(_spec(dataset, tmp_path / "prep", 0, model, prepare=True, n_steps=16),
+                                echo=lambda _: None),
+    }, rounds=3)
+    timings.record(benchmark, "plain")

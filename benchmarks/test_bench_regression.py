@@ -22,11 +22,10 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from _harness import Worker
 
 BASELINE = os.environ.get("FASTIG_BASELINE")
 REPEATS = int(os.environ.get("FASTIG_REGRESSION_REPEATS", "5"))
@@ -53,8 +52,7 @@ CASES = {
     "pic": "pic(model, u8, s.numpy(), min_pred_value=0.0, num_data_points=100, information='png')",
 }
 
-_WORKER = r"""
-import json, sys, time
+_SETUP = r"""
 import numpy as np, torch
 import fastig
 from fastig import models
@@ -64,43 +62,12 @@ model = models.get("resnet18", weights="none").eval()
 x = torch.randn(2, 3, 224, 224)
 s = torch.rand(2, 224, 224)
 u8 = (np.random.default_rng(0).random((2, 224, 224, 3)) * 255).astype(np.uint8)
-print("READY", flush=True)
-for line in sys.stdin:
-    code = json.loads(line)
-    wall, cpu = time.perf_counter(), time.process_time()
-    eval(code)
-    print("RESULT " + json.dumps([time.perf_counter() - wall, time.process_time() - cpu]), flush=True)
 """
-
-
-class _Worker:
-    """A Python process that imports one tree's fastig once and times the code it is sent (wall, CPU seconds)."""
-
-    def __init__(self, tree: str):
-        env = {**os.environ, "PYTHONPATH": tree, "PYTHONWARNINGS": "ignore"}
-        self.process = subprocess.Popen([sys.executable, "-c", _WORKER], env=env, cwd="/tmp", text=True,
-                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        self._read("READY")
-
-    def _read(self, prefix: str) -> str:
-        for line in self.process.stdout:  # anything else the tree prints is skipped
-            if line.startswith(prefix):
-                return line[len(prefix):]
-        raise RuntimeError(f"worker exited with {self.process.wait()}")
-
-    def time(self, code: str) -> tuple[float, float]:
-        self.process.stdin.write(json.dumps(code) + "\n")
-        self.process.stdin.flush()
-        return tuple(json.loads(self._read("RESULT ")))
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait()
 
 
 @pytest.mark.skipif(not BASELINE, reason="set FASTIG_BASELINE to the source tree to compare with")
 def test_no_method_slower_than_the_baseline(benchmark):
-    workers = {"baseline": _Worker(BASELINE), "this": _Worker(str(HERE))}
+    workers = {"baseline": Worker(_SETUP, {"PYTHONPATH": BASELINE}), "this": Worker(_SETUP, {"PYTHONPATH": str(HERE)})}
     rows = {}
     try:
         print(f"\n{'case':<24} {'baseline':>9} {'this':>9} {'this/baseline':>14} {'rounds':>13} {'cpu':>6} {'best':>6}")

@@ -287,13 +287,16 @@ def _parse_shard(value: str | None):
               help="run one shard by hand (without torchrun); the last shard to finish merges")
 @click.option("--fsync/--no-fsync", default=True, show_default=True,
               help="fsync the journal after every batch (survives power loss, not only a killed process)")
+@click.option("--prepare", "prepare_model", is_flag=True,
+              help="fastig.prepare the model first (BatchNorm folded into the convolutions, channels_last): "
+              "cheaper passes, float32 rounding of its own; recorded in the run (not with --method lrp)")
 @click.option("--overwrite", is_flag=True, help="start over: delete the store and journals in --out")
 @click.option("--evaluate", "evaluate_metrics", default=None, metavar="METRIC[,METRIC...]",
               help="score the attributions right after the run (as `fastig evaluate`), e.g. insertion,deletion")
 @_method_options
 def attribute(model_name, weights, seed, method_name, images, dataset, layout, labels, start, index_stride, end,
               correct_only, min_confidence, target, images_per_batch, workers, device, out_dir, dtype, heatmaps,
-              sign, shard, fsync, overwrite, evaluate_metrics, **given):
+              sign, shard, fsync, prepare_model, overwrite, evaluate_metrics, **given):
     """Attribute a model's predictions on images or a dataset; write an HDF5 store (and heatmaps).
 
     \b
@@ -304,7 +307,7 @@ def attribute(model_name, weights, seed, method_name, images, dataset, layout, l
     Results are journaled as they finish and merged into --out/attributions.h5 at the end. Re-running the same
     command resumes (images already recorded are skipped; damaged ones are redone), also after a crash or kill.
     Settings that differ from the recorded run (model, weights' sha256 or seed, method and options, images,
-    target, filters) are refused: pass --overwrite or another --out. Under torchrun each rank takes every
+    target, filters, --prepare) are refused: pass --overwrite or another --out. Under torchrun each rank takes every
     WORLD-th image and rank 0 merges. Exit code 1 when nothing could be attributed or the disk is full (every
     finished row is kept: rerun to go on), 2 for a bad argument.
     """
@@ -329,7 +332,7 @@ def attribute(model_name, weights, seed, method_name, images, dataset, layout, l
                    stride=index_stride, end=end, target=target, correct_only=correct_only,
                    min_confidence=min_confidence, images_per_batch=images_per_batch, workers=workers, device=device,
                    dtype=dtype, heatmaps=heatmaps, sign=sign, overwrite=overwrite, shard=_parse_shard(shard),
-                   fsync=fsync, seed=seed)
+                   fsync=fsync, seed=seed, prepare=prepare_model)
     if evaluate_metrics:
         from fastig.metrics.evaluate import resolve_metrics
 

@@ -21,7 +21,7 @@ One run attributes a selection of images (``--image`` files, or ``--dataset ROOT
 
 Restarting the same command resumes: images recorded intact in the store or any journal are not redone (damaged
 ones are, and the run says how many). A run whose header differs (model, weights' sha256 or seed, method and its
-options with their defaults, target, images, filters, dtype: ``fastig.io.journal.run_header``) refuses to mix into
+options with their defaults, target, images, filters, dtype, ``prepare``: ``fastig.io.journal.run_header``) refuses to mix into
 the same ``OUT`` unless ``overwrite`` is set, which starts over. A run that records nothing leaves ``OUT``
 unclaimed. The summary names why images failed; ``RunSummary.exit_code`` is 1 when nothing could be attributed.
 
@@ -54,6 +54,8 @@ from fastig.errors import FastigError, ResourceError, check_int
 from fastig.io.journal import PARTS_NAME, STORE_NAME, RunFolder, run_header  # noqa: F401  (the folder's names)
 
 TARGETS = ("predicted", "label")
+# methods whose numbers depend on the model's layers, not only on the function it computes: not run prepared
+UNPREPARED_METHODS = ("lrp",)
 # A barrier waits for the slowest rank; ranks get equal shares, but a long run must not time out at the end.
 BARRIER_TIMEOUT = timedelta(hours=48)
 
@@ -92,6 +94,7 @@ class RunSpec:
     shard: tuple[int, int] | None = None  # (rank, world size) without torch.distributed
     fsync: bool = True  # fsync the journal after every batch (survives power loss, not only a kill)
     seed: int = 0  # seeds weights="none" and each image's random draws (recorded in the run header)
+    prepare: bool = False  # fastig.prepare the model (BatchNorm folded, channels_last): cheaper passes, recorded
     log_interval: float = progress.LOG_INTERVAL  # seconds between log lines when stderr is not a terminal
 
 
@@ -197,6 +200,9 @@ def _check_spec(spec: RunSpec) -> None:
     if spec.images is not None and not spec.images:
         raise RunError("give at least one --image")
     check_int("images_per_batch", spec.images_per_batch, error=RunError)
+    if spec.prepare and spec.method in UNPREPARED_METHODS:
+        raise RunError(f"--prepare folds BatchNorm into the convolutions, which changes {spec.method}'s layer rules: "
+                       "run it without --prepare")
     check_int("workers", spec.workers, 0, none_ok=True, error=RunError)
     if spec.min_confidence is not None and not 0.0 <= spec.min_confidence <= 1.0:
         raise RunError(f"--min-confidence must be in [0, 1], got {spec.min_confidence}")
@@ -259,11 +265,12 @@ def _run_header(spec: RunSpec, dataset) -> dict:
     return run_header(model=spec.model, weights=models.weights_identity(spec.model, spec.weights, spec.seed),
                       seed=spec.seed, method=spec.method, options={**methods.defaults(spec.method), **spec.options},
                       target=None if spec.target == "predicted" else spec.target, inputs=inputs, filters=filters,
-                      shape=[info.input_size, info.input_size], dtype=spec.dtype)
+                      shape=[info.input_size, info.input_size], dtype=spec.dtype, prepared=spec.prepare)
 
 
 def _run(spec: RunSpec, folder: RunFolder, dist: "_Distributed", echo) -> RunSummary:
     from fastig import models
+    from fastig.models.prepare import prepare
     from fastig.io import datasets
     from fastig.io.journal import Journal
 
@@ -297,6 +304,8 @@ def _run(spec: RunSpec, folder: RunFolder, dist: "_Distributed", echo) -> RunSum
     if todo:
         device = dist.device(spec.device)
         model = models.get(spec.model, weights=spec.weights, device=device, seed=spec.seed, nonfinite="refuse")
+        if spec.prepare:
+            model = prepare(model, inplace=True)
         summary.setup_seconds = time.perf_counter() - setup
         started = time.perf_counter()
         heatmaps = spec.heatmaps if spec.heatmaps is not None else spec.images is not None

@@ -3,6 +3,7 @@ seeds), shards, seeded methods per image, damaged journals and stores, progress 
 
 Crash safety (SIGKILL, full disks) is in test_crash_safety.py, which uses the helpers here."""
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -495,3 +496,42 @@ def test_progress_keeps_moving_with_an_eta_during_one_long_image(tmp_path, capsy
     assert any("| path 2/4 steps" in line for line in during), during
     eta = [line for line in during if "path 3/4" in line][0]
     assert "ETA ?" not in eta and "ETA 0:" in eta, eta  # a quarter of the path left: an ETA, not "?"
+
+
+class _BatchNormCNN(torch.nn.Module):
+    """Conv -> BatchNorm (random statistics, drawn from the seeded generator) -> ReLU -> Linear, for 8x8 images."""
+
+    def __init__(self, classes=5):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(3, 6, 3), torch.nn.BatchNorm2d(6)
+        self.fc = torch.nn.Linear(6 * 6 * 6, classes)
+        with torch.no_grad():
+            self.bn.running_mean.normal_()
+            self.bn.running_var.uniform_(0.5, 2.0)
+            self.bn.weight.normal_()
+            self.bn.bias.normal_()
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def test_prepare_folds_the_model_is_recorded_and_never_mixed(tmp_path, listing, tiny_model, monkeypatch):
+    monkeypatch.setitem(models._REGISTRY, TINY, dataclasses.replace(models._REGISTRY[TINY], builder=_BatchNormCNN))
+    plain = run(tiny_spec(tmp_path / "plain", listing, end=6), echo=lambda _: None)
+    prepared = run(tiny_spec(tmp_path / "prepared", listing, end=6, prepare=True), echo=lambda _: None)
+    a, b = read(plain.store), read(prepared.store)
+    assert "prepared" not in a["attrs"]["run"] and b["attrs"]["run"]["prepared"] is True
+    # the same function up to float32 rounding (BatchNorm folded into the convolution, channels_last)
+    scale = np.abs(a["attributions"]).max()
+    np.testing.assert_allclose(b["attributions"], a["attributions"], rtol=0, atol=1e-5 * scale)
+    assert not np.array_equal(a["attributions"], b["attributions"])  # it did run another model
+    with pytest.raises(StoreError, match="other settings: prepared: null there, true now"):
+        run(tiny_spec(tmp_path / "plain", listing, end=6, prepare=True), echo=lambda _: None)
+    with pytest.raises(StoreError, match="prepared: true there, null now"):
+        run(tiny_spec(tmp_path / "prepared", listing, end=6), echo=lambda _: None)
+    with pytest.raises(RunError, match="changes lrp's layer rules: run it without --prepare"):
+        run(tiny_spec(tmp_path / "lrp", listing, method="lrp", options={}, prepare=True), echo=lambda _: None)
+    assert not (tmp_path / "lrp").exists()
+    bad = CliRunner().invoke(cli, ["attribute", "--model", TINY, "--weights", "none", "--method", "lrp",
+                                   "--prepare", "--dataset", str(listing), "--out", str(tmp_path / "lrp")])
+    assert bad.exit_code == 2 and "without --prepare" in bad.output, bad.output

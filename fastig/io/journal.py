@@ -63,17 +63,21 @@ PARTS_NAME = "attributions.parts"
 
 
 def run_header(*, model: str, weights: str, seed: int, method: str, options: dict, target, inputs: dict,
-               filters: dict | None, shape, dtype: str) -> dict:
+               filters: dict | None, shape, dtype: str, prepared: bool = False) -> dict:
     """What a run is: everything that decides its rows. Two runs share a folder only when their headers are equal.
 
     ``weights``: the weights' identity (``sha256:<hex>`` of the file, ``random:<seed>``, ``closed-form``);
     ``seed``: seeds random initialization and every per-image random draw; ``options``: the method's options with
     its defaults filled in; ``target``: None (each image's top-1 class), ``"label"`` or a class index;
     ``inputs``: which images (files, or a dataset's root, layout, class mapping and selection); ``filters``: the
-    prediction filters, or None; ``shape``/``dtype``: of the stored attributions. Returned as JSON values.
+    prediction filters, or None; ``shape``/``dtype``: of the stored attributions; ``prepared``: the model was
+    ``fastig.prepare``d (its float32 rounding differs), recorded only when true, so that the headers of runs made
+    before the option existed still match. Returned as JSON values.
     """
     header = {"model": model, "weights": weights, "seed": seed, "method": method, "options": options,
               "target": target, "inputs": inputs, "filters": filters, "shape": list(shape), "dtype": dtype}
+    if prepared:
+        header["prepared"] = True
     try:
         return json.loads(json.dumps(header, sort_keys=True))
     except (TypeError, ValueError) as e:
