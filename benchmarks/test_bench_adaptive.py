@@ -287,14 +287,29 @@ def _print(summary: dict) -> None:
               f"ins {di.mean():+.4f} +- {sem(di):.4f}, del {dd.mean():+.4f} +- {sem(dd):.4f}")
 
 
-def _plot(summaries: list[dict]) -> Path:
+def _panels(n: int, height: float):
+    """A figure of ``n`` side-by-side panels: (pyplot, figure, axes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(summaries), figsize=(5.2 * len(summaries), 4.4), squeeze=False)
-    for ax, summary in zip(axes[0], summaries):
+    fig, axes = plt.subplots(1, n, figsize=(5.2 * n, height), squeeze=False)
+    return plt, fig, axes[0]
+
+
+def _save(plt, fig, name: str) -> Path:
+    fig.tight_layout()
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot(summaries: list[dict]) -> Path:
+    plt, fig, axes = _panels(len(summaries), 4.4)
+    for ax, summary in zip(axes, summaries):
         for method, m in summary["methods"].items():
             cost = [r["cost_median"] for r in m["curve"]]
             ratio = [r["ratio_median"] for r in m["curve"]]
@@ -307,14 +322,9 @@ def _plot(summaries: list[dict]) -> Path:
         ax.set_ylabel("error / error of Gauss-Legendre 50 (median)")
         ax.set_title(summary["model"], fontsize=9)
         ax.grid(True, which="both", lw=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[0].legend(fontsize=8)
     fig.suptitle("IG map error vs cost (dashed: GL-50's error; dotted: the 16-pass goal)", fontsize=10)
-    fig.tight_layout()
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "adaptive_error_vs_cost.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, "adaptive_error_vs_cost.png")
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -413,13 +423,8 @@ def _print_bound(result: dict) -> None:
 
 
 def _plot_bound(results: list[dict]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(5.2 * len(results), 3.8), squeeze=False)
-    for ax, result in zip(axes[0], results):
+    plt, fig, axes = _panels(len(results), 3.8)
+    for ax, result in zip(axes, results):
         centres = (np.arange(64) + 0.5) / 64
         for i, row in enumerate(result["rows"]):
             ax.plot(centres, row["density_64"], lw=0.9, alpha=0.8, label=f"image {i}" if i < 4 else None)
@@ -430,14 +435,9 @@ def _plot_bound(results: list[dict]) -> Path:
         gain = np.median([r["gain"]["64"] for r in result["rows"]])
         ax.set_title(f"{result['model']}\noracle placement gain {gain:.2f}x (median)", fontsize=9)
         ax.grid(True, which="both", lw=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0].legend(fontsize=7)
     fig.suptitle("Where the IG integrand jumps along the path (64 bins; dashed: uniform)", fontsize=10)
-    fig.tight_layout()
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "placement_bound.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, "placement_bound.png")
 
 
 @pytest.mark.parametrize("name", list(CASES))
