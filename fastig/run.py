@@ -21,9 +21,9 @@ One run attributes a selection of images (``--image`` files, or ``--dataset ROOT
 
 Restarting the same command resumes: images recorded intact in the store or any journal are not redone (damaged
 ones are, and the run says how many). A run whose header differs (model, weights' sha256 or seed, method and its
-options with their defaults, target, images, filters, dtype, ``prepare``: ``fastig.io.journal.run_header``) refuses to mix into
-the same ``OUT`` unless ``overwrite`` is set, which starts over. A run that records nothing leaves ``OUT``
-unclaimed. The summary names why images failed; ``RunSummary.exit_code`` is 1 when nothing could be attributed.
+options with their defaults, target, images, filters, dtype, ``prepare``: ``fastig.io.journal.run_header``)
+refuses to mix into the same ``OUT`` unless ``overwrite`` is set, which starts over. A run that records nothing
+leaves ``OUT`` unclaimed. The summary names why images failed; ``RunSummary.exit_code`` is 1 when nothing could be attributed.
 
 Many processes: under ``torchrun`` (``WORLD_SIZE`` > 1) the process group is initialized with gloo (CPU) or nccl
 (CUDA, one device per local rank); rank r of W attributes the selected images at positions r, r + W, ...; all ranks
