@@ -12,12 +12,17 @@
 #      CUDA, dVAE on CUDA) with the engine and multi-target tests;
 #   3. scripts/gpu_check.py: IG resnet50 fp32/bf16/fp16 vs Captum, Guided IG vs PAIR, insertion/deletion vs a
 #      RISE loop, ops vs references, torch.compile break-even.
+# fastig need not be installed: the script puts this checkout on PYTHONPATH. Captum and PAIR's saliency (the
+# references) must be importable; both are pure Python, so on a machine without a package index their wheels can
+# be installed with `pip install --no-index --no-deps --target DIR WHEELS` and DIR added to PYTHONPATH.
 # Environment: PYTHON (default python3); FASTIG_GPU_CHECK_CONFIG=full|tiny (default full);
 # FASTIG_GPU_CHECK_DEVICE=cuda|cpu (default cuda). With cpu (a dry run of the whole script on a machine without a
 # GPU, tested by tests/test_gpu_check.py) stage 1 only checks that the built CPU kernels are loaded, stage 2 runs
 # only the tests marked cuda (which skip without a GPU) and stage 3 runs on the CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# this checkout's fastig, installed or not (a GPU machine may only have a copy of the tree)
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${1:-gpu-check}"
 shift $(( $# > 0 ? 1 : 0 ))
 PYTHON="${PYTHON:-python3}"
