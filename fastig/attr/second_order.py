@@ -118,13 +118,11 @@ def second_order_terms(
         rows = chunk.examples
         with torch.enable_grad():
             acts, scores = forward(rows, 1)
-            grads = [torch.autograd.grad(scores[:, j].sum(), acts, create_graph=True, retain_graph=True)[0]
-                     for j in range(scores.shape[1])]
+            grads = _score_gradients(acts, scores)
 
             def gradients_of_copies(copies: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
                 copy_acts, copy_scores = forward(rows, copies)
-                return copy_acts, [torch.autograd.grad(copy_scores[:, j].sum(), copy_acts, create_graph=True,
-                                                       retain_graph=True)[0] for j in range(copy_scores.shape[1])]
+                return copy_acts, _score_gradients(copy_acts, copy_scores)
 
             copies_per_pass = rows_per_pass or engine.rows_per_batch(bytes_per_row, acts[0, 0].numel() * len(acts))
             quads = _quadratic_forms(grads, acts, rows_per_pass, gradients_of_copies=gradients_of_copies,
@@ -138,6 +136,12 @@ def second_order_terms(
     if example_target.k is None:
         return first[:, 0], quad[:, 0]
     return first, quad
+
+
+def _score_gradients(acts: torch.Tensor, scores: torch.Tensor) -> list[torch.Tensor]:
+    """``d scores[:, j] / d acts`` for every target j, with their graphs (for the Hessian-vector products)."""
+    return [torch.autograd.grad(scores[:, j].sum(), acts, create_graph=True, retain_graph=True)[0]
+            for j in range(scores.shape[1])]
 
 
 def _quadratic_forms(grads: list[torch.Tensor], acts: torch.Tensor, rows_per_pass: int | None,
