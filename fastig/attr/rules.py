@@ -420,6 +420,7 @@ _NONLINEAR = {torch.sigmoid, torch.Tensor.sigmoid, torch.tanh, torch.Tensor.tanh
 _NONLINEAR_INPLACE = {torch.sigmoid_: torch.sigmoid, torch.Tensor.sigmoid_: torch.Tensor.sigmoid,
                       torch.tanh_: torch.tanh, torch.Tensor.tanh_: torch.Tensor.tanh, F.elu_: F.elu,
                       F.leaky_relu_: F.leaky_relu}
+_RESCALED_INPLACE = {**_RELUS_INPLACE, **_NONLINEAR_INPLACE}
 _TANHS = {torch.tanh, torch.Tensor.tanh}
 _MAX_POOL_DIMS = {
     F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3,
@@ -440,12 +441,16 @@ def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["input"]
 
 
-def _plain_call(func: Callable, args: tuple, kwargs: dict, plain: dict) -> tuple[bool, Callable]:
-    """(whether the call is in place, the same call out of place as a function of the input)."""
-    inplace = func in plain or bool(kwargs.get("inplace", False))
+def _is_inplace(func: Callable, kwargs: dict, plain: dict) -> bool:
+    """Whether the call writes into its input: an in-place function (a key of ``plain``) or ``inplace=True``."""
+    return func in plain or bool(kwargs.get("inplace", False))
+
+
+def _out_of_place(func: Callable, args: tuple, kwargs: dict, plain: dict) -> Callable:
+    """The same call out of place, as a function of the input (``plain`` maps in-place functions to theirs)."""
     func = plain.get(func, func)
     rest = {k: v for k, v in kwargs.items() if k not in ("inplace", "input")}
-    return inplace, lambda z: func(z, *args[1:], **rest)
+    return lambda z: func(z, *args[1:], **rest)
 
 
 class _RuleMode(TorchFunctionMode):
@@ -476,12 +481,10 @@ class _RuleMode(TorchFunctionMode):
     # ReLUs: guided backpropagation, deconvnet
 
     def _guided_relu(self, func, args, kwargs):
-        inplace, _ = _plain_call(func, args, kwargs, _RELUS_INPLACE)
-        return _GuidedReLU.apply(_first_tensor(args, kwargs), inplace)
+        return _GuidedReLU.apply(_first_tensor(args, kwargs), _is_inplace(func, kwargs, _RELUS_INPLACE))
 
     def _deconv_relu(self, func, args, kwargs):
-        inplace, _ = _plain_call(func, args, kwargs, _RELUS_INPLACE)
-        return _DeconvReLU.apply(_first_tensor(args, kwargs), inplace)
+        return _DeconvReLU.apply(_first_tensor(args, kwargs), _is_inplace(func, kwargs, _RELUS_INPLACE))
 
     def _positive_max_pool(self, func, args, kwargs):
         return _on_values(func(*args, **kwargs), _PositiveGradient.apply)
@@ -489,8 +492,8 @@ class _RuleMode(TorchFunctionMode):
     # DeepLIFT
 
     def _rescale(self, func, args, kwargs):
-        inplace, fn = _plain_call(func, args, kwargs, {**_RELUS_INPLACE, **_NONLINEAR_INPLACE})
-        return _Rescale.apply(_first_tensor(args, kwargs), fn, self.rules.rescale_eps, func in _SOFTMAXES, inplace)
+        return _Rescale.apply(_first_tensor(args, kwargs), _out_of_place(func, args, kwargs, _RESCALED_INPLACE),
+                              self.rules.rescale_eps, func in _SOFTMAXES, _is_inplace(func, kwargs, _RESCALED_INPLACE))
 
     def _rescale_max_pool(self, func, args, kwargs):
         bound = {"stride": None, "padding": 0, "dilation": 1, "ceil_mode": False, "return_indices": False}
